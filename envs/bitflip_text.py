@@ -1,0 +1,155 @@
+"""BitFlip-Text: the hindsight-relabelling sanity check (Andrychowicz et al. 2017, section 3.1), in text.
+
+``n`` bits shown as ``Bits: 0 1 1 0``; the goal is ``Make the bits 1 0 1 1``; the actions are ``Flip bit i`` with
+**1-based** ``i`` counted from the left (``Flip bit 1`` flips the first bit shown). An episode starts from a state
+different from its goal and lasts at most ``n`` steps (enough for the expert, which needs at most ``n`` flips).
+Every step reaches a new state, so ``info["achieved_goals"]`` is ``["Make the bits <state reached>"]``; the reward is
+1 and the episode terminates iff that is the goal. One goal category, ``bitflip``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from envs.base import TextEnvBase
+
+GOAL_PREFIX = "Make the bits "
+OBS_PREFIX = "Bits: "
+CATEGORY = "bitflip"
+
+
+class BitFlipTextEnv(TextEnvBase):
+    """BitFlip in text.
+
+    Args:
+        n_bits: number of bits (>= 1); also the step limit.
+        invalid_action: ``raise`` (InvalidActionError) or ``noop`` (a wasted step flagged in ``info``).
+        render_mode: None or ``ansi``.
+    """
+
+    def __init__(self, n_bits: int = 8, invalid_action: str = "raise", render_mode: str | None = None) -> None:
+        super().__init__(invalid_action=invalid_action)
+        if n_bits < 1:
+            raise ValueError(f"n_bits must be >= 1, got {n_bits}")
+        if render_mode not in (None, "ansi"):
+            raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
+        self.n_bits = int(n_bits)
+        self.render_mode = render_mode
+        self.goal_categories: list[str] = [CATEGORY]
+        # The candidate list never changes: built once and copied into each info.
+        self._actions: list[str] = [f"Flip bit {i}" for i in range(1, self.n_bits + 1)]
+        self._action_index: dict[str, int] = {a: i for i, a in enumerate(self._actions)}
+        self._bits = np.zeros(self.n_bits, dtype=np.int8)
+        self._goal_bits = np.zeros(self.n_bits, dtype=np.int8)
+        self._goal = ""
+        self._obs = ""
+        self._t = 0
+        self._done = True
+
+    # -- goals --------------------------------------------------------------------------------------------------
+
+    def _bits_text(self, bits: np.ndarray) -> str:
+        return " ".join("1" if b else "0" for b in bits.tolist())
+
+    def parse_goal(self, goal: str) -> np.ndarray:
+        """The bits [n_bits] int8 that ``goal`` asks for; ValueError naming the goal when it is not one."""
+        body = goal[len(GOAL_PREFIX) :].split(" ") if goal.startswith(GOAL_PREFIX) else []
+        if len(body) != self.n_bits or any(b not in ("0", "1") for b in body):
+            example = GOAL_PREFIX + " ".join("10"[i % 2] for i in range(self.n_bits))
+            raise ValueError(f"unknown BitFlip-Text goal {goal!r} for n_bits={self.n_bits}; e.g. {example!r}")
+        return np.array([b == "1" for b in body], dtype=np.int8)
+
+    def goal_category(self, goal: str) -> str:
+        """Always ``bitflip`` for a valid goal; pure. Unknown goal -> ValueError."""
+        self.parse_goal(goal)
+        return CATEGORY
+
+    def goal_step_limit(self, goal: str) -> int:
+        """``n_bits`` (the expert needs at most that many flips); pure. Unknown goal -> ValueError."""
+        self.parse_goal(goal)
+        return self.n_bits
+
+    # -- gymnasium API ------------------------------------------------------------------------------------------
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+        """Start an episode from a random state different from the goal.
+
+        Args:
+            seed: seeds ``self.np_random`` (state and goal are drawn from it).
+            options: ``{"goal": "Make the bits ..."}`` sets the goal; ``{"goal_category": "bitflip"}`` is accepted.
+
+        Returns:
+            The observation text and the info dict (``goal``, ``goal_category``, ``admissible_actions``,
+            ``achieved_goals`` = [], ``invalid_action`` = False).
+        """
+        super().reset(seed=seed)
+        options = options or {}
+        unknown_keys = set(options) - {"goal", "goal_category"}
+        if unknown_keys:
+            raise ValueError(f"unknown reset options {sorted(unknown_keys)}; use 'goal' or 'goal_category'")
+        category = options.get("goal_category", CATEGORY)
+        if category != CATEGORY:
+            raise ValueError(f"unknown goal category {category!r}; BitFlip-Text has only {CATEGORY!r}")
+        goal = options.get("goal")
+        if goal is not None:
+            self._goal_bits = self.parse_goal(goal)
+        else:
+            self._goal_bits = self.np_random.integers(0, 2, self.n_bits, dtype=np.int8)
+        self._goal = GOAL_PREFIX + self._bits_text(self._goal_bits)
+        # The start must differ from the goal: redraw (uniform over the other 2^n - 1 states; 2 draws at worst
+        # on average, for n = 1).
+        self._bits = self.np_random.integers(0, 2, self.n_bits, dtype=np.int8)
+        while np.array_equal(self._bits, self._goal_bits):
+            self._bits = self.np_random.integers(0, 2, self.n_bits, dtype=np.int8)
+        self._obs = OBS_PREFIX + self._bits_text(self._bits)
+        self._t = 0
+        self._done = False
+        return self._obs, self._info([], False)
+
+    def _info(self, achieved: list[str], invalid: bool) -> dict[str, Any]:
+        return {
+            "goal": self._goal,
+            "goal_category": CATEGORY,
+            "admissible_actions": list(self._actions),
+            "achieved_goals": achieved,
+            "invalid_action": invalid,
+        }
+
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        """Flip one bit.
+
+        Returns:
+            ``(observation, reward, terminated, truncated, info)``: reward 1.0 and terminated iff the bits now equal
+            the goal; truncated after ``n_bits`` steps otherwise.
+        """
+        if self._done:
+            raise RuntimeError("BitFlipTextEnv.step called before reset() or after the episode ended; call reset()")
+        valid = self._check_action(action, self._actions)
+        achieved: list[str] = []
+        if valid:
+            self._bits[self._action_index[action]] ^= 1
+            state = self._bits_text(self._bits)
+            self._obs = OBS_PREFIX + state
+            achieved = [GOAL_PREFIX + state]
+        self._t += 1
+        reward = self.compute_reward(achieved, self._goal)
+        terminated = reward > 0
+        truncated = not terminated and self._t >= self.n_bits
+        self._done = terminated or truncated
+        return self._obs, reward, terminated, truncated, self._info(achieved, not valid)
+
+    def expert_action(self) -> str:
+        """Flip the first (leftmost) bit that differs from the goal (any action if none differs)."""
+        diff = np.flatnonzero(self._bits != self._goal_bits)
+        return self._actions[int(diff[0])] if diff.size else self._actions[0]
+
+    def render(self) -> str | None:
+        """The current observation text (``render_mode="ansi"``), else None."""
+        return self._obs if self.render_mode == "ansi" else None
+
+    @property
+    def elapsed_steps(self) -> int:
+        """Steps taken in the current episode (invalid no-op steps included)."""
+        return self._t
