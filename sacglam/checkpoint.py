@@ -1,0 +1,491 @@
+"""Exact, kill-safe checkpoints: atomic save, integrity-checked load, keep-last-K pruning, RNG capture and restore.
+
+A checkpoint is one file ``run_dir/checkpoints/step_<step:010d>.pt``::
+
+    header (64 bytes): magic b"SACGLAMC" | format version u32 | reserved u32 | payload size u64 | sha256 (32 bytes)
+    payload:           the bytes of ``torch.save(state)`` (a zip archive)
+
+``save_checkpoint`` streams ``torch.save`` straight into a temporary file in the same folder while hashing the bytes
+as they pass (no in-memory copy of large tensors such as the replay buffer), writes the header last, flushes and
+fsyncs the file, renames it over the final name (atomic on POSIX) and fsyncs the folder so the rename itself is
+durable. A process killed at any moment therefore leaves either the previous set of complete checkpoints plus a
+stray temporary file, or the new complete checkpoint -- never a half-written file under a final name. The header's
+size and sha256 still catch files damaged later (truncated copies, disk errors), and ``find_latest_checkpoint``
+skips such files with a warning instead of loading them.
+
+RNG states (Python ``random``, numpy's global generator, torch CPU and CUDA, and named ``torch.Generator`` objects)
+are captured as plain tensors, ints and strings, so a checkpoint loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import random
+import re
+import socket
+import struct
+import uuid
+import warnings
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+MAGIC = b"SACGLAMC"
+# magic, version, reserved, payload size, sha256 digest, padding: fixed 64 bytes, so the payload offset is fixed.
+_HEADER = struct.Struct("<8sIIQ32s8x")
+HEADER_SIZE = _HEADER.size
+CHECKPOINT_DIRNAME = "checkpoints"
+_FINAL_RE = re.compile(r"^step_(\d{10})\.pt$")
+_TEMP_RE = re.compile(r"^\.step_\d{10}\.pt\.(?P<pid>\d+)@(?P<host>[^/]+)\.(?P<token>[0-9a-f]+)\.tmp$")
+_OVERLAP_MIN = 1 << 20  # writes from 1 MiB up are hashed on a helper thread, overlapping the file write
+_CHUNK = 8 << 20  # 8 MiB reads when hashing: large enough to run at disk speed, small enough to stay out of memory
+# Files already verified by this process, keyed by identity and stat, so resume (find_latest, then load) hashes a
+# multi-GB buffer checkpoint once instead of twice. A rewritten file has a new inode/mtime and is verified again.
+_VERIFIED: dict[tuple[str, int, int, int], str] = {}
+
+__all__ = [
+    "FORMAT_VERSION",
+    "HEADER_SIZE",
+    "CheckpointConfig",
+    "CheckpointError",
+    "capture_rng_state",
+    "checkpoint_dir",
+    "checkpoint_path",
+    "find_latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "resolve_resume",
+    "restore_rng_state",
+    "save_checkpoint",
+    "verify_checkpoint",
+]
+
+
+@dataclass
+class CheckpointConfig:
+    """When to save checkpoints, how many to keep, and where to resume from."""
+
+    every: int = 10_000  # save every this many env steps (summed over the N parallel envs); 0 disables checkpoints
+    keep: int = 3  # keep only the newest `keep` checkpoints of the run (oldest pruned first); 0 keeps all
+    # "auto": resume from the newest complete checkpoint in the run directory if there is one, else start fresh;
+    # "never": always start fresh; anything else: a checkpoint file, or a run (or checkpoints) folder to take the
+    # newest complete checkpoint of
+    resume: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(
+                f"CheckpointConfig.every={self.every} is negative; use a step interval > 0, or 0 to disable."
+            )
+        if self.keep < 0:
+            raise ValueError(
+                f"CheckpointConfig.keep={self.keep} is negative; use K >= 1 to keep the last K, or 0 for all."
+            )
+        if not self.resume:
+            raise ValueError('CheckpointConfig.resume is empty; use "auto", "never" or a checkpoint path.')
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, corrupt or of an unknown format; the message names the file."""
+
+
+# ----------------------------------------------------------------------------------------------------------- paths
+
+
+def checkpoint_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """The folder holding a run's checkpoints: ``run_dir/checkpoints``."""
+    return Path(run_dir) / CHECKPOINT_DIRNAME
+
+
+def checkpoint_path(run_dir: str | os.PathLike[str], step: int) -> Path:
+    """The final path of the checkpoint for ``step``: ``run_dir/checkpoints/step_<step:010d>.pt``."""
+    return checkpoint_dir(run_dir) / f"step_{step:010d}.pt"
+
+
+def _step_of(path: Path) -> int | None:
+    match = _FINAL_RE.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Final-named checkpoint files of a run, oldest step first (not verified; see ``find_latest_checkpoint``)."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [(step, p) for p in folder.iterdir() if (step := _step_of(p)) is not None and p.is_file()]
+    return [p for _, p in sorted(found)]
+
+
+# ------------------------------------------------------------------------------------------------------------ save
+
+
+class _HashingWriter:
+    """A write-only file proxy that hashes and counts every byte on its way to the file (no extra copy).
+
+    Large writes (tensor storages) are hashed on a helper thread while the main thread writes them: both release the
+    GIL, so a save costs about max(write, hash) instead of their sum (sha256 runs at ~0.5-2 GB/s, as fast as the
+    write). Hash updates stay in order because each write waits for its own update before returning.
+    """
+
+    def __init__(self, f: BinaryIO, pool: ThreadPoolExecutor) -> None:
+        self._f = f
+        self._pool = pool
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if len(data) >= _OVERLAP_MIN:
+            pending = self._pool.submit(self.sha256.update, data)
+            n = self._f.write(data)
+            pending.result()
+        else:
+            self.sha256.update(data)
+            n = self._f.write(data)
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Without this, a power loss after the rename can still lose the directory entry on some filesystems (ext4 with
+    # data=writeback, XFS); fsync of the folder makes the new name itself durable.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    # A process killed mid-save leaves its temporary file; remove those of dead processes on this host so a crashing
+    # job does not fill the disk with half buffers. Temps of other hosts (shared filesystems) are left alone.
+    host = socket.gethostname()
+    for p in folder.iterdir():
+        match = _TEMP_RE.match(p.name)
+        if match and match.group("host") == host and not _pid_alive(int(match.group("pid"))):
+            p.unlink(missing_ok=True)
+
+
+def save_checkpoint(run_dir: str | os.PathLike[str], step: int, state: dict[str, Any], keep: int) -> Path:
+    """Atomically write ``state`` as the checkpoint of ``step``, then prune the run to its newest ``keep`` checkpoints.
+
+    Args:
+        run_dir: the run's output folder; checkpoints go to ``run_dir/checkpoints/`` (created if missing).
+        step: the env-step counter the state belongs to (>= 0); it names the file.
+        state: nested dicts/lists/tuples of tensors (any device; saved as their storages, no extra host copy for CPU
+            tensors), numbers, strings, None -- e.g. adapters, heads, optimizer state_dicts, ``log_alpha``, the
+            buffer's ``state_dict()`` and ``capture_rng_state()``. Keep it to those types so that it loads with
+            ``weights_only=True``. A view is saved with its whole storage: ``clone()`` small views of big tensors.
+        keep: number of newest checkpoints to keep (0 keeps all). The file just written is never pruned.
+
+    Returns:
+        The path of the written checkpoint.
+
+    Raises:
+        ValueError: ``step`` or ``keep`` is negative.
+    """
+    if step < 0:
+        raise ValueError(f"save_checkpoint: step={step} is negative; pass the run's env-step counter (>= 0).")
+    if keep < 0:
+        raise ValueError(f"save_checkpoint: keep={keep} is negative; pass K >= 1 to keep the last K, or 0 for all.")
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(run_dir, step)
+    # Same folder as the final file, so the rename stays on one filesystem and is atomic; the leading dot and the
+    # .tmp suffix keep it from ever matching a checkpoint name.
+    tmp = folder / f".{final.name}.{os.getpid()}@{socket.gethostname()}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(bytes(HEADER_SIZE))  # placeholder: an all-zero header never verifies (wrong magic)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash") as pool:
+                writer = _HashingWriter(f, pool)
+                torch.save(state, writer)  # type: ignore[arg-type]  # torch only calls write() and flush()
+            header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, writer.size, writer.sha256.digest())
+            f.seek(0)
+            f.write(header)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
+    _prune(run_dir, keep, protect=final)
+    _remove_stale_temps(folder)
+    return final
+
+
+def _prune(run_dir: str | os.PathLike[str], keep: int, protect: Path) -> None:
+    paths = list_checkpoints(run_dir)
+    newer = [p.name for p in paths if (_step_of(p) or 0) > (_step_of(protect) or 0)]
+    if newer:
+        # A resume from an explicit, older checkpoint: the newer files belong to an abandoned continuation, and
+        # "auto" resume would prefer them. We do not delete them silently, but say so.
+        warnings.warn(
+            f"Checkpoint folder {protect.parent} holds checkpoints newer than the one just saved ({protect.name}): "
+            f"{newer}. They come from an earlier continuation of this run; resume='auto' would pick them. Delete "
+            "them if this run supersedes them.",
+            stacklevel=3,
+        )
+    if keep == 0:
+        return
+    doomed = [p for p in paths if p != protect][: max(0, len(paths) - keep)]  # oldest step first
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    if doomed:
+        _fsync_dir(protect.parent)
+
+
+# ------------------------------------------------------------------------------------------------------------ load
+
+
+def _verify(path: Path) -> None:
+    """Check magic, version, size and sha256 of ``path``; raise CheckpointError naming the file and the reason."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"Checkpoint {path} does not exist; check the path or use resume='auto'.") from None
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_SIZE)
+        if len(raw) < HEADER_SIZE:
+            raise CheckpointError(
+                f"Checkpoint {path} is truncated: {len(raw)} bytes, shorter than its {HEADER_SIZE}-byte header."
+            )
+        magic, version, _reserved, size, digest = _HEADER.unpack(raw)
+        if magic != MAGIC:
+            raise CheckpointError(
+                f"Checkpoint {path} has no sacglam header (magic {magic!r}, expected {MAGIC!r}): not written by "
+                "save_checkpoint, or its header was never completed."
+            )
+        if version != FORMAT_VERSION:
+            raise CheckpointError(
+                f"Checkpoint {path} has format version {version}; this sacglam reads version {FORMAT_VERSION}. "
+                "Load it with the sacglam version that wrote it."
+            )
+        if st.st_size != HEADER_SIZE + size:
+            raise CheckpointError(
+                f"Checkpoint {path} is truncated or padded: {st.st_size - HEADER_SIZE} payload bytes on disk, "
+                f"{size} recorded in its header."
+            )
+        h = hashlib.sha256()
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    if h.digest() != digest:
+        raise CheckpointError(
+            f"Checkpoint {path} is corrupt: payload sha256 {h.hexdigest()} differs from {digest.hex()} in its header."
+        )
+    _VERIFIED[key] = digest.hex()
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Verify a checkpoint's header, size and payload sha256 without loading it.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, corrupt or of another format version (message names it).
+    """
+    _verify(Path(path))
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    map_location: str | torch.device | None = None,
+    *,
+    weights_only: bool = True,
+) -> dict[str, Any]:
+    """Verify and load a checkpoint written by ``save_checkpoint``.
+
+    Args:
+        path: the checkpoint file.
+        map_location: where tensors go (``torch.load`` semantics), e.g. ``"cpu"`` or the run's device.
+        weights_only: load with torch's restricted unpickler (tensors, containers, numbers, strings). Pass False only
+            for a trusted file whose state holds other Python objects.
+
+    Returns:
+        The ``state`` dict that was saved.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, corrupt, of another format, or holds objects that
+            ``weights_only=True`` refuses (the message names the file and the fix).
+    """
+    p = Path(path)
+    _verify(p)
+    with open(p, "rb") as f:
+        f.seek(HEADER_SIZE)  # torch's zip reader takes the current position as the start of the archive
+        try:
+            state = torch.load(f, map_location=map_location, weights_only=weights_only)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"Checkpoint {p} holds objects that weights_only=True refuses ({e}). Keep checkpoint state to "
+                "tensors, numbers, strings and containers, or pass weights_only=False for a file you trust."
+            ) from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"Checkpoint {p} holds a {type(state).__name__}, expected the dict save_checkpoint got.")
+    return state
+
+
+def find_latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest complete checkpoint of a run, or None when there is none.
+
+    Looks in ``run_dir/checkpoints/``. Temporary files (a save that was interrupted) and checkpoints whose header,
+    size or sha256 do not verify are skipped with a ``warnings.warn`` naming the file and the reason; they are never
+    loaded. Verification hashes the newest file in full (cached for the following ``load_checkpoint``).
+    """
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return None
+    for p in sorted(folder.iterdir()):
+        if p.name.endswith(".tmp"):
+            warnings.warn(
+                f"Skipping {p}: a temporary file from an interrupted save (the process died before its atomic "
+                "rename). It is never loaded; delete it to reclaim space.",
+                stacklevel=2,
+            )
+    for p in reversed(list_checkpoints(run_dir)):
+        try:
+            _verify(p)
+        except CheckpointError as e:
+            warnings.warn(f"Skipping checkpoint {p}: {e}", stacklevel=2)
+            continue
+        return p
+    return None
+
+
+def resolve_resume(resume: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str]) -> Path | None:
+    """Turn ``CheckpointConfig.resume`` into the checkpoint to load, or None to start fresh.
+
+    Args:
+        resume: ``"auto"`` (newest complete checkpoint of ``run_dir``, None if there is none), ``"never"`` or None
+            (start fresh), or a path: a checkpoint file, a run folder, or its ``checkpoints`` folder (newest
+            complete checkpoint in it).
+        run_dir: the current run's output folder.
+
+    Returns:
+        The checkpoint path (for a folder, verified; for a file, verified by ``load_checkpoint``), or None.
+
+    Raises:
+        FileNotFoundError: an explicit path does not exist, or a folder holds no complete checkpoint.
+    """
+    if resume is None or str(resume) == "never":
+        return None
+    if str(resume) == "auto":
+        return find_latest_checkpoint(run_dir)
+    p = Path(resume)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        run = p.parent if p.name == CHECKPOINT_DIRNAME and not checkpoint_dir(p).is_dir() else p
+        latest = find_latest_checkpoint(run)
+        if latest is None:
+            raise FileNotFoundError(
+                f"resume={str(resume)!r}: no complete checkpoint in {checkpoint_dir(run)}. Point it at a checkpoint "
+                'file or a run folder that has one, or use resume="auto" / "never".'
+            )
+        return latest
+    raise FileNotFoundError(
+        f'resume={str(resume)!r} is neither "auto", "never", nor an existing checkpoint file or run folder.'
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Capture every random state a run draws from, as tensors, ints, floats and strings (``weights_only``-safe).
+
+    Args:
+        generators: named ``torch.Generator`` objects owned by the run (e.g. ``{"buffer": g1, "actor": g2}``), CPU
+            or CUDA.
+
+    Returns:
+        ``{"python": random.getstate(), "numpy": {...}, "torch_cpu": ByteTensor, "torch_cuda": [ByteTensor per
+        device] (only when CUDA is available), "generators": {name: ByteTensor}}``.
+    """
+    kind, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        # numpy arrays are not weights_only-loadable; the 624-word MT19937 key travels as an int64 tensor instead.
+        "numpy": {
+            "kind": str(kind),
+            "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "torch_cpu": torch.get_rng_state(),
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
+    """Restore what ``capture_rng_state`` captured, so later draws equal those of an uninterrupted process.
+
+    Args:
+        state: a dict from ``capture_rng_state`` (possibly round-tripped through a checkpoint).
+        generators: the run's named generators to restore in place; every name must be in ``state["generators"]``.
+
+    Raises:
+        KeyError: a generator name passed here was not captured (the message lists the captured ones).
+    """
+    saved = state.get("generators", {})
+    missing = sorted(set(generators or {}) - set(saved))
+    if missing:
+        raise KeyError(
+            f"restore_rng_state: generators {missing} were not captured (captured: {sorted(saved)}); pass the same "
+            "names to capture_rng_state when saving."
+        )
+    random.setstate(_as_python_state(state["python"]))
+    npst = state["numpy"]
+    key = np.asarray(torch.as_tensor(npst["key"]).cpu().numpy(), dtype=np.uint32)
+    np.random.set_state((npst["kind"], key, int(npst["pos"]), int(npst["has_gauss"]), float(npst["gauss"])))
+    torch.set_rng_state(torch.as_tensor(state["torch_cpu"]).cpu())
+    if "torch_cuda" in state:
+        if torch.cuda.is_available():
+            cuda_states = list(state["torch_cuda"])
+            if len(cuda_states) != torch.cuda.device_count():
+                warnings.warn(
+                    f"restore_rng_state: {len(cuda_states)} CUDA RNG states saved, {torch.cuda.device_count()} "
+                    "devices now; restoring the first ones only, so CUDA draws will not match the original run.",
+                    stacklevel=2,
+                )
+            for i, s in enumerate(cuda_states[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(s.cpu(), device=i)
+        else:
+            warnings.warn(
+                "restore_rng_state: the checkpoint has CUDA RNG states but CUDA is not available; they are skipped.",
+                stacklevel=2,
+            )
+    for name, g in (generators or {}).items():
+        g.set_state(saved[name].cpu())
+
+
+def _as_python_state(s: Any) -> tuple[Any, ...]:
+    # random.setstate wants (version, tuple of 625 ints, gauss_next) exactly; lists (e.g. after a JSON or YAML round
+    # trip) are turned back into tuples.
+    version, internal, gauss_next = s
+    return (int(version), tuple(int(x) for x in internal), gauss_next)

@@ -1,0 +1,265 @@
+"""ARCHITECTURE.md's import rules, checked by walking the AST imports of every module in sacglam/ and envs/.
+
+Rules (ids used in the failure messages):
+    R1  sacglam never imports envs.
+    R2  envs imports nothing from sacglam but sacglam.types.
+    R3  buffer, her, losses, types, prompting import neither sacglam.agent nor transformers/peft/accelerate, directly
+        or through other project modules (the chain is reported).
+    R4  collector imports neither sacglam.agent, sacglam.sac nor sacglam.buffer, directly or through project modules.
+    R5  only models, agent, scoring, sac and the baselines ppo/eto import transformers/peft/accelerate (directly);
+        sac takes accelerate only, scoring transformers only.
+
+Imports are counted wherever they appear: inside functions, under ``if TYPE_CHECKING:`` (a type-only import still
+couples the modules the design keeps apart), and ``importlib.import_module("...")`` / ``__import__("...")`` with a
+literal name. Importing ``a.b`` also loads the package ``a`` (its ``__init__``), which the transitive rules follow.
+"""
+
+from __future__ import annotations
+
+import ast
+import textwrap
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("sacglam", "envs")
+HF = frozenset({"transformers", "peft", "accelerate"})
+# R5: which sacglam modules (by file stem) may import which Hugging Face libraries.
+HF_ALLOWED: dict[str, frozenset[str]] = {
+    "models": HF,
+    "agent": HF,
+    "ppo": HF,
+    "eto": HF,
+    "sac": frozenset({"accelerate"}),
+    "scoring": frozenset({"transformers"}),
+}
+R3_MODULES = frozenset({"buffer", "her", "losses", "types", "prompting"})
+
+
+@dataclass(frozen=True)
+class Import:
+    """One imported module name, as written at ``line`` of its file (absolute, relative imports resolved)."""
+
+    target: str
+    line: int
+
+
+@dataclass(frozen=True)
+class Module:
+    name: str  # dotted, e.g. "sacglam.buffer"; a package's __init__ is the package name
+    path: Path
+    rel: str  # path relative to the root, for messages
+    imports: tuple[Import, ...]
+
+    @property
+    def stem(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def package(self) -> str:
+        return self.name.split(".", 1)[0]
+
+
+@dataclass(frozen=True)
+class Breach:
+    rel: str
+    line: int
+    rule: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.rel}:{self.line}: [{self.rule}] {self.text}"
+
+
+def _module_name(root: Path, path: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path, name: str, known: set[str]) -> tuple[Import, ...]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    is_pkg = path.name == "__init__.py"
+    found: list[Import] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [Import(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                pkg = name if is_pkg else name.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    pkg = pkg.rpartition(".")[0]
+                base = f"{pkg}.{node.module}" if node.module else pkg
+            else:
+                base = node.module or ""
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                # `from pkg import mod` imports the submodule; `from mod import Name` imports from mod.
+                found.append(Import(sub if sub in known else base, node.lineno))
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and (
+                (isinstance(node.func, ast.Name) and node.func.id in ("__import__", "import_module"))
+                or (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+            )
+        ):
+            found.append(Import(node.args[0].value, node.lineno))
+    return tuple(sorted(set(found), key=lambda i: (i.line, i.target)))
+
+
+def collect_modules(root: Path) -> dict[str, Module]:
+    """Every module under ``root/sacglam`` and ``root/envs``, by dotted name."""
+    paths = sorted(p for pkg in PACKAGES if (root / pkg).is_dir() for p in (root / pkg).rglob("*.py"))
+    known = {_module_name(root, p) for p in paths}
+    modules = {}
+    for p in paths:
+        name = _module_name(root, p)
+        modules[name] = Module(name, p, p.relative_to(root).as_posix(), _imports(p, name, known))
+    return modules
+
+
+def _loaded(target: str, modules: dict[str, Module]) -> list[str]:
+    """Project modules that importing ``target`` executes: each package on the way, then the module itself."""
+    parts = target.split(".")
+    return [m for i in range(1, len(parts) + 1) if (m := ".".join(parts[:i])) in modules]
+
+
+def _find_forbidden(
+    start: str, modules: dict[str, Module], forbidden_module: frozenset[str], forbidden_top: frozenset[str]
+) -> str | None:
+    """Breadth-first search from project module ``start``; return a readable chain to a forbidden import, or None."""
+    if start in forbidden_module:
+        return start
+    seen = {start}
+    queue: deque[tuple[str, str]] = deque([(start, "")])
+    while queue:
+        name, chain = queue.popleft()
+        mod = modules[name]
+        for imp in mod.imports:
+            step = f"{chain + ' -> ' if chain else ''}{mod.rel}:{imp.line} imports "
+            if imp.target.split(".")[0] in forbidden_top:
+                return step + imp.target
+            for nxt in _loaded(imp.target, modules):
+                if nxt in forbidden_module:
+                    return step + nxt
+                if nxt not in seen:
+                    seen.add(nxt)
+                    queue.append((nxt, step + nxt))
+    return None
+
+
+def check_import_rules(root: Path) -> list[Breach]:
+    """All breaches of the import rules in the tree at ``root`` (which holds sacglam/ and envs/)."""
+    modules = collect_modules(root)
+    breaches: list[Breach] = []
+    for mod in modules.values():
+        in_sacglam = mod.package == "sacglam"
+        transitive: list[tuple[str, frozenset[str], frozenset[str], str]] = []
+        if in_sacglam and mod.stem in R3_MODULES:
+            transitive.append(
+                ("R3", frozenset({"sacglam.agent"}), HF, "must import neither agent nor " + "/".join(sorted(HF)))
+            )
+        if in_sacglam and mod.stem == "collector":
+            transitive.append(
+                (
+                    "R4",
+                    frozenset({"sacglam.agent", "sacglam.sac", "sacglam.buffer"}),
+                    frozenset(),
+                    "must import neither agent, sac nor buffer",
+                )
+            )
+        for imp in mod.imports:
+            top = imp.target.split(".")[0]
+            if in_sacglam and top == "envs":
+                breaches.append(Breach(mod.rel, imp.line, "R1", f"imports {imp.target}: sacglam never imports envs"))
+            if not in_sacglam and top == "sacglam" and not (imp.target + ".").startswith("sacglam.types."):
+                breaches.append(
+                    Breach(
+                        mod.rel, imp.line, "R2", f"imports {imp.target}: envs imports nothing from sacglam but types"
+                    )
+                )
+            allowed = HF_ALLOWED.get(mod.stem, frozenset()) if in_sacglam else frozenset()
+            if top in HF and top not in allowed:
+                breaches.append(
+                    Breach(
+                        mod.rel,
+                        imp.line,
+                        "R5",
+                        f"imports {imp.target}: only models/agent/ppo/eto may import transformers/peft/accelerate "
+                        "(scoring: transformers only; sac: accelerate only)",
+                    )
+                )
+            for rule, bad_modules, bad_top, why in transitive:
+                if top in bad_top:
+                    breaches.append(Breach(mod.rel, imp.line, rule, f"imports {imp.target}: {mod.stem} {why}"))
+                    continue
+                for loaded in _loaded(imp.target, modules):
+                    chain = _find_forbidden(loaded, modules, bad_modules, bad_top)
+                    if chain is not None:
+                        via = f"imports {imp.target}" + (f", which leads to {chain}" if chain != loaded else "")
+                        breaches.append(Breach(mod.rel, imp.line, rule, f"{via}: {mod.stem} {why}"))
+                        break
+    return sorted(breaches, key=lambda b: (b.rel, b.line, b.rule))
+
+
+def test_repository_follows_the_import_rules() -> None:
+    modules = collect_modules(REPO)
+    # Guard against a walker that silently checks nothing.
+    assert {"sacglam.types", "envs.base", "envs"} <= set(modules)
+    breaches = check_import_rules(REPO)
+    assert not breaches, "Import-rule breaches (ARCHITECTURE.md, 'Import rules'):\n" + "\n".join(map(str, breaches))
+
+
+_FAKE_TREE = {
+    "sacglam/__init__.py": '"""fake"""\n',
+    "sacglam/types.py": "import torch\n",
+    "sacglam/buffer.py": "import torch\nfrom .prompting import PromptCodec\nfrom sacglam import agent\n",
+    "sacglam/prompting.py": (
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from transformers import PreTrainedTokenizerBase\n"
+    ),
+    "sacglam/collector.py": "import envs.vector\ndef f():\n    from sacglam.sac import SACUpdater\n",
+    "sacglam/sac.py": "import accelerate\nfrom peft import PeftModel\nfrom .agent import Agent\n",
+    "sacglam/scoring.py": "from transformers import PreTrainedModel\n",
+    "sacglam/models.py": "import transformers, peft\n",
+    "sacglam/agent.py": "from . import models\nfrom transformers import AutoModel\n",
+    "sacglam/baselines/__init__.py": "",
+    "sacglam/baselines/ppo.py": "from ..agent import Agent\nimport peft\n",
+    "sacglam/her.py": "from sacglam.baselines import ppo\n",
+    "envs/__init__.py": "from envs.base import TextEnvBase\n",
+    "envs/base.py": "from sacglam.types import TextStep\nfrom sacglam import types\n",
+    "envs/x.py": (
+        "from sacglam.buffer import ReplayBuffer\nimport importlib\nimportlib.import_module('transformers')\n"
+    ),
+}
+
+
+def test_checker_reports_each_breach_with_file_and_line(tmp_path: Path) -> None:
+    for rel, source in _FAKE_TREE.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(textwrap.dedent(source))
+    breaches = check_import_rules(tmp_path)
+    assert [(b.rel, b.line, b.rule) for b in breaches] == [
+        ("envs/x.py", 1, "R2"),
+        ("envs/x.py", 3, "R5"),
+        ("sacglam/buffer.py", 2, "R3"),
+        ("sacglam/buffer.py", 3, "R3"),
+        ("sacglam/collector.py", 1, "R1"),
+        ("sacglam/collector.py", 3, "R4"),
+        ("sacglam/her.py", 1, "R3"),
+        ("sacglam/prompting.py", 3, "R3"),
+        ("sacglam/prompting.py", 3, "R5"),
+        ("sacglam/sac.py", 2, "R5"),
+    ]
+    text = {(b.rel, b.line, b.rule): str(b) for b in breaches}
+    assert text[("sacglam/buffer.py", 2, "R3")] == (
+        "sacglam/buffer.py:2: [R3] imports sacglam.prompting, which leads to sacglam/prompting.py:3 imports "
+        "transformers: buffer must import neither agent nor accelerate/peft/transformers"
+    )
+    # The chain goes through the package __init__ and the submodule: her -> baselines.ppo -> agent.
+    assert "sacglam/baselines/ppo.py:1 imports sacglam.agent" in text[("sacglam/her.py", 1, "R3")]
+    assert text[("sacglam/collector.py", 1, "R1")].startswith("sacglam/collector.py:1: [R1] imports envs.vector")
