@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import multiprocessing as mp
+import pickle
 import signal
 import time
 import traceback
@@ -134,6 +135,17 @@ def _step_autoreset(env: gym.Env[str, str], action: str) -> tuple[str, float, bo
     return obs, float(reward), bool(terminated), bool(truncated), info
 
 
+def _dump_env(env: gym.Env[Any, Any]) -> bytes:
+    """Pickle an env mid-episode (RNG and all), for exact checkpoints; a clear error when it cannot be pickled."""
+    try:
+        return pickle.dumps(env)
+    except Exception as exc:  # e.g. TextWorld holds a live interpreter process
+        raise TypeError(
+            f"env {_env_id(env)} cannot be saved mid-episode ({type(exc).__name__}: {exc}); "
+            "checkpoints of this env restart its episodes on resume"
+        ) from exc
+
+
 def _fn_name(fn: EnvFn) -> str:
     """A readable name for an env constructor, until the env itself can say its id."""
     if isinstance(fn, functools.partial) and fn.func is _make_env:
@@ -162,6 +174,16 @@ class _VectorBase:
         self._steps = [0] * num_envs
         self._needs_reset = True
         self.closed = False
+
+    def _tracking_state(self) -> dict[str, Any]:
+        return {"seeds": list(self._seeds), "episodes": list(self._episodes), "steps": list(self._steps),
+                "needs_reset": self._needs_reset}
+
+    def _load_tracking_state(self, state: dict[str, Any]) -> None:
+        if len(state["seeds"]) != self.num_envs:
+            raise ValueError(f"saved vector-env state holds {len(state['seeds'])} envs, this one has {self.num_envs}")
+        self._seeds, self._episodes, self._steps = list(state["seeds"]), list(state["episodes"]), list(state["steps"])
+        self._needs_reset = bool(state["needs_reset"])
 
     def _check_open(self) -> None:
         if self.closed:
@@ -320,6 +342,23 @@ class SyncVectorTextEnv(_VectorBase):
                 ) from exc
         return out
 
+    def get_state(self) -> dict[str, Any]:
+        """Every env pickled mid-episode plus the bookkeeping, so that a resumed run continues exactly.
+
+        Raises:
+            TypeError: an env cannot be pickled (e.g. TextWorld); the caller falls back to fresh episodes.
+        """
+        self._check_open()
+        return {"tracking": self._tracking_state(), "envs": [_dump_env(env) for env in self.envs]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Replace the envs by the pickled ones of ``get_state`` (same number of envs)."""
+        self._check_open()
+        self._load_tracking_state(state["tracking"])
+        for env in self.envs:
+            env.close()
+        self.envs = [pickle.loads(blob) for blob in state["envs"]]
+
     def close(self) -> None:
         """Close every env. Idempotent."""
         if self.closed:
@@ -358,6 +397,12 @@ def _worker(remote: Connection, parent_remote: Connection, env_fn: EnvFn) -> Non
                     result = env.reset(seed=payload[0], options=payload[1])
                 elif command == "call":
                     result = _call(env, payload[0], payload[1])
+                elif command == "get_state":
+                    result = _dump_env(env)
+                elif command == "set_state":
+                    env.close()
+                    env = pickle.loads(payload)
+                    result = None
                 else:
                     raise ValueError(f"unknown worker command {command!r}")
                 remote.send(("ok", result))
@@ -512,6 +557,19 @@ class SubprocVectorTextEnv(_VectorBase):
     def call(self, name: str, *args: Any) -> list[Any]:
         """Call method ``name(*args)`` on every env (or read attribute ``name``); results must be picklable."""
         return self._gather("call", [(name, args)] * self.num_envs)
+
+    def get_state(self) -> dict[str, Any]:
+        """Every worker's env pickled mid-episode plus the bookkeeping (see ``SyncVectorTextEnv.get_state``)."""
+        try:
+            blobs = self._gather("get_state", [None] * self.num_envs)
+        except EnvWorkerError as exc:
+            raise TypeError(str(exc)) from exc
+        return {"tracking": self._tracking_state(), "envs": blobs}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Load the pickled envs of ``get_state`` into the workers."""
+        self._load_tracking_state(state["tracking"])
+        self._gather("set_state", list(state["envs"]))
 
     def close(self) -> None:
         """Ask every worker to close its env, then end the processes (terminate those that do not exit). Idempotent."""

@@ -277,31 +277,44 @@ class Collector:
         return step, finished
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and the current (pre-step) observations, for checkpoints.
+        """Counters, the current (pre-step) observations and infos, and the running episodes' returns and lengths.
 
-        Env internals cannot be saved in general (TextWorld, subprocess workers), so a resumed collector restarts its
-        envs from a fresh seed; the observations are kept for inspection and for the resume check in tests.
+        Together with the vector env's own state (``envs.get_state()``, where the envs can be pickled) this resumes
+        exactly; without it, ``load_state_dict`` restarts the envs from a fresh seed.
         """
         return {
             "seed": self.seed,
             "env_steps": self.env_steps,
             "episodes": self.episodes,
+            "reset_seed": self._reset_seed,
             "observations": None if self._obs is None else list(self._obs),
+            "infos": None if self._infos is None else list(self._infos),
             "goals": None if self._infos is None else [info.get("goal") for info in self._infos],
             "episode_return": self._ep_return.tolist(),
             "episode_length": self._ep_length.tolist(),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the counters; the envs are reset on the next ``step`` with a seed derived from the counters.
+    def load_state_dict(self, state: Mapping[str, Any], *, envs_restored: bool = False) -> None:
+        """Restore the collector.
 
-        The reset seed is ``seed + env_steps`` so a resumed run does not replay the episodes it started with.
-        Episodes that were in progress at save time are dropped without ``EpisodeStats``; their transitions already
-        stored in a replay buffer end without a terminal flag, which the buffer must treat as an episode end.
+        Args:
+            state: a ``state_dict()``.
+            envs_restored: the vector env was restored to the same moment (``envs.set_state``): keep the saved
+                observations, infos and running episodes, so that the run continues exactly. Otherwise the envs are
+                reset on the next ``step`` with seed ``seed + env_steps`` (so a resumed run does not replay the
+                episodes it started with); episodes in progress at save time are then dropped without
+                ``EpisodeStats`` and their stored transitions end without a terminal flag.
         """
         self.seed = int(state["seed"])
         self.env_steps = int(state["env_steps"])
         self.episodes = int(state["episodes"])
+        if envs_restored and state.get("infos") is not None:
+            self._reset_seed = state.get("reset_seed")
+            self._obs = list(state["observations"])
+            self._infos = list(state["infos"])
+            self._ep_return[:] = np.asarray(state["episode_return"], dtype=np.float64)
+            self._ep_length[:] = np.asarray(state["episode_length"], dtype=np.int64)
+            return
         self._reset_seed = self.seed + self.env_steps
         self._obs = None
         self._infos = None

@@ -356,3 +356,35 @@ def test_invariants_on_playground_text() -> None:
     # Every env step belongs to exactly one episode: finished ones plus those still running.
     assert lengths + sum(col.state_dict()["episode_length"]) == 800
     assert n_finished > 50 and 0 < n_success < n_finished  # random play solves some grasp goals only
+
+
+def test_exact_resume_with_restored_envs() -> None:
+    """Collector + vector-env state saved mid-episode: a restored pair yields exactly the same next TextSteps."""
+    from envs.vector import make_vector_env
+
+    def seeded_act(seed: int) -> Any:
+        gen = torch.Generator().manual_seed(seed)
+
+        def act(goals: Sequence[str], observations: Sequence[str], candidates: Sequence[Sequence[str]]) -> ActOutput:
+            idx = [int(torch.randint(len(c), (1,), generator=gen)) for c in candidates]
+            return ActOutput(action=torch.tensor(idx), logp=torch.zeros(len(idx)))
+
+        return act
+
+    kwargs = {"goal_categories": ["grasp", "grow_plant"]}
+    ref_env = make_vector_env("sacglam/PlaygroundText-v0", 3, env_kwargs=kwargs)
+    ref = Collector(ref_env, seeded_act(0), seed=11)
+    for _ in range(5):
+        ref.step()
+    saved, saved_envs = ref.state_dict(), ref_env.get_state()
+    ref.act = seeded_act(1)
+    expected = [ref.step() for _ in range(20)]
+
+    new_env = make_vector_env("sacglam/PlaygroundText-v0", 3, env_kwargs=kwargs)
+    new = Collector(new_env, seeded_act(1), seed=0)
+    new_env.set_state(saved_envs)
+    new.load_state_dict(saved, envs_restored=True)
+    got = [new.step() for _ in range(20)]
+    assert got == expected
+    assert sum(len(f) for _, f in got) > 0  # episodes finished after the resume, with their pre-resume lengths
+    assert new.env_steps == ref.env_steps

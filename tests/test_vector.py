@@ -410,3 +410,47 @@ def test_vector_envs_satisfy_the_collector_protocol() -> None:
             assert as_protocol.step(["inc", "inc"]).observations == ["ep 1 target 2 count 0", "ep 0 target 2 count 1"]
         finally:
             venv.close()
+
+
+@pytest.mark.parametrize("env_mode", MODES)
+def test_get_state_set_state_continues_exactly(env_mode: str) -> None:
+    """A vector env restored from get_state() mid-episode continues exactly like the uninterrupted one."""
+
+    def run(venv: SyncVectorTextEnv | SubprocVectorTextEnv, infos: list[dict[str, Any]], rng: random.Random,
+            n: int) -> tuple[list[Any], list[dict[str, Any]]]:
+        trace: list[Any] = []
+        for _ in range(n):
+            out = venv.step([rng.choice(i["admissible_actions"]) for i in infos])
+            infos = out.infos
+            trace += [out.observations, out.rewards.tolist(), out.terminated.tolist(), [i["goal"] for i in infos]]
+        return trace, infos
+
+    kwargs = {"goal_categories": ["grasp", "grow_plant"]}
+    ref = make_vector_env("sacglam/PlaygroundText-v0", 3, env_kwargs=kwargs, mode=env_mode)
+    restored = make_vector_env("sacglam/PlaygroundText-v0", 3, env_kwargs=kwargs, mode=env_mode)
+    try:
+        _, infos = ref.reset(seed=5)
+        _, infos = run(ref, infos, random.Random(1), 7)  # mid-episode for some envs
+        state = ref.get_state()
+        rng_state = random.Random(2)
+        expected, _ = run(ref, infos, rng_state, 30)
+        restored.reset(seed=999)  # a different history, overwritten by set_state
+        restored.set_state(state)
+        got, _ = run(restored, infos, random.Random(2), 30)
+        assert got == expected
+    finally:
+        ref.close()
+        restored.close()
+
+
+def test_get_state_of_unpicklable_env_is_a_clear_type_error() -> None:
+    class Unpicklable(CounterEnv):
+        def __init__(self) -> None:
+            super().__init__()
+            self.handle = lambda: None  # lambdas cannot be pickled, like a live game process
+
+    venv = SyncVectorTextEnv([Unpicklable])
+    venv.reset(seed=0)
+    with pytest.raises(TypeError, match="cannot be saved mid-episode"):
+        venv.get_state()
+    venv.close()
