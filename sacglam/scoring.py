@@ -1,0 +1,446 @@
+"""Score candidate actions with a language model: ``score(a|s) = sum_t log_softmax(logits)[a_t]`` (ALGORITHM.md s1).
+
+Two scorers with one contract:
+
+- :func:`score_candidates` shares the prompt between the K candidates of a state, so one state costs about
+  ``Lp + sum Lc`` tokens instead of ``K * Lp``.
+
+  * Decoder-only models (Llama, Qwen2, SmolLM2, GPT-2): each state is packed into one sequence
+    ``[prompt, cand_1, ..., cand_K]`` of length ``Lp + K * Lc`` with a 4-D block attention mask (every token sees the
+    prompt's real tokens and the earlier real tokens of its own candidate) and position ids that restart right after
+    the prompt's last real token for each candidate. The trunk runs once; the LM head is applied only at the
+    positions that predict candidate tokens (the first candidate token is predicted from the prompt's last real
+    position).
+    ``method="cache"`` is the alternative with the same result: a prompt pass, then the ``B * K`` candidates on the
+    prompt's key/value cache repeated K times (cheaper attention for many candidates, more memory). On the tiny CPU
+    model ``packed`` was as fast or faster (scripts/bench_scoring.py), so it is the default.
+  * Encoder-decoder models (T5 / Flan-T5): the encoder runs once per state; its outputs are expanded over the K
+    candidates for the decoder.
+
+- :func:`score_candidates_naive` repeats the prompt for every candidate and runs the model's own ``forward``: slow,
+  but obviously right. Tests compare the two; keep it.
+
+Both are differentiable (the actor trains through them), accept a ``transformers.PreTrainedModel`` or a
+``peft.PeftModel`` wrapping one, and never synchronise with the device (no ``.item()`` / ``nonzero()``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ScoreOutput:
+    """Scores and critic features of K candidates for B states.
+
+    Attributes:
+        logp: [B, K] float32, ``sum_t log_softmax(logits)[a_t]`` over the candidate's tokens (divided by the token
+            count when ``length_norm``); exactly 0.0 for absent candidates.
+        hidden: [B, K, H] last-layer hidden state at the candidate's last token (decoder-only: where that token is
+            the input; seq2seq: the decoder's hidden state where that token is the decoder input); zeros for absent
+            candidates. Same dtype as the model.
+        valid: [B, K] bool, ``cand_mask.any(-1)``.
+    """
+
+    logp: torch.Tensor
+    hidden: torch.Tensor
+    valid: torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the ``transformers`` model under a ``peft.PeftModel`` (its LoRA layers stay injected and active).
+
+    Calling the unwrapped model runs the active adapter exactly as the PEFT wrapper would, and gives direct access
+    to ``base_model`` (the trunk), ``get_encoder()`` and ``get_output_embeddings()``.
+    """
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        base = get_base()
+        if isinstance(base, nn.Module):
+            return base
+    return model
+
+
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def _check_inputs(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cand_ids: torch.Tensor, cand_mask: torch.Tensor
+) -> None:
+    """Shape checks only (no device sync)."""
+    if prompt_ids.dim() != 2 or prompt_mask.shape != prompt_ids.shape:
+        raise ValueError(
+            f"prompt_ids must be [B, Lp] with prompt_mask of the same shape; got {tuple(prompt_ids.shape)} and "
+            f"{tuple(prompt_mask.shape)}"
+        )
+    if cand_ids.dim() != 3 or cand_mask.shape != cand_ids.shape:
+        raise ValueError(
+            f"cand_ids must be [B, K, Lc] with cand_mask of the same shape; got {tuple(cand_ids.shape)} and "
+            f"{tuple(cand_mask.shape)}"
+        )
+    if cand_ids.shape[0] != prompt_ids.shape[0]:
+        raise ValueError(
+            f"prompt batch {prompt_ids.shape[0]} != candidate batch {cand_ids.shape[0]}: pass one candidate set per "
+            "prompt"
+        )
+    if prompt_ids.shape[1] == 0 or cand_ids.shape[1] == 0 or cand_ids.shape[2] == 0:
+        raise ValueError(
+            f"empty dimension: prompt_ids {tuple(prompt_ids.shape)}, cand_ids {tuple(cand_ids.shape)}; every prompt "
+            "needs at least one token (e.g. BOS) and the candidate tensors at least one slot"
+        )
+
+
+def _token_logp(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token log-probabilities of ``tokens``, zero where ``mask`` is False.
+
+    Args:
+        logits: [..., L, V] (any float dtype; the log-softmax is taken in float32 so that bf16 models score stably).
+        tokens: [..., L] long; mask: [..., L] bool.
+
+    Returns:
+        [..., L] float32.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)
+    tok = torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, tok, torch.zeros_like(tok))
+
+
+def _finish(
+    tok_logp: torch.Tensor, last_hidden: torch.Tensor, cand_mask: torch.Tensor, length_norm: bool
+) -> ScoreOutput:
+    """Sum token log-probs per candidate, normalise if asked, zero absent slots.
+
+    Args:
+        tok_logp: [B, K, Lc] float32, already zero at padded tokens.
+        last_hidden: [B, K, H] hidden state at each candidate's last token (garbage for absent slots).
+        cand_mask: [B, K, Lc] bool.
+        length_norm: divide the sum by the candidate's token count.
+    """
+    n_tok = cand_mask.sum(-1)  # [B, K]
+    valid = n_tok > 0
+    logp = tok_logp.sum(-1)
+    if length_norm:
+        logp = logp / n_tok.clamp(min=1).to(logp.dtype)
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    hidden = torch.where(valid.unsqueeze(-1), last_hidden, torch.zeros_like(last_hidden))
+    return ScoreOutput(logp=logp, hidden=hidden, valid=valid)
+
+
+def _lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply a causal LM's output head to trunk hidden states, as its ``forward`` would.
+
+    Args:
+        hidden: [..., H] final (normed) trunk hidden states.
+
+    Returns:
+        [..., V] logits.
+    """
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head): pass a *ForCausalLM model")
+    logits: torch.Tensor = head(hidden)
+    config = model.config
+    # A few families post-process logits in forward (Cohere scales, Gemma-2 soft-caps); mirror them so that the
+    # shared scorer matches the model's own forward for those too.
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# shared-prefix scorers
+
+
+def _packed_attention_mask(
+    prompt_mask: torch.Tensor, cand_mask: torch.Tensor, dtype: torch.dtype, as_bool: bool
+) -> torch.Tensor:
+    """The 4-D block mask of the packed sequence ``[prompt (Lp), cand_1 (Lc), ..., cand_K (Lc)]``.
+
+    Query ``q`` may attend to key ``k`` iff ``k`` is a real token, ``k <= q`` and ``k`` is in the prompt or in the
+    same candidate as ``q``. Every query also sees itself, so that no row is fully masked (a fully masked row gives
+    NaN in SDPA, and NaN reaches the gradient even where the output is ignored).
+
+    Args:
+        prompt_mask: [B, Lp] bool; cand_mask: [B, K, Lc] bool.
+        dtype: float dtype of the additive mask (the model's), used when ``as_bool`` is False.
+        as_bool: return a boolean mask (True = attend; SDPA) instead of an additive one (0 / dtype min; eager).
+
+    Returns:
+        [B, 1, T, T] with ``T = Lp + K * Lc``.
+    """
+    B, Lp = prompt_mask.shape
+    _, K, Lc = cand_mask.shape
+    T = Lp + K * Lc
+    device = prompt_mask.device
+    seg = torch.cat(
+        [torch.full((Lp,), -1, device=device), torch.arange(K, device=device).repeat_interleave(Lc)]
+    )  # [T]: -1 prompt, k candidate k
+    pos = torch.arange(T, device=device)
+    causal = pos.unsqueeze(1) >= pos.unsqueeze(0)  # [T(q), T(k)]
+    same_block = (seg.unsqueeze(0) == -1) | (seg.unsqueeze(0) == seg.unsqueeze(1))
+    structure = causal & same_block
+    key_real = torch.cat([prompt_mask, cand_mask.reshape(B, K * Lc)], dim=1)  # [B, T]
+    allowed = structure.unsqueeze(0) & key_real.unsqueeze(1)  # [B, T, T]
+    allowed = allowed | torch.eye(T, dtype=torch.bool, device=device).unsqueeze(0)
+    allowed = allowed.unsqueeze(1)
+    if as_bool:
+        return allowed
+    zero = torch.zeros((), dtype=dtype, device=device)
+    neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return torch.where(allowed, zero, neg)
+
+
+def _score_decoder_shared(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    cand_ids: torch.Tensor,
+    cand_mask: torch.Tensor,
+    length_norm: bool,
+) -> ScoreOutput:
+    B, Lp = prompt_ids.shape
+    _, K, Lc = cand_ids.shape
+    device = prompt_ids.device
+    plen = prompt_mask.sum(-1)  # [B]
+    j = torch.arange(Lc, device=device)
+
+    input_ids = torch.cat([prompt_ids, cand_ids.reshape(B, K * Lc)], dim=1)  # [B, T]
+    # Each candidate continues right after the prompt's last *real* token, whatever the prompt padding.
+    cand_pos = (plen.view(B, 1, 1) + j.view(1, 1, Lc)).expand(B, K, Lc).reshape(B, K * Lc)
+    position_ids = torch.cat([torch.arange(Lp, device=device).expand(B, Lp), cand_pos], dim=1)
+
+    trunk: Any = model.base_model  # the bare transformer (LlamaModel, GPT2Model, ...) under the LM head
+    if trunk is model:
+        raise ValueError(
+            f"{type(model).__name__} has no separate trunk under its LM head (base_model is itself): pass a "
+            "*ForCausalLM model, or use score_candidates_naive"
+        )
+    embed = model.get_input_embeddings()  # type: ignore[operator]
+    dtype = embed.weight.dtype
+    attn_impl = getattr(model.config, "_attn_implementation", "eager")
+    mask4d = _packed_attention_mask(prompt_mask, cand_mask, dtype, as_bool=attn_impl == "sdpa")
+    out = trunk(input_ids=input_ids, attention_mask=mask4d, position_ids=position_ids, use_cache=False)
+    h = out.last_hidden_state  # [B, T, H]
+    H = h.shape[-1]
+
+    # Position whose output predicts candidate token j: the prompt's last real token for j = 0, else token j - 1.
+    block_start = Lp + torch.arange(K, device=device).view(1, K, 1) * Lc  # [1, K, 1]
+    pred_pos = torch.where(j.view(1, 1, Lc) == 0, (plen - 1).clamp(min=0).view(B, 1, 1), block_start + j - 1)
+    pred_pos = pred_pos.expand(B, K, Lc).reshape(B, K * Lc)
+    h_pred = torch.gather(h, 1, pred_pos.unsqueeze(-1).expand(B, K * Lc, H))
+    logits = _lm_logits(model, h_pred).view(B, K, Lc, -1)
+    tok_logp = _token_logp(logits, cand_ids, cand_mask)
+
+    clen = cand_mask.sum(-1)  # [B, K]
+    last_pos = (block_start.view(1, K) + (clen - 1).clamp(min=0)).view(B, K)
+    last_hidden = torch.gather(h, 1, last_pos.unsqueeze(-1).expand(B, K, H))
+    return _finish(tok_logp, last_hidden, cand_mask, length_norm)
+
+
+def _score_decoder_cache(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    cand_ids: torch.Tensor,
+    cand_mask: torch.Tensor,
+    length_norm: bool,
+) -> ScoreOutput:
+    """Two passes: the prompts alone (keeping their key/value cache), then the ``B * K`` candidates on the cache
+    repeated over K. Attention costs ``K * Lc * (Lp + Lc)`` per state instead of ``(Lp + K * Lc) ** 2``, at the price
+    of K copies of the prompt's keys and values."""
+    B, K, Lc = cand_ids.shape
+    device = prompt_ids.device
+    trunk: Any = model.base_model
+    plen = prompt_mask.sum(-1)  # [B]
+    first = trunk(input_ids=prompt_ids, attention_mask=prompt_mask.long(), use_cache=True)
+    h_prompt = first.last_hidden_state  # [B, Lp, H]
+    H = h_prompt.shape[-1]
+    cache = first.past_key_values
+    cache.batch_repeat_interleave(K)
+    flat_ids = cand_ids.reshape(B * K, Lc)
+    flat_mask = cand_mask.reshape(B * K, Lc)
+    mask2d = torch.cat([prompt_mask.repeat_interleave(K, dim=0), flat_mask], dim=1).long()  # [B*K, Lp + Lc]
+    # Each candidate continues right after the prompt's last *real* token, whatever the prompt padding.
+    position_ids = plen.repeat_interleave(K).unsqueeze(1) + torch.arange(Lc, device=device)
+    second = trunk(
+        input_ids=flat_ids, attention_mask=mask2d, position_ids=position_ids, past_key_values=cache, use_cache=True
+    )
+    h_cand = second.last_hidden_state.view(B, K, Lc, H)
+    h_last_prompt = torch.gather(h_prompt, 1, (plen - 1).clamp(min=0).view(B, 1, 1).expand(B, 1, H))  # [B, 1, H]
+    h_pred = torch.cat([h_last_prompt.unsqueeze(1).expand(B, K, 1, H), h_cand[:, :, :-1]], dim=2)  # [B, K, Lc, H]
+    logits = _lm_logits(model, h_pred)
+    tok_logp = _token_logp(logits, cand_ids, cand_mask)
+    clen = cand_mask.sum(-1)  # [B, K]
+    last_hidden = torch.gather(h_cand, 2, (clen - 1).clamp(min=0).view(B, K, 1, 1).expand(B, K, 1, H)).squeeze(2)
+    return _finish(tok_logp, last_hidden, cand_mask, length_norm)
+
+
+def _decoder_inputs(model: nn.Module, cand_ids: torch.Tensor, cand_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Decoder inputs ``[start, c_0, ..., c_{Lc-1}]`` and mask for a seq2seq model.
+
+    Args:
+        cand_ids, cand_mask: [N, Lc].
+
+    Returns:
+        dec_ids [N, Lc + 1] long, dec_mask [N, Lc + 1] bool. Output position ``j`` predicts ``c_j``; the hidden
+        state at position ``len(c)`` is where the candidate's last token is the input (the critic's feature).
+    """
+    start = getattr(model.config, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(model.config, "pad_token_id", None)
+    if start is None:
+        raise ValueError(
+            f"{type(model).__name__}.config has neither decoder_start_token_id nor pad_token_id: set one so that the "
+            "decoder knows how to start"
+        )
+    N = cand_ids.shape[0]
+    first = torch.full((N, 1), int(start), dtype=cand_ids.dtype, device=cand_ids.device)
+    dec_ids = torch.cat([first, cand_ids], dim=1)
+    dec_mask = torch.cat([torch.ones_like(cand_mask[:, :1]), cand_mask], dim=1)
+    return dec_ids, dec_mask
+
+
+def _score_seq2seq(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    cand_ids: torch.Tensor,
+    cand_mask: torch.Tensor,
+    length_norm: bool,
+    shared: bool,
+) -> ScoreOutput:
+    B, K, Lc = cand_ids.shape
+    flat_ids = cand_ids.reshape(B * K, Lc)
+    flat_mask = cand_mask.reshape(B * K, Lc)
+    dec_ids, dec_mask = _decoder_inputs(model, flat_ids, flat_mask)
+    enc_mask = prompt_mask.repeat_interleave(K, dim=0)  # [B*K, Lp]
+    kwargs: dict[str, Any] = {
+        "attention_mask": enc_mask.long(),
+        "decoder_input_ids": dec_ids,
+        "decoder_attention_mask": dec_mask.long(),
+        "output_hidden_states": True,
+        "use_cache": False,
+    }
+    if shared:
+        # Encoder once per state; its outputs (not the prompt) are repeated over the K candidates.
+        enc = model.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask.long())  # type: ignore[operator]
+        kwargs["encoder_outputs"] = (enc.last_hidden_state.repeat_interleave(K, dim=0),)
+    else:
+        kwargs["input_ids"] = prompt_ids.repeat_interleave(K, dim=0)
+    out = model(**kwargs)
+    logits = out.logits[:, :Lc]  # [B*K, Lc, V]
+    tok_logp = _token_logp(logits, flat_ids, flat_mask).view(B, K, Lc)
+    dh = out.decoder_hidden_states[-1]  # [B*K, Lc + 1, H]
+    clen = flat_mask.sum(-1)  # [B*K]
+    last_hidden = torch.gather(dh, 1, clen.view(-1, 1, 1).expand(-1, 1, dh.shape[-1])).view(B, K, -1)
+    return _finish(tok_logp, last_hidden, cand_mask, length_norm)
+
+
+def _sanitise(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Replace ids under a False mask by 0, so any pad value (even -100) is a valid embedding index."""
+    return torch.where(mask, ids, torch.zeros_like(ids))
+
+
+def score_candidates(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    cand_ids: torch.Tensor,
+    cand_mask: torch.Tensor,
+    *,
+    length_norm: bool = False,
+    method: str = "packed",
+) -> ScoreOutput:
+    """Score K candidates per state, running each prompt once (shared prefix).
+
+    Args:
+        model: a ``transformers`` causal LM or seq2seq model, or a ``peft.PeftModel`` wrapping one. Its train/eval
+            mode is respected (dropout in train mode makes it differ from the naive scorer).
+        prompt_ids: [B, Lp] long, right padded; every prompt needs at least one real token.
+        prompt_mask: [B, Lp] bool, True on real tokens (a prefix of each row).
+        cand_ids: [B, K, Lc] long, right padded; any value under a False mask is ignored.
+        cand_mask: [B, K, Lc] bool; a slot whose mask is all False is absent.
+        length_norm: divide each score by its candidate's token count.
+        method: decoder-only models only. ``"packed"``: one sequence per state with a block attention mask (one
+            pass; attention grows as ``(Lp + K * Lc) ** 2``). ``"cache"``: prompt pass, then the candidates on the
+            prompt's key/value cache repeated K times (two passes; attention ``K * Lc * (Lp + Lc)``, K copies of the
+            prompt's keys/values). Both give the same result.
+
+    Returns:
+        :class:`ScoreOutput` with logp [B, K], hidden [B, K, H], valid [B, K].
+    """
+    if method not in ("packed", "cache"):
+        raise ValueError(f"score_candidates(method={method!r}): use 'packed' or 'cache'")
+    _check_inputs(prompt_ids, prompt_mask, cand_ids, cand_mask)
+    prompt_mask = prompt_mask.bool()
+    cand_mask = cand_mask.bool()
+    prompt_ids = _sanitise(prompt_ids, prompt_mask)
+    cand_ids = _sanitise(cand_ids, cand_mask)
+    inner = unwrap_model(model)
+    if _is_encoder_decoder(inner):
+        return _score_seq2seq(inner, prompt_ids, prompt_mask, cand_ids, cand_mask, length_norm, shared=True)
+    if method == "cache":
+        return _score_decoder_cache(inner, prompt_ids, prompt_mask, cand_ids, cand_mask, length_norm)
+    return _score_decoder_shared(inner, prompt_ids, prompt_mask, cand_ids, cand_mask, length_norm)
+
+
+def score_candidates_naive(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    cand_ids: torch.Tensor,
+    cand_mask: torch.Tensor,
+    *,
+    length_norm: bool = False,
+) -> ScoreOutput:
+    """Reference scorer: the prompt is repeated for every candidate and the model's own ``forward`` runs on
+    ``B * K`` sequences ``[prompt, candidate]`` (cost ``K * Lp + sum Lc`` tokens per state).
+
+    Same arguments and result as :func:`score_candidates`.
+    """
+    _check_inputs(prompt_ids, prompt_mask, cand_ids, cand_mask)
+    prompt_mask = prompt_mask.bool()
+    cand_mask = cand_mask.bool()
+    prompt_ids = _sanitise(prompt_ids, prompt_mask)
+    cand_ids = _sanitise(cand_ids, cand_mask)
+    inner = unwrap_model(model)
+    if _is_encoder_decoder(inner):
+        return _score_seq2seq(inner, prompt_ids, prompt_mask, cand_ids, cand_mask, length_norm, shared=False)
+
+    B, K, Lc = cand_ids.shape
+    N = B * K
+    device = prompt_ids.device
+    plen = prompt_mask.sum(-1).repeat_interleave(K)  # [N]
+    # Row n = prompt_b's real tokens immediately followed by candidate (b, k), right padded to Lp + Lc.
+    seq = F.pad(prompt_ids.repeat_interleave(K, dim=0), (0, Lc))
+    seq_mask = F.pad(prompt_mask.repeat_interleave(K, dim=0), (0, Lc))
+    flat_ids = cand_ids.reshape(N, Lc)
+    flat_mask = cand_mask.reshape(N, Lc)
+    j = torch.arange(Lc, device=device)
+    cand_pos = plen.unsqueeze(1) + j  # [N, Lc], always < L
+    seq = seq.scatter(1, cand_pos, flat_ids)
+    seq_mask = seq_mask.scatter(1, cand_pos, flat_mask)
+    out = inner(input_ids=seq, attention_mask=seq_mask.long(), output_hidden_states=True, use_cache=False)
+    logits = out.logits  # [N, L, V]
+    pred_pos = (cand_pos - 1).clamp(min=0)
+    logits_c = torch.gather(logits, 1, pred_pos.unsqueeze(-1).expand(N, Lc, logits.shape[-1]))
+    tok_logp = _token_logp(logits_c, flat_ids, flat_mask).view(B, K, Lc)
+    h = out.hidden_states[-1]  # [N, L, H]
+    last_pos = plen + (flat_mask.sum(-1) - 1).clamp(min=0)
+    last_hidden = torch.gather(h, 1, last_pos.view(N, 1, 1).expand(N, 1, h.shape[-1])).view(B, K, -1)
+    return _finish(tok_logp, last_hidden, cand_mask, length_norm)
