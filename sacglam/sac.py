@@ -1,0 +1,339 @@
+"""The discrete SAC update over candidate sets, with the hindsight supervised term (ALGORITHM.md sections 3 and 9).
+
+One call of :meth:`SACUpdater.update` on a sampled :class:`sacglam.types.Batch`:
+
+1. target pass on the bootstrap state ``s_{t+k}`` (no gradient): ``y = R + discount * V_targ(s_{t+k})``;
+2. online pass on ``s``: critic loss on ``Q_i(s, a)``, actor loss with exact expectations over ``A(s)``, temperature
+   loss, and the hindsight term ``-log pi(a|s, g')`` on relabelled transitions;
+3. one backward of the summed losses through ``accelerator.backward`` (per micro-batch with ``grad_accum``),
+   gradient clipping per parameter group, one finiteness check, Adam steps, then the Polyak target update.
+
+The first ``critic_warmup_updates`` updates train only the critic-only parameters (the heads, plus the critic adapter
+with ``separate_adapter``): the policy, the shared trunk and ``log_alpha`` stay exactly unchanged meanwhile.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from sacglam.agent import Agent
+from sacglam.losses import (
+    actor_loss,
+    alpha_loss,
+    critic_loss,
+    critic_target,
+    hindsight_bc_loss,
+    soft_value,
+    target_entropy,
+)
+from sacglam.types import Batch, UpdateStats
+
+
+@dataclass
+class SACConfig:
+    """Options of the SAC update. gamma and n-step returns are folded into ``Batch.reward/discount`` by the buffer.
+
+    Defaults follow CALIBRATION.md (tiny model on CPU); the published SAC-GLAM values are lr 1e-4 (actor, critic),
+    1e-3 (alpha), alpha 0.05 and no hindsight term (``hindsight_bc_coef = 0``).
+    """
+
+    lr_actor: float = 1e-3  # Adam lr of the policy trunk (LoRA actor adapter, or the whole model)
+    lr_critic: float = 1e-3  # Adam lr of the critic-only parameters (Q heads, critic adapter)
+    lr_alpha: float = 3e-3  # Adam lr of log_alpha (alpha_mode=auto)
+    alpha_mode: str = "auto"  # "auto": learn alpha towards the entropy target; "fixed": keep alpha_init
+    alpha_init: float = 0.01  # initial entropy temperature (0.1 drowned a reward of 1 in the entropy bonus)
+    alpha_min: float = 1e-3  # floor on the learned alpha (log_alpha clamped after each step); 0 = no floor
+    target_entropy_ratio: float = 0.6  # H_target(s) = ratio * log |A(s)| per state
+    tau: float = 0.005  # Polyak weight of the target update after every critic step
+    critic_warmup_updates: int = 10  # first updates train the critic-only parameters only
+    grad_clip: float = 1.0  # max global grad norm per parameter group (actor, critic); 0 = no clipping
+    grad_accum: int = 1  # micro-batches per update (the batch size must be divisible by it)
+    huber: bool = False  # Huber (smooth L1) critic loss instead of the squared error
+    hindsight_bc_coef: float = 1.0  # weight of -log pi(a|s,g') on HER-relabelled transitions; 0 = pure SAC-GLAM
+    hindsight_bc_within_limit: bool = True  # only relabels achieved within the goal's step limit (t'-t+1 <= limit)
+    hindsight_bc_discount: float = 0.0  # > 0: weight each hindsight term by this ** (t' - t) (e.g. gamma); 0 = off
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term or gradient norm was NaN/inf; raised before any optimizer step, so the weights are untouched."""
+
+    def __init__(self, step: int, term: str, micro_batch: int | None, batch_stats: str) -> None:
+        """Build the message.
+
+        Args:
+            step: index of the update (0-based, as ``SACUpdater.step`` before the call).
+            term: the first offending term, e.g. ``"losses/critic"`` or ``"charts/grad_norm_actor"``.
+            micro_batch: index of the micro-batch (None for a gradient norm).
+            batch_stats: a short description of the batch (reward and discount ranges).
+        """
+        where = f" (micro-batch {micro_batch})" if micro_batch is not None else ""
+        super().__init__(
+            f"non-finite {term} at SAC update {step}{where}; batch: {batch_stats}. No optimizer step was taken. "
+            "Fix: check the batch for NaN/inf rewards, lower the learning rates or alpha_init, or enable "
+            "grad_clip / huber; resume from the last checkpoint."
+        )
+        self.step = step
+        self.term = term
+
+
+def _batch_stats(batch: Batch) -> str:
+    r, d = batch.reward.float(), batch.discount.float()
+    return (
+        f"size {len(batch)}, reward min {r.min().item():.4g} max {r.max().item():.4g}, "
+        f"discount min {d.min().item():.4g} max {d.max().item():.4g}, "
+        f"relabelled {int(batch.relabelled.sum().item())}"
+    )
+
+
+class SACUpdater:
+    """Owns the optimizers and the temperature; updates an :class:`~sacglam.agent.Agent` from replay batches.
+
+    Attributes:
+        agent: the agent (moved to ``accelerator.device``).
+        log_alpha: 0-d log entropy temperature (a leaf with gradient when ``alpha_mode == "auto"``).
+        step: number of completed updates.
+    """
+
+    def __init__(self, agent: Agent, cfg: SACConfig, accelerator: Accelerator | None = None) -> None:
+        """Build the optimizers (Adam) for the actor, the critic and alpha.
+
+        Args:
+            agent: the :class:`~sacglam.agent.Agent` to train.
+            cfg: :class:`SACConfig`.
+            accelerator: an ``accelerate.Accelerator``; a default one (single process) when None.
+
+        Raises:
+            ValueError: on a bad option or an agent with nothing to train.
+        """
+        if cfg.alpha_mode not in ("auto", "fixed"):
+            raise ValueError(f"SACConfig.alpha_mode must be 'auto' or 'fixed', got {cfg.alpha_mode!r}.")
+        if cfg.alpha_init <= 0:
+            raise ValueError(f"SACConfig.alpha_init must be > 0, got {cfg.alpha_init}.")
+        if cfg.grad_accum < 1:
+            raise ValueError(f"SACConfig.grad_accum must be >= 1, got {cfg.grad_accum}.")
+        if not 0.0 <= cfg.tau <= 1.0:
+            raise ValueError(f"SACConfig.tau must be in [0, 1], got {cfg.tau}.")
+        self.cfg = cfg
+        self.accelerator = accelerator if accelerator is not None else Accelerator()
+        self.device = self.accelerator.device
+        self.agent = agent.to(self.device)
+        self.auto_alpha = cfg.alpha_mode == "auto"
+        self.log_alpha = torch.tensor(
+            math.log(cfg.alpha_init), device=self.device, dtype=torch.float32, requires_grad=self.auto_alpha
+        )
+        self.actor_params = agent.actor_parameters()
+        self.critic_params = agent.critic_parameters()
+        if not self.actor_params:
+            raise ValueError("SACUpdater: the agent has no trainable policy parameter (all frozen?); unfreeze LoRA.")
+        acc = self.accelerator
+        self.actor_opt: Any = acc.prepare_optimizer(torch.optim.Adam(self.actor_params, lr=cfg.lr_actor))
+        self.critic_opt: Any = acc.prepare_optimizer(torch.optim.Adam(self.critic_params, lr=cfg.lr_critic))
+        self.alpha_opt: Any = None
+        if self.auto_alpha:
+            self.alpha_opt = acc.prepare_optimizer(torch.optim.Adam([self.log_alpha], lr=cfg.lr_alpha))
+        self.step = 0
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """0-d current entropy temperature ``exp(log_alpha)`` (detached)."""
+        return self.log_alpha.detach().exp()
+
+    def _micro_batch(
+        self, mb: Batch, warmup: bool, alpha: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Losses of one micro-batch; returns the total loss and its named 0-d terms (detached)."""
+        cfg = self.cfg
+        agent = self.agent
+        with torch.no_grad():
+            nxt = agent(mb.next_prompt_ids, mb.next_prompt_mask, mb.next_cand_ids, mb.next_cand_mask, target=True)
+            next_v = soft_value(nxt.pi, nxt.log_pi, nxt.q.min(0).values, alpha)
+            y = critic_target(mb.reward.to(next_v.dtype), mb.discount.to(next_v.dtype), next_v)
+        out = agent(mb.prompt_ids, mb.prompt_mask, mb.cand_ids, mb.cand_mask)
+        n_q = out.q.shape[0]
+        action = mb.action.long()
+        q_taken = out.q.gather(-1, action.view(1, -1, 1).expand(n_q, -1, 1)).squeeze(-1)  # [n_q, B]
+        critic = critic_loss(q_taken, y, huber=cfg.huber)
+        entropy = -(out.pi * out.log_pi).sum(-1).detach()
+        h_target = target_entropy(out.valid, cfg.target_entropy_ratio)
+        terms: dict[str, torch.Tensor] = {
+            "losses/critic": critic.loss.detach(),
+            "charts/q_mean": q_taken.detach().mean(),
+            "charts/y_mean": y.mean(),
+            "charts/td_abs": critic.td_error.abs().mean(),
+            "charts/entropy": entropy.mean(),
+            "charts/target_entropy": h_target.mean(),
+        }
+        # Every term is computed (and logged) from the first update, so the logged keys never change; during the
+        # critic warm-up only the critic loss is back-propagated.
+        actor = actor_loss(out.pi, out.log_pi, out.q.min(0).values, alpha)
+        terms["losses/actor"] = actor.loss.detach()
+        policy_loss = actor.loss
+        if cfg.hindsight_bc_coef > 0:
+            log_pi_taken = out.log_pi.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+            bc = hindsight_bc_loss(
+                log_pi_taken,
+                mb.relabelled,
+                mb.goal_gap,
+                mb.goal_limit,
+                within_limit=cfg.hindsight_bc_within_limit,
+                discount=cfg.hindsight_bc_discount if cfg.hindsight_bc_discount > 0 else None,
+            )
+            policy_loss = policy_loss + cfg.hindsight_bc_coef * bc.loss
+            terms["losses/hindsight_bc"] = bc.loss.detach()
+            terms["charts/hindsight_fraction"] = bc.fraction
+        temp = alpha_loss(self.log_alpha, entropy, h_target)
+        terms["losses/alpha"] = temp.loss.detach()
+        loss = critic.loss
+        if not warmup:
+            loss = loss + policy_loss
+            if self.auto_alpha:
+                loss = loss + temp.loss
+        terms["losses/total"] = loss.detach()
+        return loss, terms
+
+    def update(self, batch: Batch) -> UpdateStats:
+        """One SAC update (see the module docstring).
+
+        Args:
+            batch: a sampled :class:`~sacglam.types.Batch` of B transitions (moved to the accelerator's device);
+                B must be divisible by ``cfg.grad_accum``.
+
+        Returns:
+            UpdateStats: 0-d tensors (means over micro-batches): ``losses/critic``, ``losses/actor``,
+            ``losses/alpha``, ``losses/hindsight_bc``, ``losses/total``, ``charts/alpha``, ``charts/entropy``,
+            ``charts/target_entropy``, ``charts/q_mean``, ``charts/y_mean``, ``charts/td_abs``,
+            ``charts/hindsight_fraction``, ``charts/grad_norm_actor``, ``charts/grad_norm_critic``,
+            ``charts/warmup`` (1 during the critic warm-up, when the actor, alpha and hindsight terms are computed
+            and logged but not trained).
+
+        Raises:
+            NonFiniteLossError: a loss term or gradient norm is not finite (no optimizer step taken).
+            ValueError: the batch size is not divisible by ``grad_accum``.
+        """
+        cfg = self.cfg
+        batch = batch.to(self.device)
+        size = len(batch)
+        if size % cfg.grad_accum != 0:
+            raise ValueError(
+                f"SACUpdater.update: batch size {size} is not divisible by grad_accum={cfg.grad_accum}; "
+                "choose a batch size that is a multiple of it."
+            )
+        micro = size // cfg.grad_accum
+        warmup = self.step < cfg.critic_warmup_updates
+        alpha = self.alpha
+        for opt in (self.actor_opt, self.critic_opt, self.alpha_opt):
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+
+        per_micro: list[dict[str, torch.Tensor]] = []
+        for i in range(cfg.grad_accum):
+            with self.accelerator.autocast():  # no-op unless the accelerator was built with mixed precision
+                loss, terms = self._micro_batch(batch.slice(i * micro, (i + 1) * micro), warmup, alpha)
+            per_micro.append(terms)
+            # Dividing by the number of micro-batches makes the accumulated gradient that of the batch mean.
+            self.accelerator.backward(loss / cfg.grad_accum)
+
+        if self.accelerator.num_processes > 1:
+            self._average_gradients()
+
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        norms = {"charts/grad_norm_critic": self.accelerator.clip_grad_norm_(self.critic_params, max_norm)}
+        if not warmup:
+            norms["charts/grad_norm_actor"] = self.accelerator.clip_grad_norm_(self.actor_params, max_norm)
+        norms = {k: torch.as_tensor(v, device=self.device).float() for k, v in norms.items()}
+
+        # The one host sync of an update: nothing may be stepped if any term or gradient is non-finite. Under fp16
+        # an overflowing gradient is routine (the grad scaler skips that step), so only the losses are checked.
+        checked = [t.float() for terms in per_micro for t in terms.values()]
+        if self.accelerator.mixed_precision != "fp16":
+            checked += list(norms.values())
+        if not bool(torch.isfinite(torch.stack(checked)).all()):
+            self._raise_non_finite(per_micro, norms, batch)
+
+        self.critic_opt.step()
+        if not warmup:
+            self.actor_opt.step()
+            if self.alpha_opt is not None:
+                self.alpha_opt.step()
+                if cfg.alpha_min > 0:
+                    with torch.no_grad():
+                        self.log_alpha.clamp_(min=math.log(cfg.alpha_min))
+        self.agent.update_target(cfg.tau)
+        self.step += 1
+
+        grouped: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for terms in per_micro:
+            for k, v in terms.items():
+                grouped[k].append(v.float())
+        stats: UpdateStats = {k: torch.stack(v).mean() for k, v in grouped.items()}
+        stats.update(norms)
+        stats["charts/alpha"] = self.alpha
+        stats["charts/warmup"] = torch.tensor(float(warmup), device=self.device)
+        return stats
+
+    def _average_gradients(self) -> None:
+        """Data-parallel: average the gradients over processes in one collective (each holds its own batch).
+
+        Every process runs the same code path, so the same parameters have gradients everywhere; a NaN on one
+        process becomes a NaN gradient on all of them, so they all raise together instead of deadlocking.
+        """
+        params = [*self.actor_params, *self.critic_params, self.log_alpha]
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self.accelerator.reduce(flat, reduction="mean")
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _raise_non_finite(
+        self, per_micro: list[dict[str, torch.Tensor]], norms: dict[str, torch.Tensor], batch: Batch
+    ) -> None:
+        for i, terms in enumerate(per_micro):
+            for name, value in terms.items():
+                if name != "losses/total" and not bool(torch.isfinite(value).all()):
+                    raise NonFiniteLossError(self.step, name, i, _batch_stats(batch))
+        for name, value in norms.items():
+            if not bool(torch.isfinite(value).all()):
+                raise NonFiniteLossError(self.step, name, None, _batch_stats(batch))
+        raise NonFiniteLossError(self.step, "losses/total", None, _batch_stats(batch))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer states, ``log_alpha`` and the update counter (the agent's weights are saved separately)."""
+        return {
+            "step": self.step,
+            "log_alpha": self.log_alpha.detach().clone(),
+            "actor_opt": self.actor_opt.state_dict(),
+            "critic_opt": self.critic_opt.state_dict(),
+            "alpha_opt": None if self.alpha_opt is None else self.alpha_opt.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (for an exact resume, also restore the agent's weights).
+
+        Raises:
+            ValueError: if the alpha mode of the saved state differs from this updater's.
+        """
+        if (state["alpha_opt"] is None) == self.auto_alpha:
+            raise ValueError(
+                "SACUpdater.load_state_dict: the saved state was made with a different alpha_mode than "
+                f"{self.cfg.alpha_mode!r}; use the same SACConfig.alpha_mode to resume."
+            )
+        self.step = int(state["step"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"].to(self.device))
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+        if self.alpha_opt is not None:
+            self.alpha_opt.load_state_dict(state["alpha_opt"])
+
+
+__all__ = ["NonFiniteLossError", "SACConfig", "SACUpdater"]
