@@ -47,6 +47,7 @@ class TextEnvBase(gym.Env[str, str]):
     """
 
     metadata: dict[str, Any] = {"render_modes": ["ansi"]}  # noqa: RUF012 - gymnasium's convention
+    goal_categories: list[str]  # the env's goal categories (evaluation resets with each)
 
     def __init__(self, invalid_action: str = "raise", max_text_length: int = 4096) -> None:
         if invalid_action not in ("raise", "noop"):

@@ -156,6 +156,8 @@ class TextWorldEnv(TextEnvBase):
             "take": sorted({f"take the {name}" for kind, name in entities if kind in _PORTABLE_TYPES}),
             "open": sorted({f"open the {name}" for kind, name in entities if kind in _OPENABLE_TYPES}),
         }
+        # Only the categories this game has goals of (evaluation resets with every listed category).
+        self.goal_categories = ["objective", *(c for c in GOAL_CATEGORIES if self.rule_goals.get(c))]
         self._goal = self.objective
         self._obs = ""
         self._admissible: list[str] = []

@@ -1,0 +1,82 @@
+"""Typed configuration: dataclasses registered in Hydra's ConfigStore (a misspelt override is an error naming the key).
+
+Each module owns the dataclass of its own options (``BufferConfig`` in buffer.py, ``SACConfig`` in sac.py, ...);
+this module adds the options of the loop itself and composes them into ``TrainConfig``, the schema of
+``conf/config.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from sacglam.agent import AgentConfig
+from sacglam.buffer import BufferConfig
+from sacglam.checkpoint import CheckpointConfig
+from sacglam.logging import LoggerConfig
+from sacglam.models import ModelConfig
+from sacglam.sac import SACConfig
+
+
+@dataclass
+class EnvConfig:
+    """Which environment to train in and how many run at once."""
+
+    id: str = "sacglam/PlaygroundText-v0"  # a gymnasium id registered by `envs` (sacglam/...-v0)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # constructor keyword arguments of the env
+    num_envs: int = 16  # parallel environments stepped together
+    vector: str = "sync"  # sync | subprocess (one worker process per env)
+    eval_kwargs: dict[str, Any] = field(default_factory=dict)  # overrides of `kwargs` for evaluation envs
+    heldout_kwargs: dict[str, Any] = field(default_factory=dict)  # if set, also evaluate with these overrides
+    corpus_episodes: int = 200  # random episodes whose text builds the tiny model's tokenizer
+
+
+@dataclass
+class PromptConfig:
+    """How a state becomes a prompt. Token limits are the buffer's (``buffer.max_*_tokens``, ``buffer.max_cands``)."""
+
+    template: str = "Goal: {goal}\nObservation: {obs}\nAction:"  # {goal} then {obs}, each exactly once
+    obs_truncation: str = "left"  # an observation over buffer.max_obs_tokens: left (keep the end) | right | error
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on held-out seeds (and held-out objects where the env has them)."""
+
+    every: int = 5000  # env steps between evaluations (0 = only at the end)
+    episodes_per_category: int = 32  # episodes per goal category, split over the eval envs
+    num_envs: int = 16  # parallel evaluation envs
+    sample: bool = False  # also evaluate the sampled (stochastic) policy
+    seed: int = 1_000_000  # evaluation seeds start here (training seeds start at `seed`)
+
+
+@dataclass
+class TrainConfig:
+    """The whole run. ``python train.py key=value`` overrides any field."""
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    algo: SACConfig = field(default_factory=SACConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0  # seeds envs, model init, sampling
+    total_env_steps: int = 200_000  # stop after this many env steps (summed over envs)
+    time_limit_min: float = 0.0  # also stop after this many wall-clock minutes (0 = no limit)
+    batch_size: int = 32  # transitions per update
+    replay_ratio: float = 4.0  # transitions sampled per env step: updates per vector step = ratio * N / batch
+    learning_starts: int = 1000  # transitions in the buffer before the first update
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:1 ...
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    resume: str = "never"  # never | auto (newest complete checkpoint of the run folder) | a checkpoint path
+
+
+def register_configs() -> None:
+    """Register the schema so that ``conf/config.yaml`` (defaults: base_config) is validated against it."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=TrainConfig)

@@ -1,0 +1,122 @@
+"""End-to-end checks of ``train.py`` in subprocesses: every preset runs, typos fail, SIGKILL + resume is exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A few hundred env steps with small batches: enough to pass learning_starts, update, evaluate and checkpoint.
+SMALL = [
+    "env.num_envs=4",
+    "batch_size=8",
+    "learning_starts=48",
+    "eval.episodes_per_category=2",
+    "eval.num_envs=2",
+    "env.corpus_episodes=20",
+    "time_limit_min=0",
+    "threads=1",
+    "logger.progress=false",
+]
+
+
+def run_train(args: list[str], run_dir: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def textworld_game(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("games")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_textworld_games.py"), "--quick", "--out", str(out)],
+                   check=True, capture_output=True, timeout=120)
+    games = sorted(out.glob("*.z8"))
+    assert games, f"make_textworld_games.py --quick made no game in {out}"
+    return games[0]
+
+
+PRESETS = {
+    "playground_sac_her": [],
+    "playground_sac": [],
+    "bitflip_her": [],
+    "babyai_sac_her": [],
+    "paper_sacglam": ["model.name=tiny", "agent.critic_hidden=[32]", "buffer.capacity=4096"],
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_runs(preset: str, tmp_path: Path) -> None:
+    result = run_train([f"experiment={preset}", *SMALL, "total_env_steps=160", *PRESETS[preset]], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    assert any("losses/critic" in m for m in metrics), "no update was logged"
+    final = [m for m in metrics if "eval/greedy/success" in m]
+    assert final and 0.0 <= final[-1]["eval/greedy/success"] <= 1.0
+    assert (tmp_path / "success.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any((tmp_path / "checkpoints").glob("step_*.pt"))
+
+
+def test_textworld_preset_runs(textworld_game: Path, tmp_path: Path) -> None:
+    result = run_train(["experiment=textworld_sac", f"env.kwargs.game={textworld_game}", "env.vector=sync", *SMALL,
+                        "env.kwargs.max_steps=8", "total_env_steps=160"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert any("losses/critic" in m for m in read_metrics(tmp_path))
+
+
+def test_misspelt_override_names_the_key(tmp_path: Path) -> None:
+    result = run_train(["algo.lr_actr=1e-3"], tmp_path, timeout=60)
+    assert result.returncode != 0
+    assert "lr_actr" in result.stderr
+
+
+def test_unknown_env_id_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_train(["env.id=sacglam/Nope-v0", *SMALL], tmp_path, timeout=60)
+    assert result.returncode != 0
+    assert "unknown env id 'sacglam/Nope-v0'" in result.stderr
+    assert "sacglam/PlaygroundText-v0" in result.stderr
+
+
+def _comparable(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Metrics without wall-clock quantities (they differ between any two runs)."""
+    return [{k: v for k, v in m.items() if not k.startswith("perf/")} for m in metrics]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    args = ["experiment=playground_sac_her", *SMALL, "total_env_steps=640", "checkpoint.every=160",
+            "checkpoint.keep=2", "eval.every=320", "seed=3"]
+    reference = tmp_path / "reference"
+    result = run_train(args, reference)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={killed}"], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not list((killed / "checkpoints").glob("step_0000000320.pt")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # in the middle: past the 2nd checkpoint, before the end
+    proc.wait()
+    assert not (killed / "success.png").exists(), "the run finished before the kill"
+
+    result = run_train([*args, "resume=auto"], killed)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    assert _comparable(read_metrics(killed)) == _comparable(read_metrics(reference))
