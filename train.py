@@ -45,7 +45,7 @@ from sacglam.config import TrainConfig, register_configs
 from sacglam.evaluate import evaluate
 from sacglam.logging import RunLogger
 from sacglam.models import load_model
-from sacglam.pipeline import StepEncoder, env_corpus, make_act_fn
+from sacglam.pipeline import StepEncoder, make_act_fn, tokenizer_corpus
 from sacglam.prompting import PromptCodec, PromptTemplate
 from sacglam.sac import SACUpdater
 
@@ -107,7 +107,7 @@ def main(dcfg: DictConfig) -> float:
     env_fn = make_env_fn(cfg)
     probe = env_fn()
     vec = make_vector_env(cfg.env.id, cfg.env.num_envs, env_kwargs=dict(cfg.env.kwargs), mode=cfg.env.vector)
-    corpus = env_corpus(probe, cfg.env.corpus_episodes, seed=cfg.seed + 12345)
+    corpus = tokenizer_corpus(cfg.prompt.template, probe, cfg.env.corpus_episodes, seed=cfg.seed + 12345)
     model, tokenizer = load_model(cfg.model, corpus=corpus, device=device)
     codec = make_codec(cfg, tokenizer)
     agent = Agent(model, cfg.agent).to(device)

@@ -143,6 +143,11 @@ def make_act_fn(
     return act
 
 
+def tokenizer_corpus(template: str, env: Any, episodes: int, seed: int) -> list[str]:
+    """Text for a tokenizer built from scratch: the prompt template's own words plus ``env_corpus``."""
+    return [template.replace("{goal}", " ").replace("{obs}", " "), *env_corpus(env, episodes, seed)]
+
+
 def env_corpus(env: Any, episodes: int, seed: int) -> list[str]:
     """Text an env produces (goals, observations, actions) over ``episodes`` random episodes, for a tokenizer.
 

@@ -356,6 +356,43 @@ def _sanitise(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, ids, torch.zeros_like(ids))
 
 
+def _used_width(mask: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """1 + the last index along the final dim where ``mask`` (reduced over ``dims`` first) is True; 0 if none."""
+    m = mask.any(dim=dims) if dims else mask
+    idx = torch.arange(1, m.shape[-1] + 1, device=m.device)
+    return (m.long() * idx).amax()
+
+
+def _trimmed(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    cand_ids: torch.Tensor,
+    cand_mask: torch.Tensor,
+    **kwargs: Any,
+) -> ScoreOutput:
+    """``score_candidates`` on the used part of the inputs, outputs padded back to the K slots given."""
+    k = cand_ids.shape[1]
+    widths = torch.stack([
+        _used_width(prompt_mask.bool(), (0,)),
+        _used_width(cand_mask.bool(), (0, 2)),
+        _used_width(cand_mask.bool(), (0, 1)),
+    ]).tolist()  # the one host sync
+    lp, kk, lc = (max(int(w), 1) for w in widths)
+    out = score_candidates(
+        model, prompt_ids[:, :lp], prompt_mask[:, :lp], cand_ids[:, :kk, :lc], cand_mask[:, :kk, :lc],
+        trim=False, **kwargs,
+    )
+    if kk == k:
+        return out
+    pad = k - kk
+    return ScoreOutput(
+        logp=torch.nn.functional.pad(out.logp, (0, pad)),
+        hidden=torch.nn.functional.pad(out.hidden, (0, 0, 0, pad)),
+        valid=torch.nn.functional.pad(out.valid, (0, pad), value=False),
+    )
+
+
 def score_candidates(
     model: nn.Module,
     prompt_ids: torch.Tensor,
@@ -365,6 +402,7 @@ def score_candidates(
     *,
     length_norm: bool = False,
     method: str = "packed",
+    trim: bool = True,
 ) -> ScoreOutput:
     """Score K candidates per state, running each prompt once (shared prefix).
 
@@ -380,6 +418,9 @@ def score_candidates(
             pass; attention grows as ``(Lp + K * Lc) ** 2``). ``"cache"``: prompt pass, then the candidates on the
             prompt's key/value cache repeated K times (two passes; attention ``K * Lc * (Lp + Lc)``, K copies of the
             prompt's keys/values). Both give the same result.
+        trim: first cut the padding columns no row uses (prompt tokens, candidate slots, candidate tokens), then
+            pad the outputs back to K. Buffers and codecs pad to fixed widths (so that sampling needs no host sync),
+            which can triple the tokens of a pass; finding the used widths costs one small host sync.
 
     Returns:
         :class:`ScoreOutput` with logp [B, K], hidden [B, K, H], valid [B, K].
@@ -387,6 +428,8 @@ def score_candidates(
     if method not in ("packed", "cache"):
         raise ValueError(f"score_candidates(method={method!r}): use 'packed' or 'cache'")
     _check_inputs(prompt_ids, prompt_mask, cand_ids, cand_mask)
+    if trim:
+        return _trimmed(model, prompt_ids, prompt_mask, cand_ids, cand_mask, length_norm=length_norm, method=method)
     prompt_mask = prompt_mask.bool()
     cand_mask = cand_mask.bool()
     prompt_ids = _sanitise(prompt_ids, prompt_mask)

@@ -310,3 +310,24 @@ def test_shared_equals_naive_bf16_cuda(family: str) -> None:
         naive = score_candidates_naive(model, *args)
     assert shared.logp.dtype == torch.float32
     torch.testing.assert_close(shared.logp, naive.logp, atol=0.15, rtol=0.02)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_trimming_unused_padding_changes_nothing(family: str) -> None:
+    """Extra all-padding columns and slots (as fixed-width buffers produce) are cut before the pass, results equal."""
+    model = _build(family, "eager").eval()
+    pi, pm, ci, cm = _random_inputs(3, b=4, lp=6, k=5, lc=3)
+    # Pad by hand: 7 more prompt columns, 4 more candidate slots, 2 more candidate token columns, all masked out.
+    pi_p = torch.nn.functional.pad(pi, (0, 7), value=-100)
+    pm_p = torch.nn.functional.pad(pm, (0, 7), value=False)
+    ci_p = torch.nn.functional.pad(ci, (0, 2, 0, 4), value=-100)
+    cm_p = torch.nn.functional.pad(cm, (0, 2, 0, 4), value=False)
+    with torch.no_grad():
+        ref = score_candidates(model, pi, pm, ci, cm, trim=False)
+        full = score_candidates(model, pi_p, pm_p, ci_p, cm_p, trim=False)
+        trimmed = score_candidates(model, pi_p, pm_p, ci_p, cm_p, trim=True)
+    assert trimmed.logp.shape == (4, 9) and trimmed.hidden.shape[:2] == (4, 9)
+    _assert_close(trimmed, full)
+    torch.testing.assert_close(trimmed.logp[:, :5], ref.logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(trimmed.hidden[:, :5], ref.hidden, atol=1e-5, rtol=0)
+    assert not trimmed.valid[:, 5:].any() and (trimmed.logp[:, 5:] == 0).all()
