@@ -35,6 +35,7 @@ from sacglam.agent import Agent
 from sacglam.buffer import ReplayBuffer
 from sacglam.checkpoint import (
     capture_rng_state,
+    find_latest_checkpoint,
     load_checkpoint,
     resolve_resume,
     restore_rng_state,
@@ -45,9 +46,9 @@ from sacglam.config import TrainConfig, register_configs
 from sacglam.evaluate import evaluate
 from sacglam.logging import RunLogger
 from sacglam.models import load_model
-from sacglam.pipeline import StepEncoder, make_act_fn, tokenizer_corpus
+from sacglam.pipeline import StepEncoder, check_context, make_act_fn, tokenizer_corpus
 from sacglam.prompting import PromptCodec, PromptTemplate
-from sacglam.sac import SACUpdater
+from sacglam.sac import NonFiniteLossError, SACUpdater
 
 register_configs()
 
@@ -110,6 +111,7 @@ def main(dcfg: DictConfig) -> float:
     corpus = tokenizer_corpus(cfg.prompt.template, probe, cfg.env.corpus_episodes, seed=cfg.seed + 12345)
     model, tokenizer = load_model(cfg.model, corpus=corpus, device=device)
     codec = make_codec(cfg, tokenizer)
+    check_context(codec, getattr(getattr(model, "config", None), "max_position_embeddings", None))
     agent = Agent(model, cfg.agent).to(device)
     updater = SACUpdater(agent, cfg.algo)
     buffer = ReplayBuffer(cfg.buffer, cfg.env.num_envs, pad_id=codec.pad_id, device=device, prompt=codec)
@@ -158,7 +160,7 @@ def main(dcfg: DictConfig) -> float:
                  "loop": (updates, update_credit, next_eval, next_ckpt)}
         save_checkpoint(run_dir, collector.env_steps, state, keep=cfg.checkpoint.keep)
 
-    start = time.monotonic()
+    start, metrics_truncated_warned = time.monotonic(), False
     updates_per_vector_step = cfg.replay_ratio * cfg.env.num_envs / cfg.batch_size
     while collector.env_steps < cfg.total_env_steps:
         if cfg.time_limit_min and time.monotonic() - start > 60 * cfg.time_limit_min:
@@ -175,9 +177,18 @@ def main(dcfg: DictConfig) -> float:
         if buffer.num_sampleable >= cfg.learning_starts:
             update_credit += updates_per_vector_step
             while update_credit >= 1.0:
-                metrics.update(updater.update(buffer.sample(cfg.batch_size, sample_gen)))
+                try:
+                    metrics.update(updater.update(buffer.sample(cfg.batch_size, sample_gen)))
+                except NonFiniteLossError as exc:
+                    last = find_latest_checkpoint(run_dir)
+                    raise RuntimeError(f"stopped at env step {collector.env_steps}: {exc} Last good checkpoint: "
+                                       f"{last or 'none'} (continue with resume=auto).") from exc
                 updates += 1
                 update_credit -= 1.0
+        if codec.truncated_count and not metrics_truncated_warned:
+            metrics_truncated_warned = True
+            warnings.warn(f"observations longer than buffer.max_obs_tokens={codec.max_obs_tokens} are being cut "
+                          f"({cfg.prompt.obs_truncation}); counted in charts/obs_truncated", stacklevel=1)
         metrics.update({"charts/updates": updates, "charts/obs_truncated": codec.truncated_count})
         if cfg.eval.every and collector.env_steps >= next_eval:
             metrics.update(run_eval())

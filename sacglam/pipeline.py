@@ -143,6 +143,22 @@ def make_act_fn(
     return act
 
 
+def check_context(codec: PromptCodec, max_positions: int | None) -> None:
+    """Fail early when the widest prompt plus candidate the codec can produce exceeds the model's context.
+
+    Candidates continue from the prompt (positions restart at the prompt's end for each), so the furthest position
+    is ``prompt_width + max_cand_tokens``. ``max_positions`` None (e.g. T5's relative positions) skips the check.
+    """
+    need = codec.prompt_width + codec.max_cand_tokens
+    if max_positions is not None and need > max_positions:
+        raise ValueError(
+            f"prompts need up to {need} positions (template + buffer.max_goal_tokens={codec.max_goal_tokens} + "
+            f"buffer.max_obs_tokens={codec.max_obs_tokens} + buffer.max_cand_tokens={codec.max_cand_tokens}) but the "
+            f"model accepts {max_positions}; lower buffer.max_obs_tokens (longer observations are then cut as "
+            "prompt.obs_truncation says, and counted in charts/obs_truncated)"
+        )
+
+
 def tokenizer_corpus(template: str, env: Any, episodes: int, seed: int) -> list[str]:
     """Text for a tokenizer built from scratch: the prompt template's own words plus ``env_corpus``."""
     return [template.replace("{goal}", " ").replace("{obs}", " "), *env_corpus(env, episodes, seed)]

@@ -104,3 +104,13 @@ def test_tokenizer_corpus_covers_the_prompt_template() -> None:
     obs, info = env.reset(seed=1)
     ids = tok.encode(template.format(goal=info["goal"], obs=obs), add_special_tokens=False)
     assert tok.unk_token_id not in ids
+
+
+def test_check_context_names_the_limits() -> None:
+    from sacglam.pipeline import check_context
+
+    c = codec()  # prompt width: 1 + 3 + 1 + 4 + 1 = 10 tokens, candidates of 2
+    check_context(c, 12)
+    check_context(c, None)
+    with pytest.raises(ValueError, match=r"need up to 12 positions.*model accepts 11.*buffer.max_obs_tokens"):
+        check_context(c, 11)

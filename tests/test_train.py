@@ -120,3 +120,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
     assert _comparable(read_metrics(killed)) == _comparable(read_metrics(reference))
+
+
+def test_non_finite_loss_stops_naming_step_and_last_checkpoint(tmp_path: Path) -> None:
+    """An infinite learning rate makes the weights non-finite after the first actor step; the run must stop."""
+    result = run_train(["experiment=bitflip_her", *SMALL, "total_env_steps=800", "checkpoint.every=48",
+                        "algo.lr_actor=inf", "algo.critic_warmup_updates=2"], tmp_path)
+    assert result.returncode != 0
+    assert "non-finite" in result.stderr and "stopped at env step" in result.stderr
+    assert "Last good checkpoint: " + str(tmp_path / "checkpoints" / "step_") in result.stderr
