@@ -22,8 +22,24 @@ double as a table "r-th achieving step -> its step index" (the r-th achieving st
 source step can precede t, so a relabelled row can carry a negative gap too: a hindsight supervised term (ALGORITHM.md
 section 9) must select ``relabelled & (goal_gap >= 0)``.
 
-Sampling is launch/overhead bound at B = 256 (about 150 small tensor ops); ``BufferConfig.compile`` runs it through
-``torch.compile`` (all randomness is drawn before the compiled part, which is a pure function of the storage).
+Sampling cost (B = 256, CPU): about 100 tensor ops, most of them on [B] vectors, plus the random row reads of the token
+fields. What makes it cheap:
+
+- the int32 per-row fields sit in one table ``_rows`` [C, N, F + G] (step, goal, ach_before, action, achieved are
+  views into it; reward/logp bits, the episode's slot and the lengths are copied in by ``add``), so one gather reads
+  all of a sampled row's scalars (and, for n > 1, of its whole n-step window);
+- HER sources come from ``_ranks``: at row start + r, the r-th achieving step's index, goal count and goals, so the
+  relabelled goal is one gather away from the sampled row (ach_step is a view of its first column);
+- the sampling window (cumulative column sizes) is recomputed once per ``add``, lazily, not per sample;
+- both prompts of a transition are built by one table-driven gather over [2, B] rows (``PromptAssembler``) from
+  per-goal heads ``[bos?] + pre + goal + mid`` precomputed at ``register_goal``; token rows are gathered straight into
+  the gather's source buffer; candidate masks are one lookup per candidate.
+
+All derived columns and tables are rebuilt from the saved fields on ``load_state_dict`` (``_rebuild_derived``), so
+``state_dict`` holds the same fields as before and older checkpoints load. ``BufferConfig.compile`` runs the sampling
+path through ``torch.compile`` (all randomness is drawn before the compiled part, which is a pure function of the
+storage); on CPU the inductor kernel gathers token by token and is slower than this eager path (see
+scripts/bench_buffer.py --all-configs).
 
 This module imports torch only (never transformers, peft, accelerate or the agent).
 """
@@ -35,11 +51,15 @@ from typing import Any
 
 import torch
 
-from sacglam.her import HERConfig, equality_reward, n_step_window, pick_achieving_rank, pick_goal_of_step
-from sacglam.prompting import PromptCodec, PromptPieces, assemble_prompt
+from sacglam.her import HERConfig, equality_reward, n_step_window, pick_achieving_rank
+from sacglam.prompting import PromptAssembler, PromptCodec, PromptPieces
 from sacglam.types import Batch, RewardFn, TransitionBatch
 
 _TOKEN_DTYPES = {"int16": torch.int16, "int32": torch.int32, "int64": torch.int64}
+
+# Columns of the derived per-row table ReplayBuffer._rows (int32; floats stored as their bits), then G achieved ids.
+_T, _EPK, _GOAL, _ACHB, _TERM, _ACT, _OL, _NOL, _REW, _LOGP = range(10)
+_F = 10
 
 
 @dataclass
@@ -58,7 +78,7 @@ class BufferConfig:
     max_achieved: int = 4  # G, goals newly achieved by one step (fixed width, padded with -1)
     token_dtype: str = "int32"  # int16 halves token memory and is exact when the vocabulary has < 32768 ids
     her: HERConfig = field(default_factory=HERConfig)  # hindsight relabelling (ratio 0 disables it)
-    compile: bool = False  # torch.compile the sampling path (one-off compile per batch size; faster sampling)
+    compile: bool = False  # torch.compile the sampling path (one-off compile per batch size; slower than eager on CPU)
 
     def __post_init__(self) -> None:
         if self.token_dtype not in _TOKEN_DTYPES:
@@ -137,22 +157,34 @@ class ReplayBuffer:
         self.cand_len = z(C, N, K, dtype=torch.int16)
         self.next_cands = z(C, N, K, Lc, dtype=tdt, fill=pad_id)
         self.next_cand_len = z(C, N, K, dtype=torch.int16)
-        self.goal = z(C, N, dtype=torch.int32)
-        self.action = z(C, N, dtype=torch.int32)
-        self.reward = z(C, N, dtype=torch.float32)
         self.terminated = z(C, N, dtype=torch.bool)
         self.truncated = z(C, N, dtype=torch.bool)
         self.episode = z(C, N, dtype=torch.int64)  # id = k * N + e for the k-th episode of env e
-        self.step = z(C, N, dtype=torch.int32)  # step index within the episode
-        self.achieved = z(C, N, G, dtype=torch.int32, fill=-1)  # left-aligned, padded with -1
-        self.logp = z(C, N, dtype=torch.float32)
         self.policy_version = z(C, N, dtype=torch.int64)
-        self.ach_before = z(C, N, dtype=torch.int32)  # achieving steps of the episode strictly before this one
-        self.ach_step = z(C, N, dtype=torch.int32, fill=-1)  # at row start+r: step index of the r-th achieving step
+        self.reward = z(C, N, dtype=torch.float32)
+        self.logp = z(C, N, dtype=torch.float32)
+        # The int32 per-row fields live in one table, so sampling reads all of a row's scalars with one gather:
+        # _rows[c, e] = [step, episode slot, goal, ach_before, terminated, action, obs_len, next_obs_len, reward bits,
+        # logp bits, achieved (G)] (columns _T ... _F + G). The named fields below are views into it (saved, loaded and
+        # written as before); the other columns are copies of fields (torch.save refuses int32 and float32 views of
+        # one storage, hence reward and logp are kept apart too).
+        self._rows = z(C, N, _F + G, dtype=torch.int32)
+        self._rows[..., _F:] = -1
+        self.goal = self._rows[..., _GOAL]
+        self.action = self._rows[..., _ACT]
+        self.step = self._rows[..., _T]  # step index within the episode
+        self.achieved = self._rows[..., _F:]  # left-aligned, padded with -1
+        self.ach_before = self._rows[..., _ACHB]  # achieving steps of the episode strictly before this one
+        # HER sources: at row start+r, [t', count, max(count - 1, 0), goals (G)] of the episode's r-th achieving step
+        # (it happens at step t' >= r, so that row exists when t' is written); ach_step = t' is the saved field.
+        self._rank_reset = torch.tensor([-1, 0, 0] + [-1] * G, dtype=torch.int32, device=dev)
+        self._ranks = self._rank_reset.repeat(C, N, 1)
+        self.ach_step = self._ranks[..., 0]  # at row start+r: step index of the r-th achieving step
         # Episode table per column, slot = k % (C + 1): at most C completed episodes plus the running one are alive.
         S = C + 1
-        self.ep_len = z(S, N, dtype=torch.int32)  # steps stored so far (final once the episode ended)
-        self.ep_ach = z(S, N, dtype=torch.int32)  # achieving steps in the episode
+        self._eps = z(S, N, 2, dtype=torch.int32)
+        self.ep_len = self._eps[..., 0]  # steps stored so far (final once the episode ended)
+        self.ep_ach = self._eps[..., 1]  # achieving steps in the episode
         # Per-env bookkeeping [N] (absolute positions).
         self.cur_start = z(N, dtype=torch.int64)  # start of the running episode (= hi_e, end of the sampleable window)
         self.cur_k = z(N, dtype=torch.int64)  # per-env index of the running episode
@@ -166,7 +198,20 @@ class ReplayBuffer:
         self._goal_ids: dict[tuple[int, ...], int] = {}
         self.pos = 0  # adds so far (host int: the write pointer is the same for every column)
         self._n_sampleable = 0  # host copy, refreshed by add's single synchronisation
-        # torch.compile fuses the ~150 small ops of the sampling path (it is launch/overhead bound at B = 256).
+        # Sampling helpers derived from the fields above (rebuilt on load by _rebuild_derived, never saved).
+        self._asm = PromptAssembler(self.pieces, cfg.max_goal_tokens, Lo, dev)
+        pieces_fit = all(int(x.min()) >= torch.iinfo(tdt).min and int(x.max()) <= self._token_max
+                         for x in (self.pieces.prefix, self.pieces.mid, self.pieces.post) if x.numel())
+        self._src_dtype = tdt if pieces_fit else torch.int32  # prompt sources hold template ids next to tokens
+        self._heads = z(cfg.max_goals, self._asm.head_width, dtype=self._src_dtype)  # [bos?] + pre + goal + mid
+        self._goal_len32 = z(cfg.max_goals, dtype=torch.int32)
+        self._cols = torch.arange(N, device=dev)
+        self._positions: dict[int, torch.Tensor] = {}  # arange(L) per token width, for _pad_past
+        self._steps = torch.arange(cfg.n_step, device=dev)
+        self._window_pos = -1  # self.pos when the column window below was computed (-1: stale)
+        self._cum = self._base = self._total_f = self._total_m1 = torch.zeros((), device=dev)
+        self._rebuild_derived()
+        # torch.compile fuses the sampling path's small ops: meant for GPUs, where each op is a kernel launch.
         self._sample_core = (torch.compile(self._sample_from_draws, dynamic=False) if cfg.compile
                              else self._sample_from_draws)
 
@@ -206,6 +251,7 @@ class ReplayBuffer:
         self.goal_tokens[gid, : len(key)] = torch.tensor(key, dtype=self.goal_tokens.dtype)
         self.goal_len[gid] = len(key)
         self.goal_limit[gid] = limit
+        self._set_heads(slice(gid, gid + 1))
         self._goal_ids[key] = gid
         return gid
 
@@ -282,81 +328,75 @@ class ReplayBuffer:
         achieved = to(t.achieved).long()
         # Left-align the achieved ids (valid first) so a uniform pick among the first `count` entries is exact.
         achieved = achieved.gather(1, torch.sort((achieved < 0).to(torch.uint8), dim=1, stable=True).indices)
+        if achieved.shape[1] < cfg.max_achieved:
+            achieved = torch.cat([achieved, achieved.new_full((N, cfg.max_achieved - achieved.shape[1]), -1)], 1)
         terminated, truncated = to(t.terminated).bool(), to(t.truncated).bool()
         done = terminated | truncated
-        cols = torch.arange(N, device=dev)
+        cols = self._cols
 
         # Bookkeeping computed before any write, so a failed check leaves the buffer unchanged.
         lo = self.lo
         if P >= C:  # the row about to be overwritten (absolute P - C) breaks its episode: lo moves past that episode
-            old_slot = (self.episode[row] // N) % S
-            old_end = (P - C) - self.step[row].long() + self.ep_len[old_slot, cols].long()
+            old = self._rows[row]  # [N, F + G]: the overwritten step's index and its episode's row of _eps_flat
+            old_end = self._eps_flat[:, 0].index_select(0, old[:, _EPK]) - old[:, _T] + (P - C)
             lo = torch.maximum(lo, old_end)
         new_start = torch.where(done, P + 1, self.cur_start)
         achieving = (achieved >= 0).any(1)
-        checks = torch.stack([
-            (self.cur_step >= C).any(),
-            ((goal < 0) | (goal >= self.n_goals)).any(),
-            ((achieved < -1) | (achieved >= self.n_goals)).any(),
-            ((action < 0) | (action >= cfg.max_cands)).any(),
-            torch.stack([obs.max(), next_obs.max(), cands.max(), next_cands.max()]).max() > self._token_max,
-        ]).long()
-        host = torch.cat([checks, (new_start - lo).sum().view(1), self.cur_step.max().view(1)]).cpu().tolist()
-        ep_steps, n_sampleable = host[-1], int(host[-2])
-        if host[4]:
+        # The single synchronisation: the checks' extremes and the new sampleable count in one transfer.
+        no_ach = torch.full((), -1, dtype=torch.long, device=dev)
+        ach_range = torch.aminmax(achieved) if achieved.numel() else (no_ach, no_ach)
+        stats = [self.cur_step.max(), *torch.aminmax(goal), *ach_range, *torch.aminmax(action), (new_start - lo).sum()]
+        if self._token_max < torch.iinfo(torch.int64).max:
+            stats += [obs.max(), next_obs.max(), cands.max(), next_cands.max()]
+        ep_steps, g_min, g_max, a_min, a_max, act_min, act_max, n_sampleable, *tok_max = torch.stack(stats).tolist()
+        if tok_max and max(tok_max) > self._token_max:
             raise ValueError(f"a token id exceeds token_dtype={cfg.token_dtype}'s maximum {self._token_max}; "
                              f"set buffer token_dtype='int32' (int16 only fits vocabularies below 32768)")
-        if host[0]:
+        if ep_steps >= C:
             raise ValueError(f"an episode reached {ep_steps + 1} steps > capacity_per_env={C} (capacity "
                              f"{cfg.capacity} // n_envs {N}); an episode must fit in its env's rows: set capacity "
                              f">= {(ep_steps + 1) * N}")
-        if host[1]:
+        if g_min < 0 or g_max >= self.n_goals:
             raise ValueError(f"TransitionBatch.goal holds an id outside the goal table [0, {self.n_goals}): "
                              f"{goal.tolist()}; register goals with register_goal(tokens) first")
-        if host[2]:
+        if a_min < -1 or a_max >= self.n_goals:
             raise ValueError(f"TransitionBatch.achieved holds an id outside [-1, {self.n_goals}) (padding is -1): "
                              f"{achieved.tolist()}; register achieved goals with register_goal(tokens) first")
-        if host[3]:
+        if act_min < 0 or act_max >= cfg.max_cands:
             raise ValueError(f"TransitionBatch.action holds an index outside [0, max_cands={cfg.max_cands}): "
                              f"{action.tolist()}")
 
-        # Row writes.
-        tdt = self.obs.dtype
-        self.obs[row] = obs.to(tdt)
-        self.obs_len[row] = obs_len.to(torch.int16)
-        self.next_obs[row] = next_obs.to(tdt)
-        self.next_obs_len[row] = next_obs_len.to(torch.int16)
-        K = cands.shape[1]
-        self.cands[row].fill_(self.pad_id)
-        self.cands[row, :, :K] = cands.to(tdt)
-        self.cand_len[row].zero_()
-        self.cand_len[row, :, :K] = cand_len.to(torch.int16)
-        Kn = next_cands.shape[1]
-        self.next_cands[row].fill_(self.pad_id)
-        self.next_cands[row, :, :Kn] = next_cands.to(tdt)
-        self.next_cand_len[row].zero_()
-        self.next_cand_len[row, :, :Kn] = next_cand_len.to(torch.int16)
-        self.goal[row] = goal.to(torch.int32)
-        self.action[row] = action.to(torch.int32)
-        self.reward[row] = to(t.reward).float()
+        # Row writes (copies convert to the storage dtypes).
+        self.obs[row] = obs
+        self.obs_len[row] = obs_len
+        self.next_obs[row] = next_obs
+        self.next_obs_len[row] = next_obs_len
+        for dst, dst_len, ids, lens in ((self.cands, self.cand_len, cands, cand_len),
+                                        (self.next_cands, self.next_cand_len, next_cands, next_cand_len)):
+            K = ids.shape[1]
+            if cfg.max_cands > K:
+                dst[row, :, K:] = self.pad_id
+                dst_len[row, :, K:] = 0
+            dst[row, :, :K] = ids
+            dst_len[row, :, :K] = lens
         self.terminated[row] = terminated
         self.truncated[row] = truncated
         self.episode[row] = self.cur_k * N + cols
-        self.step[row] = self.cur_step.to(torch.int32)
-        G = achieved.shape[1]
-        self.achieved[row].fill_(-1)
-        self.achieved[row, :, :G] = achieved.to(torch.int32)
-        self.logp[row] = to(t.logp).float()
-        self.policy_version[row] = to(t.policy_version).long()
-        self.ach_before[row] = self.cur_ach.to(torch.int32)
-        self.ach_step[row] = -1
+        self.policy_version[row] = to(t.policy_version)
+        # One block of the row table: step, goal, ach_before, action, reward, logp, achieved and the derived columns.
+        slot = self.cur_k % S
+        self.reward[row] = to(t.reward)
+        self.logp[row] = to(t.logp)
+        bits = torch.stack([self.reward[row], self.logp[row]]).view(torch.int32)
+        self._rows[row] = torch.cat([torch.stack([self.cur_step, slot * N + cols, goal, self.cur_ach, terminated,
+                                                  action, obs_len, next_obs_len, bits[0], bits[1]], 1), achieved], 1)
         # The r-th achieving step (r = cur_ach) is recorded at row start + r, which is <= this row.
         ach_row = torch.where(achieving, (self.cur_start + self.cur_ach) % C, row)
-        self.ach_step[ach_row, cols] = torch.where(achieving, self.cur_step, -1).to(torch.int32)
+        self._ranks[row] = self._rank_reset
+        self._ranks[ach_row, cols] = torch.where(achieving.unsqueeze(1), self._rank_values(self.cur_step, achieved),
+                                                 self._rank_reset).to(torch.int32)
         cur_ach = self.cur_ach + achieving.long()
-        slot = self.cur_k % S
-        self.ep_len[slot, cols] = (self.cur_step + 1).to(torch.int32)
-        self.ep_ach[slot, cols] = cur_ach.to(torch.int32)
+        self._eps[slot, cols] = torch.stack([self.cur_step + 1, cur_ach], 1).to(torch.int32)  # ep_len, ep_ach
 
         # Episode ends: the next row starts a new episode.
         self.lo = lo
@@ -391,102 +431,202 @@ class ReplayBuffer:
         if generator.device.type != dev.type:
             raise ValueError(f"sample needs a torch.Generator on the buffer's device {dev}, got one on "
                              f"{generator.device}; use torch.Generator(device={str(dev)!r})")
+        if self._window_pos != self.pos:
+            self._refresh_window()
         # All randomness is drawn here, so the rest is a pure function of the storage (and can be compiled).
         draws = torch.rand(batch_size, 4, generator=generator, device=dev, dtype=torch.float64)
         return Batch(**self._sample_core(draws))
 
-    def _sample_from_draws(self, draws: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The sampling path given its uniforms ``draws`` [B, 4] (row pick, relabel coin, rank, goal in step)."""
-        dev, N, C, cfg = self.device, self.n_envs, self.capacity_per_env, self.cfg
-        B, n, S = draws.shape[0], cfg.n_step, C + 1
+    def _refresh_window(self) -> None:
+        """Per-column sampling window, recomputed once per ``add`` (lazily, on the device, no synchronisation).
 
-        # Column weighted by its window size, then a uniform offset inside the window.
-        w = self.cur_start - self.lo  # [N]
+        A draw x in [0, total) picks column ``col = searchsorted(cum, x, right=True)`` and absolute position
+        ``a = lo[col] + x - (cum[col] - w[col])``; sampling works with ``z = a * N + col = base[col] + x * N`` (the
+        column's offset folded into ``base``), whose storage row is ``z % (C * N)`` and whose step j later is z + j N.
+        """
+        N = self.n_envs
+        w = self.cur_start - self.lo  # [N] sampleable rows per column
         cum = torch.cumsum(w, 0)
-        total = cum[-1]
-        u = draws[:, 0]
-        x = torch.minimum((u * total).long(), total - 1)
-        col = torch.searchsorted(cum, x, right=True)  # [B]
-        a = self.lo[col] + x - (cum[col] - w[col])  # absolute position
-        flat = (a % C) * N + col
+        self._cum = cum
+        self._base = (self.lo - (cum - w)) * N + torch.arange(N, device=self.device)
+        self._total_f, self._total_m1 = cum[-1].to(torch.float64), cum[-1] - 1
+        self._window_pos = self.pos
 
-        def rows(name: str) -> torch.Tensor:
-            t: torch.Tensor = getattr(self, name)
-            return t.view(C * N, *t.shape[2:])
+    def _sample_from_draws(self, draws: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The sampling path given its uniforms ``draws`` [B, 4] (row pick, relabel coin, rank, goal in step).
 
-        t = rows("step")[flat].long()
-        slot = (rows("episode")[flat] // N) % S
-        ep_len = self.ep_len[slot, col].long()
-        start = a - t
-        j = torch.arange(n, device=dev)
-        win = ((a.unsqueeze(1) + j) % C) * N + col.unsqueeze(1)  # [B, n]
-        reward = rows("reward")[win]
-        term = rows("terminated")[win]
-        goal = rows("goal")[flat].long()
-        relabelled = torch.zeros(B, dtype=torch.bool, device=dev)
-        goal_gap = torch.full((B,), -1, dtype=torch.long, device=dev)
+        Reads the derived tables (``_rows``, ``_ranks``, ``_eps``, ``_heads``): per sampled row one gather of its
+        scalars, one of the episode and one of the relabelling source, then row gathers of the token fields straight
+        into the prompt sources; both prompts (s_t and s_{t+k}) come from one table-driven gather over [2, B] rows.
+        """
+        N, cfg = self.n_envs, self.cfg
+        B, n, G, CN = draws.shape[0], cfg.n_step, cfg.max_achieved, self.capacity_per_env * self.n_envs
+        dev = draws.device
+
+        # Column weighted by its window size, then a uniform offset inside the window (see _refresh_window).
+        x = torch.minimum((draws[:, 0] * self._total_f).long(), self._total_m1)
+        col = torch.searchsorted(self._cum, x, right=True)  # [B]
+        z = torch.add(self._base.index_select(0, col), x, alpha=N)  # [B] a * N + col, a = absolute step of s_t
+        if n == 1:
+            flat = z % CN  # storage row (flattened [C * N])
+            win_rows = self._rows_flat.index_select(0, flat).unsqueeze(1)  # [B, 1, F + G]
+        else:
+            win = torch.add(z.unsqueeze(1), self._steps, alpha=N) % CN  # [B, n] rows of steps t .. t + n - 1
+            flat = win[:, 0]
+            win_rows = self._rows_flat.index_select(0, win.view(-1)).view(B, n, -1)  # [B, n, F + G]
+        row = win_rows[:, 0]  # [B, F + G] int32
+        t = row[:, _T]
+        ep = self._eps_flat.index_select(0, row[:, _EPK])  # [B, 2]: ep_len, ep_ach
+        reward = win_rows[:, :, _REW].view(torch.float32)  # [B, n]
+        term = win_rows[:, :, _TERM].bool()
         if cfg.her.ratio > 0:  # a static switch: ratio 0 returns exactly the stored transitions
-            u_her = draws[:, 1:]
-            rank, eligible = pick_achieving_rank(
-                cfg.her.strategy, rows("ach_before")[flat].long(), self.ep_ach[slot, col].long(), u_her[:, 1]
-            )
-            t_new = rows("ach_step")[((start + rank) % C) * N + col].long()
-            ach = rows("achieved")[((start + t_new.clamp(min=0)) % C) * N + col]  # [B, G]
-            new_goal = pick_goal_of_step(ach, u_her[:, 2])
-            relabelled = (u_her[:, 0] < cfg.her.ratio) & eligible & (new_goal >= 0)
-            goal = torch.where(relabelled, new_goal, goal)
-            G = ach.shape[1]
-            r_new, term_new = self.reward_fn(
-                rows("achieved")[win].long().view(B * n, G), goal.unsqueeze(1).expand(B, n).reshape(B * n)
-            )
-            reward = torch.where(relabelled.unsqueeze(1), r_new.view(B, n).to(reward.dtype), reward)
-            term = torch.where(relabelled.unsqueeze(1), term_new.view(B, n).bool(), term)
-            goal_gap = torch.where(relabelled, t_new - t, -1)
+            rank, eligible = pick_achieving_rank(cfg.her.strategy, row[:, _ACHB], ep[:, 1], draws[:, 2])
+            src = self._ranks_flat.index_select(0, torch.add(z, rank - t, alpha=N) % CN)  # [B, 3 + G] (see _ranks)
+            # pick_goal_of_step on the source step's goals, with count and max(count - 1, 0) precomputed by add.
+            q = torch.minimum((draws[:, 3] * src[:, 1]).long(), src[:, 2])
+            new_goal = src[:, 3:].gather(1, q.unsqueeze(1)).squeeze(1)
+            # An eligible source is an achieving step: its picked goal is >= 0 (the check pick_goal_of_step needs).
+            relabelled = (draws[:, 1] < cfg.her.ratio) & eligible
+            goal = torch.where(relabelled, new_goal, row[:, _GOAL]).long()
+            achieved = win_rows[:, :, _F:].long().view(B * n, G)
+            r_new, term_new = self.reward_fn(achieved, goal if n == 1 else goal.repeat_interleave(n))
+            rel = relabelled.unsqueeze(1)
+            reward = torch.where(rel, r_new.view(B, n).to(torch.float32), reward)
+            term = torch.where(rel, term_new.view(B, n).bool(), term)
+            goal_gap = torch.where(relabelled, src[:, 0] - t, -1).long()
+        else:
+            goal = row[:, _GOAL].long()
+            relabelled = torch.zeros(B, dtype=torch.bool, device=dev)
+            goal_gap = torch.full((B,), -1, dtype=torch.long, device=dev)
         # Termination is recomputed for the relabelled goal: an episode that ended because the *stored* goal was
         # reached is, for a goal g' not reached there, cut short like a time limit, so its window bootstraps from the
         # final state (stored in next_obs) with g'.
-        ret, discount, k, term_end, trunc_end = n_step_window(reward, term, ep_len - t, cfg.gamma)
-        boot = ((a + k - 1) % C) * N + col
+        steps_left = ep[:, 0] - t
+        if n == 1:  # n_step_window in closed form for n = 1: k = 1, the return is the reward
+            term_end = term[:, 0]
+            ret = reward[:, 0].contiguous()
+            trunc_end = torch.where(term_end, False, steps_left == 1)
+            discount = torch.where(term_end, 0.0, cfg.gamma)  # float32, = gamma ** 1 * (1 - terminated)
+            k = torch.ones(B, dtype=torch.long, device=dev)
+            boot, next_obs_len = flat, row[:, _NOL]
+        else:
+            ret, discount, k, term_end, trunc_end = n_step_window(reward, term, steps_left, cfg.gamma)
+            boot = torch.add(z, k - 1, alpha=N) % CN
+            next_obs_len = win_rows[:, :, _NOL].gather(1, (k - 1).unsqueeze(1)).squeeze(1)
 
-        g_ids, g_len = self.goal_tokens[goal].long(), self.goal_len[goal]
-        prompt_ids, prompt_mask = assemble_prompt(self.pieces, g_ids, g_len, rows("obs")[flat].long(),
-                                                  rows("obs_len")[flat])
-        next_prompt_ids, next_prompt_mask = assemble_prompt(self.pieces, g_ids, g_len, rows("next_obs")[boot].long(),
-                                                            rows("next_obs_len")[boot])
-        cand_ids, cand_mask = self._cands(rows("cands")[flat], rows("cand_len")[flat])
-        next_cand_ids, next_cand_mask = self._cands(rows("next_cands")[boot], rows("next_cand_len")[boot])
+        # Tokens: gathered rows go straight into the prompt sources [head | obs | post | pad] and candidate blocks.
+        asm = self._asm
+        Hw, Lo = asm.head_width, cfg.max_obs_tokens
+        src_tok = torch.empty((2, B, asm.source_width), dtype=self._src_dtype, device=dev)
+        src_tok[:, :, :Hw] = self._heads.index_select(0, goal)
+        self._gather_rows(src_tok[0, :, Hw : Hw + Lo], self._obs_flat, flat)
+        self._gather_rows(src_tok[1, :, Hw : Hw + Lo], self._next_obs_flat, boot)
+        src_tok[:, :, Hw + Lo :] = asm.tail_tokens
+        prompt_ids, prompt_mask = asm.gather(src_tok, self._goal_len32.index_select(0, goal),
+                                             torch.stack([row[:, _OL], next_obs_len]))
+        K, Lc = cfg.max_cands, cfg.max_cand_tokens
+        cands = torch.empty((2, B, K * Lc), dtype=self.cands.dtype, device=dev)
+        self._gather_rows(cands[0], self._cands_flat, flat)
+        self._gather_rows(cands[1], self._next_cands_flat, boot)
+        cand_len = torch.empty((2, B, K), dtype=torch.int16, device=dev)
+        self._gather_rows(cand_len[0], self._cand_len_flat, flat)
+        self._gather_rows(cand_len[1], self._next_cand_len_flat, boot)
+        cand_ids = cands.long().view(2, B, K, Lc)
+        # Mask rows looked up by length; the table's rows are read as one wider integer each where Lc allows it.
+        cand_mask = self._cand_mask_table.index_select(0, cand_len.view(-1).to(torch.int32))
+        cand_mask = cand_mask.view(torch.bool).view(2, B, K, Lc)
         return dict(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            cand_ids=cand_ids,
-            cand_mask=cand_mask,
-            action=rows("action")[flat].long(),
+            prompt_ids=prompt_ids[0],
+            prompt_mask=prompt_mask[0],
+            cand_ids=cand_ids[0],
+            cand_mask=cand_mask[0],
+            action=row[:, _ACT].long(),
             reward=ret,
             discount=discount,
-            next_prompt_ids=next_prompt_ids,
-            next_prompt_mask=next_prompt_mask,
-            next_cand_ids=next_cand_ids,
-            next_cand_mask=next_cand_mask,
+            next_prompt_ids=prompt_ids[1],
+            next_prompt_mask=prompt_mask[1],
+            next_cand_ids=cand_ids[1],
+            next_cand_mask=cand_mask[1],
             terminated=term_end,
             truncated=trunc_end,
             n_steps=k,
             goal=goal,
             relabelled=relabelled,
             goal_gap=goal_gap,
-            goal_limit=self.goal_limit[goal],
-            logp=rows("logp")[flat],
-            policy_version=rows("policy_version")[flat],
+            goal_limit=self.goal_limit.index_select(0, goal),
+            logp=row[:, _LOGP].view(torch.float32).contiguous(),
+            policy_version=self._policy_version_flat.index_select(0, flat),
         )
 
-    def _cands(self, ids: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, K, Lc] stored ids (pad_id past each length, ensured by add), [B, K] lengths -> long ids, bool mask."""
-        mask = torch.arange(ids.shape[-1], device=ids.device).view(1, 1, -1) < lens.long().unsqueeze(-1)
-        return ids.long(), mask
+    def _gather_rows(self, out: torch.Tensor, table: torch.Tensor, index: torch.Tensor) -> None:
+        """``out[i] = table[index[i]]`` for [B, L] ``out`` (a view, e.g. a column block), [R, L] ``table``.
+
+        Eager, the rows are written in place (no temporary). torch.compile cannot trace ``out=`` into a strided view,
+        and a widened ``out`` (template ids that do not fit the token dtype) cannot take it: those copy.
+        """
+        if out.dtype == table.dtype and not self.cfg.compile:
+            torch.index_select(table, 0, index, out=out)
+        else:
+            out.copy_(table.index_select(0, index))
+
+    # ------------------------------------------------------------------ derived tables
+
+    @staticmethod
+    def _rank_values(t: torch.Tensor, achieved: torch.Tensor) -> torch.Tensor:
+        """``_ranks`` entries [..., 3 + G] int32 from the achieving step's index [...] and its goals [..., G]."""
+        count = (achieved >= 0).sum(-1, dtype=torch.int32)
+        return torch.cat([torch.stack([t, count, (count - 1).clamp(min=0)], -1), achieved], -1)
+
+    def _set_heads(self, g: slice) -> None:
+        """Prompt heads and int32 lengths of goal table rows ``g``."""
+        self._heads[g] = self._asm.heads(self.goal_tokens[g].long(), self.goal_len[g].long()).to(self._src_dtype)
+        self._goal_len32[g] = self.goal_len[g].to(torch.int32)
+
+    def _rebuild_derived(self) -> None:
+        """Recompute the derived columns and tables from the saved fields (at construction and on load)."""
+        N, C, S, dev = self.n_envs, self.capacity_per_env, self.capacity_per_env + 1, self.device
+        i32 = torch.int32
+        cols = torch.arange(N, device=dev)
+        self._rows[..., _EPK] = ((self.episode // N) % S * N + cols).to(i32)  # row of _eps_flat
+        self._rows[..., _TERM] = self.terminated.to(i32)
+        self._rows[..., _OL] = self.obs_len.to(i32)
+        self._rows[..., _NOL] = self.next_obs_len.to(i32)
+        self._rows[..., _REW] = self.reward.view(i32)
+        self._rows[..., _LOGP] = self.logp.view(i32)
+        # At row start+r (step r of its episode) ach_step holds t', the step of the r-th achieving step, whose row is
+        # start + t' = row - r + t'. Rows without one hold add's reset value.
+        r = torch.arange(C, device=dev).unsqueeze(1)
+        src_row = (r - self.step.long() + self.ach_step.long().clamp(min=0)) % C  # [C, N]
+        vals = self._rank_values(self.ach_step.clone(), self.achieved[src_row, cols])
+        self._ranks.copy_(torch.where((self.ach_step >= 0).unsqueeze(-1), vals, self._rank_reset))
+        self._set_heads(slice(None))
+        # Candidate mask rows by length [Lc + 1, Lc] bool, viewed as the widest integer that divides a row (one int64
+        # per candidate when Lc = 8): a lookup of B * K small rows is then a plain 1-D gather.
+        Lc = self.cfg.max_cand_tokens
+        mask = torch.arange(Lc, device=dev) < torch.arange(Lc + 1, device=dev).unsqueeze(1)
+        width, wide = next((w, d) for w, d in ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.bool))
+                           if Lc % w == 0)
+        self._cand_mask_table = mask.view(wide).view(-1) if Lc == width else mask.view(wide)
+        self._window_pos = -1
+        # Flat [C * N, ...] views of the storage for row gathers.
+        self._rows_flat = self._rows.view(C * N, -1)
+        self._ranks_flat = self._ranks.view(C * N, -1)
+        self._eps_flat = self._eps.view(S * N, 2)
+        self._obs_flat = self.obs.view(C * N, -1)
+        self._next_obs_flat = self.next_obs.view(C * N, -1)
+        self._cands_flat = self.cands.view(C * N, -1)
+        self._next_cands_flat = self.next_cands.view(C * N, -1)
+        self._cand_len_flat = self.cand_len.view(C * N, -1)
+        self._next_cand_len_flat = self.next_cand_len.view(C * N, -1)
+        self._policy_version_flat = self.policy_version.view(C * N)
 
     def _pad_past(self, ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """``ids`` [..., L] with ``pad_id`` written past ``lens`` [...] (done once on add, not on every sample)."""
-        keep = torch.arange(ids.shape[-1], device=ids.device) < lens.unsqueeze(-1)
-        return torch.where(keep, ids, self.pad_id)
+        L = ids.shape[-1]
+        positions = self._positions.get(L)
+        if positions is None:
+            positions = self._positions[L] = torch.arange(L, device=ids.device)
+        return torch.where(positions < lens.unsqueeze(-1), ids, self.pad_id)
 
     # ------------------------------------------------------------------ state
 
@@ -494,6 +634,8 @@ class ReplayBuffer:
         """Everything needed for an exact resume: storage, goal table, episode bookkeeping and the write pointer.
 
         The tensors are the live storage (no copy, as ``nn.Module.state_dict``): save them before the next ``add``.
+        The int32 per-row fields (step, goal, action, achieved, ach_before) are views of one table and ach_step,
+        ep_len, ep_ach of two others; ``torch.save`` writes each table once.
         """
         state: dict[str, Any] = {name: getattr(self, name) for name in self._ROW_FIELDS + self._STATE_FIELDS}
         state["pos"] = self.pos
@@ -512,18 +654,26 @@ class ReplayBuffer:
         if state["shape"] != want:
             raise ValueError(f"buffer state was saved with {state['shape']} but this buffer has {want}; "
                              f"build it with the same capacity and n_envs")
-        for name in self._ROW_FIELDS + self._STATE_FIELDS:
+        names = self._ROW_FIELDS + self._STATE_FIELDS
+        for name in names:
             src, dst = state[name], getattr(self, name)
             if tuple(src.shape) != tuple(dst.shape):
                 raise ValueError(f"buffer state field {name!r} has shape {tuple(src.shape)} but this buffer needs "
                                  f"{tuple(dst.shape)}; build the buffer with the saved config")
-            setattr(self, name, src.to(device=self.device, dtype=dst.dtype).clone())
+        for name in names:  # copied in place: several fields are views of shared tables
+            getattr(self, name).copy_(state[name])
         self.pos = int(state["pos"])
         self._n_sampleable = int(state["n_sampleable"])
         self._goal_ids = {tuple(k): i for i, k in enumerate(state["goal_keys"])}
+        self._rebuild_derived()
 
     def bytes_per_transition(self) -> float:
-        """Storage bytes per transition (row tensors plus the per-column episode table), for capacity planning."""
-        rows = sum(getattr(self, n).element_size() * getattr(self, n).numel() for n in self._ROW_FIELDS)
-        eps = sum(getattr(self, n).element_size() * getattr(self, n).numel() for n in ("ep_len", "ep_ach"))
-        return (rows + eps) / (self.capacity_per_env * self.n_envs)
+        """Storage bytes per transition (row tensors, tables and the per-column episode table), for capacity planning.
+
+        Counts every per-row allocation once, the derived sampling columns included (not the per-goal tables).
+        """
+        seen: dict[int, int] = {}
+        for name in (*self._ROW_FIELDS, "_rows", "_ranks", "_eps"):
+            storage = getattr(self, name).untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values()) / (self.capacity_per_env * self.n_envs)

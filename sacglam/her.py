@@ -85,9 +85,10 @@ def pick_achieving_rank(
         raise ValueError(f"her.strategy must be one of {STRATEGIES}, got {strategy!r}")
     eligible = hi > lo
     span = (hi - lo).clamp(min=1)
-    # floor(u * span) < span for u < 1; the clamp guards the float rounding of u * span near the top.
+    # floor(u * span) < span for u < 1; the minimum guards the float rounding of u * span near the top.
+    # rank >= lo >= 0 (no clamp needed).
     rank = lo + torch.minimum((u * span).long(), span - 1)
-    return rank.clamp(min=0), eligible
+    return rank, eligible
 
 
 def pick_goal_of_step(achieved: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

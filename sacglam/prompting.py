@@ -131,6 +131,127 @@ def assemble_prompt(
     return ids.masked_fill_(~mask, pieces.pad_id), mask
 
 
+
+# Above this many entries ((Lg + 1) * (Lo + 1) * Lp) the assembler keeps two small index tables instead of a joint one.
+JOINT_TABLE_MAX_ENTRIES = 1 << 22  # 32 MiB of int64
+
+
+class PromptAssembler:
+    """Assembles prompts with one gather through index tables precomputed for fixed widths (the buffer's fast path).
+
+    ``assemble_prompt`` derives, for every output position, where it reads from with a dozen [B, Lp] integer ops per
+    call. Those positions depend only on the goal length ``gl`` and the observation length ``ol``, so they are tabled
+    once here. Each row's sources are laid side by side as ``[head | obs | post | pad]`` (width ``W = Lp + 1``), where
+    the *head* ``[bos?] + pre + goal[:gl] + mid`` (width ``Hw = P + Lg + M``, right padded) is built once per goal
+    (``heads``), and output position p reads source column
+
+        max(head_index[gl, p], tail_index[gl + ol, p])
+
+    ``head_index`` covers the head and the observation (p, then ``Hw + p - (P + gl + M)``); ``tail_index`` is -1 before
+    the post piece starts (at ``P + M + gl + ol``) and points into post, then at the pad column, from there on. Past
+    the post, tail >= head (``ol <= Lo``), so the maximum picks the right source everywhere; the mask is a table
+    indexed by ``gl + ol``. When ``(Lg + 1) * (Lo + 1) * Lp <= JOINT_TABLE_MAX_ENTRIES`` the maximum is tabled too,
+    for every (gl, ol) pair (``joint_index``, ``joint_mask``), and a call is one row lookup of the source columns, one
+    of the mask and one gather.
+
+    The result equals ``assemble_prompt`` on the same tokens (tested, both table layouts).
+
+    Args:
+        pieces: the template's token ids.
+        max_goal_tokens: Lg, the goal width.
+        max_obs_tokens: Lo, the observation width.
+        device: where the tables live (default: the pieces' device).
+    """
+
+    def __init__(
+        self, pieces: PromptPieces, max_goal_tokens: int, max_obs_tokens: int, device: torch.device | str | None = None
+    ) -> None:
+        dev = torch.device(device) if device is not None else pieces.prefix.device
+        self.pieces = pieces.to(dev)
+        P, M, Q = pieces.prefix.numel(), pieces.mid.numel(), pieces.post.numel()
+        Lg, Lo = max_goal_tokens, max_obs_tokens
+        self.max_goal_tokens, self.max_obs_tokens = Lg, Lo
+        self.head_width = Hw = P + Lg + M
+        self.prompt_width = Lp = Hw + Lo + Q
+        self.source_width = W = Lp + 1  # [head | obs | post | pad]
+        p = torch.arange(Lp)
+        hl = P + M + torch.arange(Lg + 1).unsqueeze(1)  # [Lg + 1, 1] head length for each goal length
+        self.head_index = torch.where(p < hl, p, Hw + p - hl).clamp(max=W - 1)  # [Lg + 1, Lp]
+        end = P + M + torch.arange(Lg + Lo + 1).unsqueeze(1)  # [Lg + Lo + 1, 1] where post starts, per gl + ol
+        self.tail_index = torch.where(p < end, -1, (Hw + Lo + p - end).clamp(max=W - 1))  # [Lg + Lo + 1, Lp]
+        self.mask_table = p < end + Q  # [Lg + Lo + 1, Lp] bool
+        self.joint_index: torch.Tensor | None = None  # [(Lg + 1) * (Lo + 1), Lp] long, row gl * (Lo + 1) + ol
+        self.joint_mask: torch.Tensor | None = None  # [(Lg + 1) * (Lo + 1), Lp] bool
+        if (Lg + 1) * (Lo + 1) * Lp <= JOINT_TABLE_MAX_ENTRIES:
+            gl = torch.arange(Lg + 1).repeat_interleave(Lo + 1)
+            s = gl + torch.arange(Lo + 1).repeat(Lg + 1)
+            self.joint_index = torch.maximum(self.head_index[gl], self.tail_index[s]).to(dev)
+            self.joint_mask = self.mask_table[s].to(dev)
+        self.head_index, self.tail_index, self.mask_table = (x.to(dev) for x in (self.head_index, self.tail_index,
+                                                                                  self.mask_table))
+        self.tail_tokens = torch.cat([pieces.post, pieces.post.new_full((1,), pieces.pad_id)]).to(dev)  # [Q + 1]
+
+    def heads(self, goal_ids: torch.Tensor, goal_len: torch.Tensor) -> torch.Tensor:
+        """The heads ``[bos?] + pre + goal[:gl] + mid`` of goals, right padded with ``pad_id``.
+
+        Args:
+            goal_ids: [G, Lg] goal token ids (right padded); goal_len: [G].
+
+        Returns:
+            [G, Hw] long.
+        """
+        no_post = PromptPieces(self.pieces.prefix, self.pieces.mid, self.pieces.post[:0], self.pieces.pad_id)
+        obs = goal_ids.new_zeros((goal_ids.shape[0], 0))
+        return assemble_prompt(no_post, goal_ids, goal_len, obs, torch.zeros_like(goal_len))[0]
+
+    def source(self, head: torch.Tensor, obs_ids: torch.Tensor) -> torch.Tensor:
+        """Lay out the sources ``[head | obs | post | pad]`` of R x B prompts that share their heads.
+
+        Args:
+            head: [B, Hw] heads (``heads``); obs_ids: [R, B, Lo] observation ids, same dtype.
+
+        Returns:
+            [R, B, W] in that dtype.
+        """
+        R, B, Lo = obs_ids.shape
+        src = obs_ids.new_empty((R, B, self.source_width))
+        src[:, :, : self.head_width] = head
+        src[:, :, self.head_width : self.head_width + Lo] = obs_ids
+        src[:, :, self.head_width + Lo :] = self.tail_tokens
+        return src
+
+    def gather(
+        self, src: torch.Tensor, goal_len: torch.Tensor, obs_len: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts from laid-out sources: one gather with the tabled source columns.
+
+        Args:
+            src: [R, B, W] from ``source`` (or written in place the same way); goal_len: [B] int32/int64;
+                obs_len: [R, B] int16/int32/int64.
+
+        Returns:
+            prompt_ids: [R, B, Lp] long, right padded; prompt_mask: [R, B, Lp] bool.
+        """
+        R, B = obs_len.shape
+        Lp = self.prompt_width
+        if self.joint_index is not None and self.joint_mask is not None:
+            key = (goal_len * (self.max_obs_tokens + 1) + obs_len).view(-1)  # [R * B]
+            idx = self.joint_index.index_select(0, key).view(R, B, Lp)
+            mask = self.joint_mask.index_select(0, key)
+        else:
+            s = (obs_len + goal_len).view(-1)  # promotes int16 lengths (an index needs int32/int64)
+            idx = torch.maximum(self.head_index.index_select(0, goal_len),
+                                self.tail_index.index_select(0, s).view(R, B, Lp))
+            mask = self.mask_table.index_select(0, s)
+        return src.gather(2, idx).long(), mask.view(R, B, Lp)
+
+    def assemble(
+        self, head: torch.Tensor, goal_len: torch.Tensor, obs_ids: torch.Tensor, obs_len: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``source`` then ``gather``: R x B prompts [R, B, Lp] (long ids, bool mask) from shared heads [B, Hw]."""
+        return self.gather(self.source(head, obs_ids), goal_len, obs_len)
+
+
 class PromptCodec:
     """Tokenises goals, observations and candidates separately and assembles prompts from token ids.
 

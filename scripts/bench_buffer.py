@@ -8,16 +8,21 @@ tokens), a goal achieved with probability 0.2 per step out of 64 goals. HER: str
     python scripts/bench_buffer.py                 # capacity 500k, batch 256
     python scripts/bench_buffer.py --quick         # small capacity, seconds
     python scripts/bench_buffer.py --device cuda   # our buffer on the GPU (SB3 samples to the GPU too)
-    python scripts/bench_buffer.py --compile --threads 1 --token-dtype int16   # the fastest CPU configuration
+    python scripts/bench_buffer.py --threads 1 --token-dtype int16   # the fastest CPU configuration
+    python scripts/bench_buffer.py --threads 1 --all-configs   # int32/int16 x eager/compiled, one table
 
-At capacity 500k both buffers are bound by random reads of ~2 KB of token rows per transition on CPU; ``--compile``
-removes most of our per-op overhead (BufferConfig.compile), int16 tokens halve the bytes read.
+Sampling rates are the median over chunks of ``--chunk`` calls (the same statistic for both buffers), so that other
+processes on a shared machine disturb the ratio less than a plain mean would. At capacity 500k both buffers are bound
+by random reads of ~1-2 KB of token rows per transition on CPU plus, for ours, ~100 small tensor ops per call (each
+~1.5-3 us of dispatch); int16 tokens halve the bytes read. ``--compile`` (BufferConfig.compile) is slower than
+eager on CPU: its generated kernel gathers token by token.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -45,11 +50,24 @@ def make_batches(n_envs: int, n_pool: int, seed: int) -> list[dict[str, np.ndarr
     return pool
 
 
-def bench_ours(args: argparse.Namespace, pool: list[dict[str, np.ndarray]]) -> dict[str, float]:
+def sample_rate(sample: Callable[[], object], iters: int, batch: int, chunk: int, dev: torch.device) -> float:
+    """Sampled transitions per second: the median over chunks of ``chunk`` calls (``iters`` calls in all)."""
+    rates = []
+    for _ in range(max(1, iters // chunk)):
+        t0 = time.perf_counter()
+        for _ in range(chunk):
+            sample()
+        _sync(dev)
+        rates.append(chunk * batch / (time.perf_counter() - t0))
+    return float(np.median(rates))
+
+
+def bench_ours(args: argparse.Namespace, pool: list[dict[str, np.ndarray]], token_dtype: str,
+               compile: bool) -> dict[str, float]:
     dev = torch.device(args.device)
     cfg = BufferConfig(capacity=args.capacity, n_step=args.n_step, gamma=0.99, device=str(dev), max_obs_tokens=LO,
                        max_goal_tokens=4, max_cands=K, max_cand_tokens=LC, max_goals=N_GOALS, max_achieved=G,
-                       token_dtype=args.token_dtype, her=HERConfig("future", 0.8), compile=args.compile)
+                       token_dtype=token_dtype, her=HERConfig("future", 0.8), compile=compile)
     pieces = PromptPieces(torch.tensor([1, 2, 3]), torch.tensor([4, 5]), torch.tensor([6, 7]), pad_id=0)
     buf = ReplayBuffer(cfg, args.n_envs, pad_id=0, prompt=pieces)
     for g in range(N_GOALS):
@@ -84,14 +102,10 @@ def bench_ours(args: argparse.Namespace, pool: list[dict[str, np.ndarray]]) -> d
     for _ in range(3):  # warm-up (and the one-off compile with --compile)
         buf.sample(args.batch, gen)
     _sync(dev)
-    print(f"warm-up (3 samples{', compile included' if args.compile else ''}): {time.perf_counter() - t0:.1f} s")
-    t0 = time.perf_counter()
-    for _ in range(args.sample_iters):
-        buf.sample(args.batch, gen)
-    _sync(dev)
-    t_sample = time.perf_counter() - t0
-    return {"add": n_adds * N / t_add, "sample": args.sample_iters * args.batch / t_sample,
-            "bytes": buf.bytes_per_transition()}
+    print(f"warm-up ({token_dtype}, 3 samples{', compile included' if compile else ''}): "
+          f"{time.perf_counter() - t0:.1f} s")
+    rate = sample_rate(lambda: buf.sample(args.batch, gen), args.sample_iters, args.batch, args.chunk, dev)
+    return {"add": n_adds * N / t_add, "sample": rate, "bytes": buf.bytes_per_transition()}
 
 
 def _sync(dev: torch.device) -> None:
@@ -142,15 +156,11 @@ def bench_sb3(args: argparse.Namespace, pool: list[dict[str, np.ndarray]]) -> di
     t_add = time.perf_counter() - t0
     for _ in range(3):
         buf.sample(args.batch)
-    t0 = time.perf_counter()
-    iters = max(1, args.sample_iters // 5)  # SB3 is slow enough that fewer iterations give a stable mean
-    for _ in range(iters):
-        buf.sample(args.batch)
-    _sync(torch.device(args.device))
-    t_sample = time.perf_counter() - t0
+    rate = sample_rate(lambda: buf.sample(args.batch), args.sample_iters, args.batch, args.chunk,
+                       torch.device(args.device))
     per = sum(v.nbytes for v in buf.observations.values()) + sum(v.nbytes for v in buf.next_observations.values())
     per += buf.actions.nbytes + buf.rewards.nbytes + buf.dones.nbytes + buf.timeouts.nbytes
-    return {"add": n_adds * N / t_add, "sample": iters * args.batch / t_sample, "bytes": per / args.capacity}
+    return {"add": n_adds * N / t_add, "sample": rate, "bytes": per / args.capacity}
 
 
 def main() -> None:
@@ -160,33 +170,50 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--n-step", type=int, default=1)
     ap.add_argument("--episode-len", type=int, default=50)
-    ap.add_argument("--sample-iters", type=int, default=200)
+    ap.add_argument("--sample-iters", type=int, default=200, help="sample calls per buffer (in chunks)")
+    ap.add_argument("--chunk", type=int, default=10, help="calls per timed chunk (the rate is the chunks' median)")
     ap.add_argument("--token-dtype", default="int32", choices=["int16", "int32"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--quick", action="store_true", help="capacity 4096, 20 sample iterations")
     ap.add_argument("--skip-sb3", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile our sampling path (BufferConfig.compile)")
+    ap.add_argument("--all-configs", action="store_true",
+                    help="our buffer with int32 and int16 tokens, eager and compiled, against SB3, in one table")
     args = ap.parse_args()
     if args.quick:
         args.capacity, args.sample_iters = 4096, 20
     if args.threads:
         torch.set_num_threads(args.threads)
     pool = make_batches(args.n_envs, 32, seed=0)
-    ours = bench_ours(args, pool)
+    configs = ([(dt, c) for c in (False, True) for dt in ("int32", "int16")] if args.all_configs
+               else [(args.token_dtype, args.compile)])
+    ours = [(dt, c, bench_ours(args, pool, dt, c)) for dt, c in configs]
     ref = None if args.skip_sb3 else bench_sb3(args, pool)
-    print(f"\ncapacity {args.capacity}, {args.n_envs} envs, compile {args.compile}, batch {args.batch}, "
+    compiled = "both" if args.all_configs else args.compile
+    tokens = "int32 and int16" if args.all_configs else args.token_dtype
+    print(f"\ncapacity {args.capacity}, {args.n_envs} envs, compile {compiled}, batch {args.batch}, "
           f"n_step {args.n_step}, obs {LO} tokens, {K} candidates x {LC} tokens, device {args.device}, "
-          f"tokens {args.token_dtype}, HER future 0.8\n")
+          f"tokens {tokens}, HER future 0.8, torch threads {torch.get_num_threads()}\n")
+    if args.all_configs:
+        print("| buffer | add (transitions/s) | sample (transitions/s) | sample vs SB3 | bytes/transition | "
+              "total for capacity |")
+        print("|---|---:|---:|---:|---:|---:|")
+        rows = [(f"sacglam ReplayBuffer ({dt}, {'compiled' if c else 'eager'})", r) for dt, c, r in ours]
+        for name, r in rows + ([("SB3 HerReplayBuffer", ref)] if ref else []):
+            vs = f"{r['sample'] / ref['sample']:.1f}x" if ref else ""
+            print(f"| {name} | {r['add']:,.0f} | {r['sample']:,.0f} | {vs} | {r['bytes']:,.0f} | "
+                  f"{r['bytes'] * args.capacity / 2**30:.2f} GiB |")
+        return
+    mine = ours[0][2]
     print("| buffer | add (transitions/s) | sample (transitions/s) | bytes/transition | total for capacity |")
     print("|---|---:|---:|---:|---:|")
-    rows = [("sacglam ReplayBuffer", ours)] + ([("SB3 HerReplayBuffer", ref)] if ref else [])
-    for name, r in rows:
+    for name, r in [("sacglam ReplayBuffer", mine)] + ([("SB3 HerReplayBuffer", ref)] if ref else []):
         print(f"| {name} | {r['add']:,.0f} | {r['sample']:,.0f} | {r['bytes']:,.0f} | "
               f"{r['bytes'] * args.capacity / 2**30:.2f} GiB |")
     if ref:
-        print(f"| ratio (sacglam / SB3) | {ours['add'] / ref['add']:.2f}x | {ours['sample'] / ref['sample']:.1f}x | "
-              f"{ours['bytes'] / ref['bytes']:.2f}x | |")
+        print(f"| ratio (sacglam / SB3) | {mine['add'] / ref['add']:.2f}x | {mine['sample'] / ref['sample']:.1f}x | "
+              f"{mine['bytes'] / ref['bytes']:.2f}x | |")
 
 
 if __name__ == "__main__":

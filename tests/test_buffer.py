@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sacglam.buffer import BufferConfig, ReplayBuffer
 from sacglam.her import HERConfig
@@ -386,3 +388,110 @@ def test_compiled_sampling_equals_eager() -> None:
     compiled = sims[1].buf.sample(64, torch.Generator().manual_seed(4))
     for name in Batch.__dataclass_fields__:
         assert torch.equal(getattr(eager, name), getattr(compiled, name)), name
+
+
+def _pack(steps: list[dict[str, list]], key: str, width: int, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [N, width] (``fill`` past each length) and lengths [N] of one token field of N steps."""
+    ids = torch.full((len(steps), width), fill)
+    for e, step in enumerate(steps):
+        ids[e, : len(step[key])] = torch.tensor(step[key], dtype=torch.long)
+    return ids, torch.tensor([len(step[key]) for step in steps])
+
+
+def _pack_cands(steps: list[dict[str, list]], key: str, K: int, Lc: int,  # noqa: N803 - shape letters
+                fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate ids [N, K, Lc] (``fill`` past each length) and lengths [N, K] of N steps."""
+    ids = torch.full((len(steps), K, Lc), fill)
+    lens = torch.zeros(len(steps), K, dtype=torch.long)
+    for e, step in enumerate(steps):
+        for j, c in enumerate(step[key]):
+            ids[e, j, : len(c)] = torch.tensor(c, dtype=torch.long)
+            lens[e, j] = len(c)
+    return ids, lens
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**16),
+    n_envs=st.integers(1, 3),
+    rows=st.integers(3, 7),
+    n_step=st.integers(1, 3),
+    cand_tokens=st.sampled_from([1, 2, 3, 6, 8]),
+    token_dtype=st.sampled_from(["int16", "int32"]),
+    joint=st.booleans(),
+    ratio=st.sampled_from([0.0, 1.0]),
+)
+def test_sampled_tokens_are_the_stored_tokens(seed: int, n_envs: int, rows: int, n_step: int, cand_tokens: int,
+                                              token_dtype: str, joint: bool, ratio: float) -> None:
+    """Variable-length goals, observations and candidates (token ids that equal pad_id inside the lengths included):
+    every sampled prompt is the plain-Python concatenation pre + goal + mid + obs + post of the stored step (and of the
+    bootstrap step's next observation for next_prompt), every candidate block the stored candidates; for both prompt
+    table layouts, int16/int32 tokens and template ids that do not fit int16."""
+    import random
+
+    import sacglam.prompting as prompting
+
+    rng = random.Random(seed)
+    N, Lo, Lg, Kmax, Lc, pad = n_envs, 4, 3, 3, cand_tokens, rng.randint(0, 1)
+    prefix = [40000 if rng.random() < 0.5 else 7][: rng.randint(0, 1)]
+    pieces = PromptPieces(torch.tensor([*prefix, 5]), torch.tensor([6] * rng.randint(0, 2), dtype=torch.long),
+                          torch.tensor([9, 8][: rng.randint(0, 2)]), pad_id=pad)
+    cfg = BufferConfig(capacity=rows * N, n_step=n_step, gamma=0.5, device="cpu", max_obs_tokens=Lo,
+                       max_goal_tokens=Lg, max_cands=Kmax, max_cand_tokens=Lc, max_goals=6, max_achieved=2,
+                       token_dtype=token_dtype, her=HERConfig("episode", ratio))
+    limit = prompting.JOINT_TABLE_MAX_ENTRIES
+    prompting.JOINT_TABLE_MAX_ENTRIES = limit if joint else -1
+    try:
+        buf = ReplayBuffer(cfg, N, pad_id=pad, prompt=pieces)
+    finally:
+        prompting.JOINT_TABLE_MAX_ENTRIES = limit
+    assert (buf._asm.joint_index is not None) == joint
+    goals = [[300 + g] * (g % (Lg + 1)) for g in range(4)]  # lengths 0, 1, 2, 3
+    for g, toks in enumerate(goals):
+        assert buf.register_goal(toks) == g
+
+    def tokens(width: int) -> list[int]:
+        return [rng.randint(0, 3000) for _ in range(rng.randint(0, width))]  # 0 and 1 may equal pad_id
+
+    log: dict[tuple[int, int], dict[str, list]] = {}
+    t_ep = [0] * N
+    for P in range(rng.randint(rows, 3 * rows)):
+        steps: list[dict[str, list]] = [{"obs": tokens(Lo), "next_obs": tokens(Lo),
+                                          "cands": [tokens(Lc) for _ in range(Kmax)],
+                                          "next_cands": [tokens(Lc) for _ in range(Kmax)]} for _ in range(N)]
+        ends = []
+        for e in range(N):
+            t_ep[e] += 1
+            ends.append(t_ep[e] >= rows - 1 or rng.random() < 0.3)
+            t_ep[e] = 0 if ends[e] else t_ep[e]
+            log[(P, e)] = steps[e]
+        (obs, ol), (nobs, nol) = _pack(steps, "obs", Lo, pad + 1), _pack(steps, "next_obs", Lo, pad + 1)
+        c, cl = _pack_cands(steps, "cands", Kmax, Lc, pad + 1)  # garbage past the lengths: add must pad it
+        nc, ncl = _pack_cands(steps, "next_cands", Kmax, Lc, pad + 1)
+        buf.add(TransitionBatch(
+            obs=obs, obs_len=ol, next_obs=nobs, next_obs_len=nol, cands=c, cand_len=cl, next_cands=nc,
+            next_cand_len=ncl, goal=torch.tensor([rng.randint(0, 3) for _ in range(N)]),
+            action=torch.zeros(N, dtype=torch.long), reward=torch.zeros(N), terminated=torch.tensor(ends),
+            truncated=torch.zeros(N, dtype=torch.bool),
+            achieved=torch.tensor([[rng.choice([-1, 0, 1, 2, 3]), -1] for _ in range(N)]), logp=torch.zeros(N),
+            policy_version=torch.tensor([P * N + e for e in range(N)]),
+        ))
+    if buf.num_sampleable == 0:
+        return
+    b = buf.sample(64, torch.Generator().manual_seed(seed))
+    pre, mid, post = pieces.prefix.tolist(), pieces.mid.tolist(), pieces.post.tolist()
+    Lp = b.prompt_ids.shape[1]
+    for i in range(len(b)):
+        P, e = divmod(int(b.policy_version[i]), N)
+        boot = log[(P + int(b.n_steps[i]) - 1, e)]
+        gt = goals[int(b.goal[i])]
+        want_prompt = pre + gt + mid + log[(P, e)]["obs"] + post
+        want_next = pre + gt + mid + boot["next_obs"] + post
+        for ids, mask, want in ((b.prompt_ids[i], b.prompt_mask[i], want_prompt),
+                                (b.next_prompt_ids[i], b.next_prompt_mask[i], want_next)):
+            assert ids.tolist() == want + [pad] * (Lp - len(want))
+            assert mask.tolist() == [True] * len(want) + [False] * (Lp - len(want))
+        for ids, mask, want_c in ((b.cand_ids[i], b.cand_mask[i], log[(P, e)]["cands"]),
+                                  (b.next_cand_ids[i], b.next_cand_mask[i], boot["next_cands"])):
+            assert ids.tolist() == [cnd + [pad] * (Lc - len(cnd)) for cnd in want_c]
+            assert mask.tolist() == [[True] * len(cnd) + [False] * (Lc - len(cnd)) for cnd in want_c]

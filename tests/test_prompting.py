@@ -153,3 +153,44 @@ def test_buffer_assembles_the_same_tokens_as_encode_prompts() -> None:
         assert torch.equal(b.next_prompt_ids[i], want_next[e])
         assert torch.equal(b.cand_ids[i], want_c[e]) and torch.equal(b.cand_mask[i], want_cm[e])
     assert set(b.goal.tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("joint", [True, False])
+@settings(max_examples=40, deadline=None)
+@given(
+    pieces_len=st.tuples(st.integers(0, 3), st.integers(0, 2), st.integers(0, 2)),
+    widths=st.tuples(st.integers(0, 4), st.integers(0, 6)),
+    rows=st.integers(1, 5),
+    dtype=st.sampled_from([torch.int16, torch.int32, torch.int64]),
+    seed=st.integers(0, 2**16),
+)
+def test_prompt_assembler_equals_assemble_prompt(joint: bool, pieces_len: tuple[int, int, int],
+                                                 widths: tuple[int, int], rows: int, dtype: torch.dtype,
+                                                 seed: int) -> None:
+    """The buffer's table-driven assembler gives exactly ``assemble_prompt``'s ids and mask, for both table layouts
+    (joint (gl, ol) table, or head/tail tables), empty pieces, zero lengths, and R = 2 prompts sharing their heads."""
+    import sacglam.prompting as prompting
+    from sacglam.prompting import PromptAssembler, PromptPieces
+
+    g = torch.Generator().manual_seed(seed)
+    P, M, Q = pieces_len
+    Lg, Lo = widths
+    pieces = PromptPieces(torch.randint(1, 99, (P,), generator=g), torch.randint(1, 99, (M,), generator=g),
+                          torch.randint(1, 99, (Q,), generator=g), pad_id=int(torch.randint(0, 3, (1,), generator=g)))
+    limit = prompting.JOINT_TABLE_MAX_ENTRIES
+    prompting.JOINT_TABLE_MAX_ENTRIES = limit if joint else -1
+    try:
+        asm = PromptAssembler(pieces, Lg, Lo)
+    finally:
+        prompting.JOINT_TABLE_MAX_ENTRIES = limit
+    assert (asm.joint_index is not None) == joint
+    goal = torch.randint(0, 500, (rows, Lg), generator=g)  # ids past the length are garbage: they must not leak
+    gl = torch.randint(0, Lg + 1, (rows,), generator=g)
+    obs = torch.randint(0, 500, (2, rows, Lo), generator=g)
+    ol = torch.randint(0, Lo + 1, (2, rows), generator=g)
+    head = asm.heads(goal, gl).to(dtype)
+    ids, mask = asm.assemble(head, gl.to(torch.int32), obs.to(dtype), ol.to(torch.int16))
+    assert ids.shape == (2, rows, asm.prompt_width) and ids.dtype == torch.long and mask.dtype == torch.bool
+    for r in range(2):
+        want_ids, want_mask = assemble_prompt(pieces, goal, gl, obs[r], ol[r])
+        assert torch.equal(ids[r], want_ids) and torch.equal(mask[r], want_mask)
