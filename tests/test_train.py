@@ -62,7 +62,8 @@ PRESETS = {
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_preset_runs(preset: str, tmp_path: Path) -> None:
-    result = run_train([f"experiment={preset}", *SMALL, "total_env_steps=160", *PRESETS[preset]], tmp_path)
+    steps = "total_env_steps=384" if preset == "babyai_sac_her" else "total_env_steps=160"  # 64-step BabyAI episodes
+    result = run_train([f"experiment={preset}", *SMALL, steps, *PRESETS[preset]], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(tmp_path)
     assert any("losses/critic" in m for m in metrics), "no update was logged"
