@@ -41,7 +41,7 @@ from sacglam.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from sacglam.collector import Collector
+from sacglam.collector import Collector, episode_metrics
 from sacglam.config import TrainConfig, register_configs
 from sacglam.evaluate import evaluate
 from sacglam.logging import RunLogger
@@ -169,10 +169,7 @@ def main(dcfg: DictConfig) -> float:
         # Collect one step of every env and store it.
         step, episodes = collector.step()
         buffer.add(encoder(step, policy_version=updates))
-        metrics: dict[str, Any] = {}
-        if episodes:
-            metrics["charts/episode_success"] = float(np.mean([e.success for e in episodes]))
-            metrics["charts/episode_length"] = float(np.mean([e.length for e in episodes]))
+        metrics: dict[str, Any] = episode_metrics(episodes) if episodes else {}
         # Update: `replay_ratio` sampled transitions per env step, once the buffer holds enough finished episodes.
         if buffer.num_sampleable >= cfg.learning_starts:
             update_credit += updates_per_vector_step
