@@ -103,11 +103,23 @@ def read_metrics(metrics_path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` values (fewer at the start), one output per input."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_success(metrics_path: str | Path, out_png: str | Path) -> Path:
     """Plot success rates against env steps from a metrics JSONL file into a PNG (matplotlib, Agg canvas).
 
     Series: ``eval/greedy/success/<category>`` (one line each), ``eval/greedy/success`` (mean, bold) and the
-    training success ``charts/success``. A file with none of them gives an empty plot saying so.
+    training success ``charts/success``, smoothed over 1% of its points (each point holds only the few episodes that
+    ended at one vector step). A file with none of them gives an empty plot saying so.
 
     Returns:
         The path of the PNG.
@@ -131,7 +143,9 @@ def plot_success(metrics_path: str | Path, out_png: str | Path) -> Path:
     for key in sorted(series):
         xs, ys = series[key]
         if key == "charts/success":
-            ax.plot(xs, ys, label="train (charts/success)", color="0.5", alpha=0.7)
+            window = max(1, len(ys) // 100)
+            ax.plot(xs, moving_average(ys, window), label=f"train (charts/success, mean of {window})", color="0.5",
+                    alpha=0.7)
         elif key == "eval/greedy/success":
             ax.plot(xs, ys, label="eval greedy, mean", color="black", linewidth=2.5, marker="o")
         else:

@@ -248,3 +248,10 @@ log.close()
     assert len(runs) == 1
     run_id = (tmp_path / "wandb_run_id.txt").read_text()
     assert runs[0].name.endswith(run_id)
+
+
+def test_moving_average_is_a_trailing_mean() -> None:
+    from sacglam.logging import moving_average
+
+    assert moving_average([1.0, 0.0, 1.0, 1.0, 0.0], 2) == [1.0, 0.5, 0.5, 1.0, 0.5]
+    assert moving_average([0.0, 3.0], 1) == [0.0, 3.0]
