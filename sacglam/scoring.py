@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sacglam.models import unwrap
+
 
 @dataclass
 class ScoreOutput:
@@ -54,20 +56,6 @@ class ScoreOutput:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Return the ``transformers`` model under a ``peft.PeftModel`` (its LoRA layers stay injected and active).
-
-    Calling the unwrapped model runs the active adapter exactly as the PEFT wrapper would, and gives direct access
-    to ``base_model`` (the trunk), ``get_encoder()`` and ``get_output_embeddings()``.
-    """
-    get_base = getattr(model, "get_base_model", None)
-    if callable(get_base):
-        base = get_base()
-        if isinstance(base, nn.Module):
-            return base
-    return model
 
 
 def _is_encoder_decoder(model: nn.Module) -> bool:
@@ -434,7 +422,7 @@ def score_candidates(
     cand_mask = cand_mask.bool()
     prompt_ids = _sanitise(prompt_ids, prompt_mask)
     cand_ids = _sanitise(cand_ids, cand_mask)
-    inner = unwrap_model(model)
+    inner = unwrap(model)  # LoRA layers stay injected and active in the unwrapped model
     if _is_encoder_decoder(inner):
         return _score_seq2seq(inner, prompt_ids, prompt_mask, cand_ids, cand_mask, length_norm, shared=True)
     if method == "cache":
@@ -461,7 +449,7 @@ def score_candidates_naive(
     cand_mask = cand_mask.bool()
     prompt_ids = _sanitise(prompt_ids, prompt_mask)
     cand_ids = _sanitise(cand_ids, cand_mask)
-    inner = unwrap_model(model)
+    inner = unwrap(model)  # LoRA layers stay injected and active in the unwrapped model
     if _is_encoder_decoder(inner):
         return _score_seq2seq(inner, prompt_ids, prompt_mask, cand_ids, cand_mask, length_norm, shared=False)
 
