@@ -335,6 +335,8 @@ class PlaygroundTextEnv(TextEnvBase):
     Args:
         n_objects: objects per scene (what the goal needs plus distractors); at least what the configured goal
             categories need (4 for grow_carnivore) and at most the number of distinct bases in the split's pool.
+            A pair ``(min, max)`` draws the size uniformly per episode (never below what the goal needs): a
+            curriculum, since small scenes make long chains such as growing a plant far likelier to be found.
         goal_categories: the categories goals are sampled from (any of ``grasp``, ``grow_plant``,
             ``grow_herbivore``, ``grow_carnivore``, ``impossible``).
         goal_weights: sampling weights of the categories (a sequence aligned with ``goal_categories`` or a mapping
@@ -349,7 +351,7 @@ class PlaygroundTextEnv(TextEnvBase):
 
     def __init__(
         self,
-        n_objects: int = 8,
+        n_objects: int | Sequence[int] = 8,
         goal_categories: Sequence[str] = GOAL_CATEGORIES,
         goal_weights: Sequence[float] | Mapping[str, float] | None = None,
         impossible_goals: bool = False,
@@ -383,7 +385,12 @@ class PlaygroundTextEnv(TextEnvBase):
         self.held_out: frozenset[str] = frozenset(held_out)
         self.colors = colors
         self.render_mode = render_mode
-        self.n_objects = int(n_objects)
+        if isinstance(n_objects, int):
+            self.n_objects_min = self.n_objects = int(n_objects)
+        else:
+            if len(n_objects) != 2 or not 1 <= int(n_objects[0]) <= int(n_objects[1]):
+                raise ValueError(f"n_objects must be an int or a pair (min, max), 1 <= min <= max; got {n_objects}")
+            self.n_objects_min, self.n_objects = int(n_objects[0]), int(n_objects[1])
         self._weights = self._category_weights(goal_weights)
         # Bases a scene may hold: training scenes never show a held-out object.
         self._scene_bases: list[str] = [
@@ -508,7 +515,10 @@ class PlaygroundTextEnv(TextEnvBase):
             scene.append(WATER)
             used.add(WATER)
         free = [b for b in pool if b not in used]
-        n_extra = self.n_objects - len(scene)
+        size = self.n_objects  # a fixed size draws nothing, so fixed-size runs keep their random stream
+        if self.n_objects_min < self.n_objects:
+            size = max(len(scene), int(self.np_random.integers(self.n_objects_min, self.n_objects + 1)))
+        n_extra = size - len(scene)
         if n_extra > len(free):
             raise ValueError(f"n_objects={self.n_objects} exceeds the {len(scene) + len(free)} objects available")
         for i in self.np_random.permutation(len(free))[:n_extra]:

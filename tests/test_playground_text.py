@@ -457,3 +457,24 @@ def test_gymnasium_make_and_pure_reward() -> None:
     assert PlaygroundTextEnv.compute_reward(achieved, "Grow lion") == 0.0
     assert PlaygroundTextEnv.compute_reward([], "Grow cow") == 0.0
     assert achieved == ["Grasp water", "Grow cow"]  # untouched
+
+
+def test_n_objects_range_draws_scene_sizes_per_episode() -> None:
+    env = PlaygroundTextEnv(n_objects=(3, 6), goal_categories=["grasp", "grow_plant"])
+    sizes = set()
+    for seed in range(200):
+        _, info = env.reset(seed=seed)
+        n = len(env.state.objects)
+        sizes.add(n)
+        assert 3 <= n <= 6
+        if info["goal_category"] == "grow_plant":  # water + the seed at least
+            assert n >= 2
+        # The expert still solves every episode.
+        for _ in range(STEP_LIMITS[info["goal_category"]]):
+            _, reward, terminated, truncated, info = env.step(env.expert_action())
+            if terminated or truncated:
+                break
+        assert terminated and reward == 1.0
+    assert sizes == {3, 4, 5, 6}
+    with pytest.raises(ValueError, match="pair"):
+        PlaygroundTextEnv(n_objects=(5, 3))
