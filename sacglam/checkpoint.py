@@ -71,14 +71,10 @@ __all__ = [
 
 @dataclass
 class CheckpointConfig:
-    """When to save checkpoints, how many to keep, and where to resume from."""
+    """When to save checkpoints and how many to keep (where to resume from is the run's top-level ``resume``)."""
 
     every: int = 10_000  # save every this many env steps (summed over the N parallel envs); 0 disables checkpoints
     keep: int = 3  # keep only the newest `keep` checkpoints of the run (oldest pruned first); 0 keeps all
-    # "auto": resume from the newest complete checkpoint in the run directory if there is one, else start fresh;
-    # "never": always start fresh; anything else: a checkpoint file, or a run (or checkpoints) folder to take the
-    # newest complete checkpoint of
-    resume: str = "auto"
 
     def __post_init__(self) -> None:
         if self.every < 0:
@@ -89,8 +85,6 @@ class CheckpointConfig:
             raise ValueError(
                 f"CheckpointConfig.keep={self.keep} is negative; use K >= 1 to keep the last K, or 0 for all."
             )
-        if not self.resume:
-            raise ValueError('CheckpointConfig.resume is empty; use "auto", "never" or a checkpoint path.')
 
 
 class CheckpointError(RuntimeError):
@@ -374,7 +368,7 @@ def find_latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
 
 
 def resolve_resume(resume: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str]) -> Path | None:
-    """Turn ``CheckpointConfig.resume`` into the checkpoint to load, or None to start fresh.
+    """Turn the ``resume`` option into the checkpoint to load, or None to start fresh.
 
     Args:
         resume: ``"auto"`` (newest complete checkpoint of ``run_dir``, None if there is none), ``"never"`` or None

@@ -73,7 +73,11 @@ class TrainConfig:
     learning_starts: int = 1000  # transitions in the buffer before the first update
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:1 ...
     threads: int = 0  # torch CPU threads (0 = torch's default)
-    resume: str = "never"  # never | auto (newest complete checkpoint of the run folder) | a checkpoint path
+    resume: str = "never"  # never | auto (newest complete checkpoint of the run folder) | a checkpoint file or folder
+
+    def __post_init__(self) -> None:
+        if not self.resume:
+            raise ValueError('resume is empty; use "never", "auto" or a checkpoint path')
 
 
 def register_configs() -> None:

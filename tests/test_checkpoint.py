@@ -245,13 +245,11 @@ def test_find_latest_and_resolve_resume(tmp_path: Path) -> None:
 
 def test_config_validation() -> None:
     cfg = CheckpointConfig()
-    assert (cfg.every, cfg.keep, cfg.resume) == (10_000, 3, "auto")
+    assert (cfg.every, cfg.keep) == (10_000, 3)
     with pytest.raises(ValueError, match="every=-1"):
         CheckpointConfig(every=-1)
     with pytest.raises(ValueError, match="keep=-2"):
         CheckpointConfig(keep=-2)
-    with pytest.raises(ValueError, match="resume"):
-        CheckpointConfig(resume="")
 
 
 def _draws(gens: dict[str, torch.Generator]) -> dict[str, Any]:
