@@ -376,6 +376,7 @@ def test_int16_tokens_reject_large_ids() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_compiled_sampling_equals_eager() -> None:
     """BufferConfig.compile changes speed only: same draws, same batch (compiles for ~1 min on a small CPU)."""
     sims = [Sim(n_envs=2, capacity=16, n_step=3, her=HERConfig("future", 0.5)) for _ in range(2)]

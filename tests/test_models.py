@@ -240,6 +240,7 @@ def test_config_is_a_valid_structured_config() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_smollm2_loads_and_prefers_the_sensible_answer() -> None:
     try:
         models.smollm2_gguf_path()

@@ -178,6 +178,7 @@ if r == 0:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_data_parallel_2_processes_x_4_equals_batch_8(tmp_path: Path) -> None:
     root = str(Path(__file__).resolve().parents[1])
     worker = tmp_path / "worker.py"

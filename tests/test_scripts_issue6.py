@@ -267,6 +267,7 @@ def test_reproduce_quick_bitflip_two_seeds(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_reproduce_quick_both_envs(tmp_path: Path) -> None:
     cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--quick", "--runs-dir", str(tmp_path / "runs"),
            "--out", str(tmp_path / "out")]  # fmt: skip

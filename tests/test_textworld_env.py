@@ -206,6 +206,7 @@ def test_gymnasium_make(game: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_simple_and_cooking_games_walkthrough_and_expert_on_every_goal(tmp_path: Path) -> None:
     """Games with doors, containers and recipes (about 10-20 s to make): the walkthrough wins, and the expert reaches
     the objective and every rule goal (rooms behind doors, items in closed containers or already held)."""

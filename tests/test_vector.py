@@ -370,6 +370,7 @@ def test_real_env_sync_equals_subprocess_with_auto_reset(env_id: str, kwargs: di
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 @pytest.mark.skipif(not _has_env("textworld_env"), reason="envs/textworld_env.py not written yet")
 def test_textworld_sync_equals_subprocess(tmp_path: Path) -> None:
     game = tmp_path / "coin.z8"
