@@ -349,25 +349,20 @@ class PromptCodec:
         # Left truncation keeps the end of the observation, where text envs put the newest information.
         return ids[-self.max_obs_tokens :] if self.obs_truncation == "left" else ids[: self.max_obs_tokens]
 
+    def _padded(self, rows: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token lists -> ids [N, width] long (right padded with pad_id) and lengths [N] long, on CPU."""
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        for i, t in enumerate(rows):
+            ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        return ids, torch.tensor([len(t) for t in rows], dtype=torch.long)
+
     def encode_goals(self, goals: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Goal token ids [N, Lg] long (right padded) and lengths [N] long, on CPU."""
-        ids = torch.full((len(goals), self.max_goal_tokens), self.pad_id, dtype=torch.long)
-        lens = torch.zeros(len(goals), dtype=torch.long)
-        for i, g in enumerate(goals):
-            t = self.goal_tokens(g)
-            ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-            lens[i] = len(t)
-        return ids, lens
+        return self._padded([self.goal_tokens(g) for g in goals], self.max_goal_tokens)
 
     def encode_observations(self, observations: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Observation token ids [N, Lo] long (right padded, Lo = max_obs_tokens) and lengths [N] long, on CPU."""
-        ids = torch.full((len(observations), self.max_obs_tokens), self.pad_id, dtype=torch.long)
-        lens = torch.zeros(len(observations), dtype=torch.long)
-        for i, o in enumerate(observations):
-            t = self._obs_tokens(o)
-            ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-            lens[i] = len(t)
-        return ids, lens
+        return self._padded([self._obs_tokens(o) for o in observations], self.max_obs_tokens)
 
     def encode_candidates(self, candidates: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate token ids [N, K, Lc] long (K = max_cands, Lc = max_cand_tokens) and lengths [N, K] (0 = absent).
