@@ -114,13 +114,16 @@ def main(dcfg: DictConfig) -> float:
     check_context(codec, getattr(getattr(model, "config", None), "max_position_embeddings", None))
     agent = Agent(model, cfg.agent).to(device)
     updater = SACUpdater(agent, cfg.algo)
-    buffer = ReplayBuffer(cfg.buffer, cfg.env.num_envs, pad_id=codec.pad_id, device=device, prompt=codec)
+    buffer_device = device if cfg.buffer.device == "auto" else cfg.buffer.device  # e.g. keep the buffer on the CPU
+    buffer = ReplayBuffer(cfg.buffer, cfg.env.num_envs, pad_id=codec.pad_id, device=buffer_device, prompt=codec)
     encoder = StepEncoder(codec, buffer, probe.goal_step_limit, cfg.buffer.max_achieved)
     act_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
     sample_gen = torch.Generator(buffer.device).manual_seed(cfg.seed + 2)
     act_sample = make_act_fn(agent, codec, greedy=False, device=device, generator=act_gen)
     collector = Collector(vec, act_sample, seed=cfg.seed)
     act_greedy = make_act_fn(agent, codec, greedy=True, device=device)
+    eval_gen = torch.Generator(device)  # reseeded at every evaluation, so sampled evaluations are reproducible
+    act_eval_sample = make_act_fn(agent, codec, greedy=False, device=device, generator=eval_gen)
     eval_fns = {"": make_env_fn(cfg, **cfg.env.eval_kwargs)}
     if cfg.env.heldout_kwargs:
         eval_fns["heldout/"] = make_env_fn(cfg, **{**cfg.env.eval_kwargs, **cfg.env.heldout_kwargs})
@@ -147,7 +150,9 @@ def main(dcfg: DictConfig) -> float:
         agent.eval()
         metrics: dict[str, float] = {}
         for prefix, fn in eval_fns.items():
-            result = evaluate([fn] * cfg.eval.num_envs, act_greedy, None, categories=probe.goal_categories,
+            eval_gen.manual_seed(cfg.eval.seed)
+            result = evaluate([fn] * cfg.eval.num_envs, act_greedy, act_eval_sample if cfg.eval.sample else None,
+                              categories=probe.goal_categories,
                               episodes_per_category=cfg.eval.episodes_per_category, seed=cfg.eval.seed)
             metrics.update({k.replace("eval/", f"eval/{prefix}", 1): v for k, v in result.items()})
         agent.train()
@@ -175,7 +180,7 @@ def main(dcfg: DictConfig) -> float:
             update_credit += updates_per_vector_step
             while update_credit >= 1.0:
                 try:
-                    metrics.update(updater.update(buffer.sample(cfg.batch_size, sample_gen)))
+                    metrics.update(updater.update(buffer.sample(cfg.batch_size, sample_gen).to(device)))
                 except NonFiniteLossError as exc:
                     last = find_latest_checkpoint(run_dir)
                     raise RuntimeError(f"stopped at env step {collector.env_steps}: {exc} Last good checkpoint: "

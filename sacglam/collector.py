@@ -289,7 +289,6 @@ class Collector:
             "reset_seed": self._reset_seed,
             "observations": None if self._obs is None else list(self._obs),
             "infos": None if self._infos is None else list(self._infos),
-            "goals": None if self._infos is None else [info.get("goal") for info in self._infos],
             "episode_return": self._ep_return.tolist(),
             "episode_length": self._ep_length.tolist(),
         }

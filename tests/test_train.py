@@ -152,3 +152,12 @@ def test_smollm2_trains_end_to_end(tmp_path: Path) -> None:
     updates = [m for m in metrics if "losses/critic" in m]
     assert updates and all(m["losses/critic"] is not None for m in updates)
     assert "eval/greedy/success" in metrics[-1]
+
+
+def test_sampled_evaluation_and_explicit_buffer_device(tmp_path: Path) -> None:
+    """eval.sample=true adds the sampled policy's metrics; buffer.device=cpu is honoured (not overridden)."""
+    result = run_train(["experiment=bitflip_her", *SMALL, "total_env_steps=96", "eval.sample=true",
+                        "buffer.device=cpu", "checkpoint.every=0"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = read_metrics(tmp_path)[-1]
+    assert 0.0 <= final["eval/sample/success"] <= 1.0 and "eval/greedy/success" in final
