@@ -115,6 +115,8 @@ class ReplayBuffer:
     )  # fmt: skip
     _STATE_FIELDS = ("ep_len", "ep_ach", "cur_start", "cur_k", "cur_step", "cur_ach", "lo", "goal_tokens",
                      "goal_len", "goal_limit")  # fmt: skip
+    # Rarity bookkeeping (her.rarity_draws / her.rare_fraction); states saved before it existed load with defaults.
+    _RARITY_FIELDS = ("rare_goal", "goal_count")
 
     def __init__(
         self,
@@ -196,6 +198,12 @@ class ReplayBuffer:
         self.goal_len = z(cfg.max_goals, dtype=torch.int16)
         self.goal_limit = z(cfg.max_goals, dtype=torch.int64)
         self._goal_ids: dict[tuple[int, ...], int] = {}
+        self._max_limit = 1  # host copy of max(goal_limit): how far back an achievement marks rows (rare_goal)
+        # Rarity (her.rarity_draws, her.rare_fraction): achievements per goal over the whole run, and per row the
+        # rarest goal achieved within its step limit later in the row's episode (-1: none).
+        self.goal_count = z(cfg.max_goals, dtype=torch.int64)
+        self.rare_goal = z(C, N, dtype=torch.int32, fill=-1)
+        self._rare_w = torch.zeros((), device=dev)
         self.pos = 0  # adds so far (host int: the write pointer is the same for every column)
         self._n_sampleable = 0  # host copy, refreshed by add's single synchronisation
         # Sampling helpers derived from the fields above (rebuilt on load by _rebuild_derived, never saved).
@@ -237,6 +245,7 @@ class ReplayBuffer:
             raise ValueError(f"goal token id {max(key)} exceeds token_dtype={self.cfg.token_dtype}'s maximum "
                              f"{self._token_max}; set buffer token_dtype='int32'")
         gid = self._goal_ids.get(key)
+        self._max_limit = max(self._max_limit, limit)
         if gid is not None:
             if limit:
                 self.goal_limit[gid] = limit
@@ -397,6 +406,8 @@ class ReplayBuffer:
                                                  self._rank_reset).to(torch.int32)
         cur_ach = self.cur_ach + achieving.long()
         self._eps[slot, cols] = torch.stack([self.cur_step + 1, cur_ach], 1).to(torch.int32)  # ep_len, ep_ach
+        if cfg.her.counts_goals:
+            self._mark_rare(row, achieved, achieving)
 
         # Episode ends: the next row starts a new episode.
         self.lo = lo
@@ -406,6 +417,36 @@ class ReplayBuffer:
         self.cur_ach = torch.where(done, 0, cur_ach)
         self.pos = P + 1
         self._n_sampleable = n_sampleable
+
+    def _mark_rare(self, row: int, achieved: torch.Tensor, achieving: torch.Tensor) -> None:
+        """Count this step's achievements and mark the rows that lead to its rarest one (no synchronisation).
+
+        The rows of the running episode at most ``limit - 1`` steps before this one (``limit`` = the goal's step
+        limit, or the largest known when unset) and this row get ``rare_goal = g`` unless they already lead to a goal
+        achieved fewer times.
+
+        Args:
+            row: the storage row just written.
+            achieved: [N, G] long goal ids achieved by the step, left-aligned, padded with -1.
+            achieving: [N] bool, the step achieved something.
+        """
+        C = self.capacity_per_env
+        valid = achieved >= 0
+        ids = achieved.clamp(min=0)
+        self.goal_count.index_add_(0, ids.view(-1), valid.view(-1).long())
+        big = torch.iinfo(torch.int64).max
+        count = torch.where(valid, self.goal_count.index_select(0, ids.view(-1)).view_as(ids), big)  # [N, G]
+        g = ids.gather(1, count.argmin(1, keepdim=True)).squeeze(1)  # [N] the rarest achieved goal
+        limit = self.goal_limit.index_select(0, g)
+        limit = torch.where(limit > 0, limit, self._max_limit)
+        back = torch.arange(min(self._max_limit, C), device=self.device).unsqueeze(1)  # [W, 1] steps back
+        rows = (row - back.squeeze(1)) % C  # [W] rows of this episode's last W steps (episodes fit in C rows)
+        ok = achieving & (back <= self.cur_step) & (back < limit)  # [W, N]
+        self.rare_goal[row] = -1  # the row was just overwritten: forget the old episode's mark
+        old = self.rare_goal.index_select(0, rows).long()  # [W, N]
+        old_count = torch.where(old >= 0, self.goal_count.index_select(0, old.clamp(min=0).view(-1)).view_as(old), big)
+        take = ok & (self.goal_count.index_select(0, g) < old_count)
+        self.rare_goal.index_copy_(0, rows, torch.where(take, g, old).to(torch.int32))
 
     # ------------------------------------------------------------------ sample
 
@@ -434,8 +475,12 @@ class ReplayBuffer:
         if self._window_pos != self.pos:
             self._refresh_window()
         # All randomness is drawn here, so the rest is a pure function of the storage (and can be compiled).
-        draws = torch.rand(batch_size, 4, generator=generator, device=dev, dtype=torch.float64)
-        return Batch(**self._sample_core(draws))
+        her = self.cfg.her
+        draws = torch.rand(batch_size, 3 + her.rarity_draws, generator=generator, device=dev, dtype=torch.float64)
+        n_rare = round(batch_size * her.rare_fraction)
+        rare_rows = (torch.multinomial(self._rare_w, n_rare, replacement=True, generator=generator) if n_rare
+                     else None)
+        return Batch(**self._sample_core(draws, rare_rows))
 
     def _refresh_window(self) -> None:
         """Per-column sampling window, recomputed once per ``add`` (lazily, on the device, no synchronisation).
@@ -450,10 +495,24 @@ class ReplayBuffer:
         self._cum = cum
         self._base = (self.lo - (cum - w)) * N + torch.arange(N, device=self.device)
         self._total_f, self._total_m1 = cum[-1].to(torch.float64), cum[-1] - 1
+        if self.cfg.her.rare_fraction > 0:
+            # Sampleable rows: absolute positions [lo, cur_start) of each column, stored at position % C.
+            C = self.capacity_per_env
+            offset = (torch.arange(C, device=self.device).unsqueeze(1) - self.lo) % C  # [C, N]
+            sampleable = (offset < w).to(torch.float64)
+            g = self.rare_goal.long()
+            inv = 1.0 / self.goal_count.index_select(0, g.clamp(min=0).view(-1)).view_as(g).clamp(min=1)
+            # A tiny floor keeps the total positive (uniform over sampleable rows when none leads to anything).
+            self._rare_w = (torch.where(g >= 0, inv, 0.0) + 1e-30) * sampleable
+            self._rare_w = self._rare_w.view(-1)
         self._window_pos = self.pos
 
-    def _sample_from_draws(self, draws: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The sampling path given its uniforms ``draws`` [B, 4] (row pick, relabel coin, rank, goal in step).
+    def _sample_from_draws(
+        self, draws: torch.Tensor, rare_rows: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The sampling path given its uniforms ``draws`` [B, 3 + m] (row pick, relabel coin, rank, goal in step,
+        then the other m - 1 rank draws of ``her.rarity_draws``) and the rows drawn by rarity ``rare_rows`` [R]
+        (flat storage rows; they replace the last R uniform picks).
 
         Reads the derived tables (``_rows``, ``_ranks``, ``_eps``, ``_heads``): per sampled row one gather of its
         scalars, one of the episode and one of the relabelling source, then row gathers of the token fields straight
@@ -467,6 +526,8 @@ class ReplayBuffer:
         x = torch.minimum((draws[:, 0] * self._total_f).long(), self._total_m1)
         col = torch.searchsorted(self._cum, x, right=True)  # [B]
         z = torch.add(self._base.index_select(0, col), x, alpha=N)  # [B] a * N + col, a = absolute step of s_t
+        if rare_rows is not None:  # a flat row r * N + col is z modulo C * N, and z is only ever used modulo C * N
+            z = torch.cat([z[: B - rare_rows.shape[0]], rare_rows])
         if n == 1:
             flat = z % CN  # storage row (flattened [C * N])
             win_rows = self._rows_flat.index_select(0, flat).unsqueeze(1)  # [B, 1, F + G]
@@ -480,11 +541,25 @@ class ReplayBuffer:
         reward = win_rows[:, :, _REW].view(torch.float32)  # [B, n]
         term = win_rows[:, :, _TERM].bool()
         if cfg.her.ratio > 0:  # a static switch: ratio 0 returns exactly the stored transitions
-            rank, eligible = pick_achieving_rank(cfg.her.strategy, row[:, _ACHB], ep[:, 1], draws[:, 2])
-            src = self._ranks_flat.index_select(0, torch.add(z, rank - t, alpha=N) % CN)  # [B, 3 + G] (see _ranks)
-            # pick_goal_of_step on the source step's goals, with count and max(count - 1, 0) precomputed by add.
-            q = torch.minimum((draws[:, 3] * src[:, 1]).long(), src[:, 2])
-            new_goal = src[:, 3:].gather(1, q.unsqueeze(1)).squeeze(1)
+            m = cfg.her.rarity_draws
+            if m == 1:
+                rank, eligible = pick_achieving_rank(cfg.her.strategy, row[:, _ACHB], ep[:, 1], draws[:, 2])
+                src = self._ranks_flat.index_select(0, torch.add(z, rank - t, alpha=N) % CN)  # [B, 3 + G] (_ranks)
+                # pick_goal_of_step on the source step's goals, with count and max(count - 1, 0) precomputed by add.
+                q = torch.minimum((draws[:, 3] * src[:, 1]).long(), src[:, 2])
+                new_goal = src[:, 3:].gather(1, q.unsqueeze(1)).squeeze(1)
+            else:  # m candidate sources; the goal achieved fewest times wins (argmin takes the first of ties)
+                u = torch.cat([draws[:, 2:3], draws[:, 4:]], 1)  # [B, m]
+                rank, eligible = pick_achieving_rank(cfg.her.strategy, row[:, _ACHB, None], ep[:, 1, None], u)
+                eligible = eligible[:, 0]
+                srcs = self._ranks_flat.index_select(0, (torch.add(z.unsqueeze(1), rank - t.unsqueeze(1), alpha=N)
+                                                         % CN).view(-1)).view(B, m, -1)  # [B, m, 3 + G]
+                q = torch.minimum((draws[:, 3:4] * srcs[:, :, 1]).long(), srcs[:, :, 2])
+                goals = srcs[:, :, 3:].gather(2, q.unsqueeze(2)).squeeze(2)  # [B, m]
+                count = self.goal_count.index_select(0, goals.clamp(min=0).view(-1).long()).view(B, m)
+                best = count.argmin(1, keepdim=True)  # [B, 1]
+                src = srcs.gather(1, best.unsqueeze(2).expand(B, 1, srcs.shape[2])).squeeze(1)
+                new_goal = goals.gather(1, best).squeeze(1)
             # An eligible source is an achieving step: its picked goal is >= 0 (the check pick_goal_of_step needs).
             relabelled = (draws[:, 1] < cfg.her.ratio) & eligible
             goal = torch.where(relabelled, new_goal, row[:, _GOAL]).long()
@@ -637,7 +712,8 @@ class ReplayBuffer:
         The int32 per-row fields (step, goal, action, achieved, ach_before) are views of one table and ach_step,
         ep_len, ep_ach of two others; ``torch.save`` writes each table once.
         """
-        state: dict[str, Any] = {name: getattr(self, name) for name in self._ROW_FIELDS + self._STATE_FIELDS}
+        names = self._ROW_FIELDS + self._STATE_FIELDS + self._RARITY_FIELDS
+        state: dict[str, Any] = {name: getattr(self, name) for name in names}
         state["pos"] = self.pos
         state["n_sampleable"] = self._n_sampleable
         state["goal_keys"] = [list(k) for k in self._goal_ids]  # in id order (dicts keep insertion order)
@@ -654,7 +730,7 @@ class ReplayBuffer:
         if state["shape"] != want:
             raise ValueError(f"buffer state was saved with {state['shape']} but this buffer has {want}; "
                              f"build it with the same capacity and n_envs")
-        names = self._ROW_FIELDS + self._STATE_FIELDS
+        names = self._ROW_FIELDS + self._STATE_FIELDS + tuple(n for n in self._RARITY_FIELDS if n in state)
         for name in names:
             src, dst = state[name], getattr(self, name)
             if tuple(src.shape) != tuple(dst.shape):
@@ -665,6 +741,7 @@ class ReplayBuffer:
         self.pos = int(state["pos"])
         self._n_sampleable = int(state["n_sampleable"])
         self._goal_ids = {tuple(k): i for i, k in enumerate(state["goal_keys"])}
+        self._max_limit = max(1, int(self.goal_limit.max()))
         self._rebuild_derived()
 
     def bytes_per_transition(self) -> float:
@@ -673,7 +750,7 @@ class ReplayBuffer:
         Counts every per-row allocation once, the derived sampling columns included (not the per-goal tables).
         """
         seen: dict[int, int] = {}
-        for name in (*self._ROW_FIELDS, "_rows", "_ranks", "_eps"):
+        for name in (*self._ROW_FIELDS, "rare_goal", "_rows", "_ranks", "_eps"):
             storage = getattr(self, name).untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
         return sum(seen.values()) / (self.capacity_per_env * self.n_envs)

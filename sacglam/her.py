@@ -31,16 +31,35 @@ class HERConfig:
             step (it may precede t, then t' - t < 0); ``episode``: a goal achieved at any step of the episode.
         ratio: probability that a sampled transition is relabelled (0.8 = SB3's 4 relabelled per real sample).
             Transitions with no eligible achieved goal keep their goal.
+        rarity_draws: m achieving steps drawn per relabelled transition; the goal achieved fewest times so far (over
+            the whole run, counted by the buffer) wins, ties to the first draw. 1 = plain HER. Rare achievements
+            (growing a plant among hundreds of grasps) then become the relabel goal whenever the episode offers one.
+        rare_fraction: fraction of each batch drawn not uniformly but in proportion to ``1 / count(g)``, where g is
+            the rarest goal achieved within its step limit after the row, in the same episode (rows with none are
+            drawn only when nothing else is stored). 0 = uniform sampling. Prioritised replay of what was rarely
+            achieved: the few transitions that lead to a rare goal are replayed far more often than uniform sampling
+            would, while the rest of the batch stays uniform.
     """
 
     strategy: str = "future"  # future | final | episode
     ratio: float = 0.8  # in [0, 1]; 0 disables HER
+    rarity_draws: int = 1  # >= 1; m draws, the rarest goal wins
+    rare_fraction: float = 0.0  # in [0, 1]; share of the batch sampled by rarity
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"her.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if not 0.0 <= self.ratio <= 1.0:
             raise ValueError(f"her.ratio must be in [0, 1], got {self.ratio}")
+        if self.rarity_draws < 1:
+            raise ValueError(f"her.rarity_draws must be >= 1, got {self.rarity_draws}")
+        if not 0.0 <= self.rare_fraction <= 1.0:
+            raise ValueError(f"her.rare_fraction must be in [0, 1], got {self.rare_fraction}")
+
+    @property
+    def counts_goals(self) -> bool:
+        """Whether the buffer must count achievements per goal (a rarity option is on)."""
+        return self.rarity_draws > 1 or self.rare_fraction > 0
 
 
 def equality_reward(achieved: torch.Tensor, goal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

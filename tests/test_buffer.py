@@ -58,6 +58,7 @@ class Sim:
     her: HERConfig = field(default_factory=lambda: HERConfig(ratio=0.0))
     n_goals: int = 4
     G: int = 2
+    limits: tuple[int, ...] = (10, 11, 12, 13)  # step limit of goal g
 
     def __post_init__(self) -> None:
         cfg = BufferConfig(capacity=self.capacity, n_step=self.n_step, gamma=self.gamma, device="cpu",
@@ -65,7 +66,7 @@ class Sim:
                            max_achieved=self.G, her=self.her)
         self.buf = ReplayBuffer(cfg, self.n_envs, pad_id=0, prompt=PIECES)
         for g in range(self.n_goals):
-            assert self.buf.register_goal(goal_tokens(g), limit=10 + g) == g
+            assert self.buf.register_goal(goal_tokens(g), limit=self.limits[g]) == g
         self.C = self.capacity // self.n_envs
         self.log: dict[tuple[int, int], Step] = {}
         self.ep = [0] * self.n_envs
@@ -180,7 +181,7 @@ def check_row(sim: Sim, b: Batch, i: int) -> tuple[int, int]:
     bidx = ex["boot"] - NEXT + 1
     assert b.next_cand_ids[i].tolist() == [[bidx + 6, 0], [bidx + 7, 5]]
     assert b.next_cand_mask[i].tolist() == [[True, False], [True, True]]
-    assert int(b.goal_limit[i]) == 10 + goal
+    assert int(b.goal_limit[i]) == sim.limits[goal]
     return P, e
 
 

@@ -90,13 +90,18 @@ episode_plan = st.lists(
     plans=st.lists(episode_plan, min_size=3, max_size=3),
     n_adds=st.integers(4, 30),
     seed=st.integers(0, 2**16),
+    rarity=st.sampled_from([(1, 0.0), (3, 0.0), (1, 1.0), (3, 0.5)]),
 )
 def test_her_properties_random_layouts(n_envs: int, rows: int, n_step: int, strategy: str,
                                        plans: list[list[tuple[int, str, list[list[int]]]]], n_adds: int,
-                                       seed: int) -> None:
+                                       seed: int, rarity: tuple[int, float]) -> None:
     """ratio 1: every eligible transition is relabelled from an allowed step of its own intact episode (future:
-    t' >= t, final: the last achieving step); rewards equal the plain-Python ones; wrap-around included."""
-    sim = Sim(n_envs=n_envs, capacity=rows * n_envs, n_step=n_step, her=HERConfig(strategy, 1.0))
+    t' >= t, final: the last achieving step); rewards equal the plain-Python ones; wrap-around included. The same
+    holds with the rarity options (rarest of m draws, rows drawn by rarity), which change only which rows and goals
+    are drawn."""
+    draws, frac = rarity
+    sim = Sim(n_envs=n_envs, capacity=rows * n_envs, n_step=n_step,
+              her=HERConfig(strategy, 1.0, rarity_draws=draws, rare_fraction=frac))
     # Expand each env's plan into per-step (achieved, end-kind) events, cycling through it.
     events: list[list[tuple[list[int], str]]] = []
     for e in range(n_envs):
