@@ -5,6 +5,11 @@
 different from its goal and lasts at most ``n`` steps (enough for the expert, which needs at most ``n`` flips).
 Every step reaches a new state, so ``info["achieved_goals"]`` is ``["Make the bits <state reached>"]``; the reward is
 1 and the episode terminates iff that is the goal. One goal category, ``bitflip``.
+
+``bit_words="indexed"`` writes each bit as one word naming its position and value, ``Bits: 1off 2on 3on 4off`` and
+``Make the bits 1on 2off 3on 4on``: the same task, but a small transformer trained from scratch no longer has to
+learn to count word positions to tell which ``Flip bit i`` fixes a difference (measured with
+``scripts/bitflip_supervised_probe.py``; pretrained LLMs can use either form).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from envs.base import TextEnvBase
 GOAL_PREFIX = "Make the bits "
 OBS_PREFIX = "Bits: "
 CATEGORY = "bitflip"
+BIT_WORDS = ("digits", "indexed")
 
 
 class BitFlipTextEnv(TextEnvBase):
@@ -27,12 +33,17 @@ class BitFlipTextEnv(TextEnvBase):
         n_bits: number of bits (>= 1); also the step limit.
         invalid_action: ``raise`` (InvalidActionError) or ``noop`` (a wasted step flagged in ``info``).
         render_mode: None or ``ansi``.
+        bit_words: ``digits`` (``0 1 1 0``, the ENVIRONMENTS.md form) or ``indexed`` (``1off 2on 3on 4off``).
     """
 
-    def __init__(self, n_bits: int = 8, invalid_action: str = "raise", render_mode: str | None = None) -> None:
+    def __init__(self, n_bits: int = 8, invalid_action: str = "raise", render_mode: str | None = None,
+                 bit_words: str = "digits") -> None:
         super().__init__(invalid_action=invalid_action)
         if n_bits < 1:
             raise ValueError(f"n_bits must be >= 1, got {n_bits}")
+        if bit_words not in BIT_WORDS:
+            raise ValueError(f"bit_words must be one of {BIT_WORDS}, got {bit_words!r}")
+        self.bit_words = bit_words
         if render_mode not in (None, "ansi"):
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self.n_bits = int(n_bits)
@@ -50,16 +61,21 @@ class BitFlipTextEnv(TextEnvBase):
 
     # -- goals --------------------------------------------------------------------------------------------------
 
+    def _words(self, i: int) -> tuple[str, str]:
+        """The words of bit ``i`` (0-based) for value 0 and value 1."""
+        return ("0", "1") if self.bit_words == "digits" else (f"{i + 1}off", f"{i + 1}on")
+
     def _bits_text(self, bits: np.ndarray) -> str:
-        return " ".join("1" if b else "0" for b in bits.tolist())
+        return " ".join(self._words(i)[int(b)] for i, b in enumerate(bits.tolist()))
 
     def parse_goal(self, goal: str) -> np.ndarray:
         """The bits [n_bits] int8 that ``goal`` asks for; ValueError naming the goal when it is not one."""
         body = goal[len(GOAL_PREFIX) :].split(" ") if goal.startswith(GOAL_PREFIX) else []
-        if len(body) != self.n_bits or any(b not in ("0", "1") for b in body):
-            example = GOAL_PREFIX + " ".join("10"[i % 2] for i in range(self.n_bits))
-            raise ValueError(f"unknown BitFlip-Text goal {goal!r} for n_bits={self.n_bits}; e.g. {example!r}")
-        return np.array([b == "1" for b in body], dtype=np.int8)
+        if len(body) != self.n_bits or any(b not in self._words(i) for i, b in enumerate(body)):
+            example = GOAL_PREFIX + self._bits_text(np.arange(self.n_bits) % 2 == 0)
+            raise ValueError(f"unknown BitFlip-Text goal {goal!r} for n_bits={self.n_bits}, bit_words="
+                             f"{self.bit_words!r}; e.g. {example!r}")
+        return np.array([b == self._words(i)[1] for i, b in enumerate(body)], dtype=np.int8)
 
     def goal_category(self, goal: str) -> str:
         """Always ``bitflip`` for a valid goal; pure. Unknown goal -> ValueError."""

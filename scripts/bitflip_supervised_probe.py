@@ -4,7 +4,7 @@ Random (state, goal) pairs of n bits; the loss is -log of the policy mass on the
 correct move). If this supervised upper bound learns slowly, SAC + HER cannot learn faster: the bottleneck is the
 model's representation of the text, not the RL algorithm.
 
-    python scripts/bitflip_supervised_probe.py --hidden 64 --layers 2 --steps 1500
+    python scripts/bitflip_supervised_probe.py --hidden 64 --layers 2 --steps 1500 [--bit-words indexed]
 
 Prints a table of (step, loss, greedy accuracy) with the accuracy of a uniform policy as the reference.
 """
@@ -33,6 +33,8 @@ TEMPLATE = "Goal: {goal}\nObservation: {obs}\nAction:"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-bits", type=int, default=8)
+    parser.add_argument("--bit-words", default="digits", choices=["digits", "indexed"],
+                        help="how the env writes bits (see envs/bitflip_text.py)")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
@@ -46,7 +48,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     n = opts.n_bits
-    env = gymnasium.make("sacglam/BitFlipText-v0", n_bits=n).unwrapped
+    env = gymnasium.make("sacglam/BitFlipText-v0", n_bits=n, bit_words=opts.bit_words).unwrapped
     cfg = ModelConfig(hidden=opts.hidden, layers=opts.layers, heads=opts.heads, intermediate=2 * opts.hidden,
                       lora=LoraConfig(enabled=False))
     model, tok = load_model(cfg, corpus=tokenizer_corpus(TEMPLATE, env, 50, 0), device="cpu")

@@ -140,3 +140,29 @@ def test_gymnasium_make_and_pure_reward() -> None:
     assert BitFlipTextEnv.compute_reward(achieved, "Make the bits 1 0 1 1 0") == 1.0
     assert BitFlipTextEnv.compute_reward(achieved, "Make the bits 1 0 1 1 1") == 0.0
     assert achieved == ["Make the bits 1 0 1 1 0"]
+
+
+def test_indexed_bit_words_same_dynamics() -> None:
+    """``bit_words="indexed"``: the same seeded episode as ``digits``, each bit written as ``<i>on`` / ``<i>off``."""
+    plain, indexed = BitFlipTextEnv(n_bits=4), BitFlipTextEnv(n_bits=4, bit_words="indexed")
+    obs_p, _ = plain.reset(seed=3, options={"goal": "Make the bits 1 0 1 1"})
+    obs_i, info = indexed.reset(seed=3, options={"goal": "Make the bits 1on 2off 3on 4on"})
+    words = {"0": "off", "1": "on"}
+    to_indexed = lambda bits: " ".join(f"{i}{words[b]}" for i, b in enumerate(bits.split(" "), 1))  # noqa: E731
+    assert obs_i == "Bits: " + to_indexed(obs_p.removeprefix("Bits: "))
+    assert info["goal"] == "Make the bits 1on 2off 3on 4on"
+    for _ in range(4):
+        action = plain.expert_action()
+        assert indexed.expert_action() == action
+        obs_p, r_p, term_p, trunc_p, _ = plain.step(action)
+        obs_i, r_i, term_i, trunc_i, info = indexed.step(action)
+        assert obs_i == "Bits: " + to_indexed(obs_p.removeprefix("Bits: "))
+        assert info["achieved_goals"] == ["Make the bits " + to_indexed(obs_p.removeprefix("Bits: "))]
+        assert (r_i, term_i, trunc_i) == (r_p, term_p, trunc_p)
+        if term_p:
+            break
+    assert term_i and r_i == 1.0
+    with pytest.raises(ValueError, match="bit_words='indexed'"):
+        indexed.reset(seed=0, options={"goal": "Make the bits 1 0 1 1"})
+    with pytest.raises(ValueError, match="bit_words"):
+        BitFlipTextEnv(bit_words="hex")
