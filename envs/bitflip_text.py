@@ -7,9 +7,9 @@ Every step reaches a new state, so ``info["achieved_goals"]`` is ``["Make the bi
 1 and the episode terminates iff that is the goal. One goal category, ``bitflip``.
 
 ``bit_words="indexed"`` writes each bit as one word naming its position and value, ``Bits: 1off 2on 3on 4off`` and
-``Make the bits 1on 2off 3on 4on``: the same task, but a small transformer trained from scratch no longer has to
-learn to count word positions to tell which ``Flip bit i`` fixes a difference (measured with
-``scripts/bitflip_supervised_probe.py``; pretrained LLMs can use either form).
+``Make the bits 1on 2off 3on 4on``: the same task, but a small transformer trained from scratch need not count word
+positions to tell which ``Flip bit i`` fixes a difference. ``scripts/bitflip_supervised_probe.py`` (hidden 64 x 2
+layers, 2,000 supervised steps): greedy accuracy 0.53 with digits, 0.75-0.79 with indexed words (uniform 0.51).
 """
 
 from __future__ import annotations
@@ -65,14 +65,15 @@ class BitFlipTextEnv(TextEnvBase):
         """The words of bit ``i`` (0-based) for value 0 and value 1."""
         return ("0", "1") if self.bit_words == "digits" else (f"{i + 1}off", f"{i + 1}on")
 
-    def _bits_text(self, bits: np.ndarray) -> str:
+    def bits_text(self, bits: np.ndarray) -> str:
+        """The words of ``bits`` [n_bits] as the observation and goal texts write them."""
         return " ".join(self._words(i)[int(b)] for i, b in enumerate(bits.tolist()))
 
     def parse_goal(self, goal: str) -> np.ndarray:
         """The bits [n_bits] int8 that ``goal`` asks for; ValueError naming the goal when it is not one."""
         body = goal[len(GOAL_PREFIX) :].split(" ") if goal.startswith(GOAL_PREFIX) else []
         if len(body) != self.n_bits or any(b not in self._words(i) for i, b in enumerate(body)):
-            example = GOAL_PREFIX + self._bits_text(np.arange(self.n_bits) % 2 == 0)
+            example = GOAL_PREFIX + self.bits_text(np.arange(self.n_bits) % 2 == 0)
             raise ValueError(f"unknown BitFlip-Text goal {goal!r} for n_bits={self.n_bits}, bit_words="
                              f"{self.bit_words!r}; e.g. {example!r}")
         return np.array([b == self._words(i)[1] for i, b in enumerate(body)], dtype=np.int8)
@@ -113,13 +114,13 @@ class BitFlipTextEnv(TextEnvBase):
             self._goal_bits = self.parse_goal(goal)
         else:
             self._goal_bits = self.np_random.integers(0, 2, self.n_bits, dtype=np.int8)
-        self._goal = GOAL_PREFIX + self._bits_text(self._goal_bits)
+        self._goal = GOAL_PREFIX + self.bits_text(self._goal_bits)
         # The start must differ from the goal: redraw (uniform over the other 2^n - 1 states; 2 draws at worst
         # on average, for n = 1).
         self._bits = self.np_random.integers(0, 2, self.n_bits, dtype=np.int8)
         while np.array_equal(self._bits, self._goal_bits):
             self._bits = self.np_random.integers(0, 2, self.n_bits, dtype=np.int8)
-        self._obs = OBS_PREFIX + self._bits_text(self._bits)
+        self._obs = OBS_PREFIX + self.bits_text(self._bits)
         self._t = 0
         self._done = False
         return self._obs, self._info([], False)
@@ -146,7 +147,7 @@ class BitFlipTextEnv(TextEnvBase):
         achieved: list[str] = []
         if valid:
             self._bits[self._action_index[action]] ^= 1
-            state = self._bits_text(self._bits)
+            state = self.bits_text(self._bits)
             self._obs = OBS_PREFIX + state
             achieved = [GOAL_PREFIX + state]
         self._t += 1

@@ -17,10 +17,10 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import gymnasium
 import torch
 
 import envs  # noqa: F401 - registers the envs
+from envs.bitflip_text import GOAL_PREFIX, OBS_PREFIX, BitFlipTextEnv
 from sacglam.losses import candidate_policy
 from sacglam.models import LoraConfig, ModelConfig, load_model
 from sacglam.pipeline import tokenizer_corpus
@@ -48,7 +48,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     n = opts.n_bits
-    env = gymnasium.make("sacglam/BitFlipText-v0", n_bits=n, bit_words=opts.bit_words).unwrapped
+    env = BitFlipTextEnv(n_bits=n, bit_words=opts.bit_words)
     cfg = ModelConfig(hidden=opts.hidden, layers=opts.layers, heads=opts.heads, intermediate=2 * opts.hidden,
                       lora=LoraConfig(enabled=False))
     model, tok = load_model(cfg, corpus=tokenizer_corpus(TEMPLATE, env, 50, 0), device="cpu")
@@ -63,23 +63,29 @@ def main() -> None:
     print("| step | loss | greedy accuracy | uniform policy | seconds |")
     print("|---:|---:|---:|---:|---:|")
     start = time.perf_counter()
-    for step in range(1, opts.steps + 1):
-        state = torch.randint(0, 2, (opts.batch, n), generator=gen)
-        goal = torch.randint(0, 2, (opts.batch, n), generator=gen)
+    def pairs(size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Random (state, goal) pairs [size, n], their policy log-probs [size, n] and the bits that differ."""
+        state = torch.randint(0, 2, (size, n), generator=g)
+        goal = torch.randint(0, 2, (size, n), generator=g)
         goal[(state == goal).all(-1), 0] ^= 1  # the env never starts at its goal
-        observations = ["Bits: " + " ".join(map(str, row.tolist())) for row in state]
-        goals = ["Make the bits " + " ".join(map(str, row.tolist())) for row in goal]
+        observations = [OBS_PREFIX + env.bits_text(row.numpy()) for row in state]  # the env's own words
+        goals = [GOAL_PREFIX + env.bits_text(row.numpy()) for row in goal]
         prompt_ids, prompt_mask = codec.encode_prompts(goals, observations)
-        out = score_candidates(model, prompt_ids, prompt_mask, cand_ids.expand(opts.batch, -1, -1),
-                               cand_mask.expand(opts.batch, -1, -1))
-        log_pi, pi = candidate_policy(out.logp, out.valid)
-        differs = state != goal
+        out = score_candidates(model, prompt_ids, prompt_mask, cand_ids.expand(size, -1, -1),
+                               cand_mask.expand(size, -1, -1))
+        log_pi, _ = candidate_policy(out.logp, out.valid)
+        return state, log_pi, state != goal
+
+    for step in range(1, opts.steps + 1):
+        _, log_pi, differs = pairs(opts.batch, gen)
         loss = -torch.logsumexp(log_pi.masked_fill(~differs, -1e9), dim=-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % opts.every == 0:
-            accuracy = differs.gather(1, pi.argmax(-1, keepdim=True)).float().mean().item()
+            with torch.no_grad():  # the same 512 held-out pairs at every report
+                _, log_pi, differs = pairs(512, torch.Generator().manual_seed(12345))
+            accuracy = differs.gather(1, log_pi.argmax(-1, keepdim=True)).float().mean().item()
             uniform = differs.float().mean().item()
             seconds = time.perf_counter() - start
             print(f"| {step} | {loss.item():.3f} | {accuracy:.3f} | {uniform:.3f} | {seconds:.0f} |", flush=True)
