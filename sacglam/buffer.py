@@ -203,7 +203,7 @@ class ReplayBuffer:
         # rarest goal achieved within its step limit later in the row's episode (-1: none).
         self.goal_count = z(cfg.max_goals, dtype=torch.int64)
         self.rare_goal = z(C, N, dtype=torch.int32, fill=-1)
-        self._rare_w = torch.zeros((), device=dev)
+        self._rare_w = self._rare_cdf = self._rare_total = torch.zeros((), device=dev)
         self.pos = 0  # adds so far (host int: the write pointer is the same for every column)
         self._n_sampleable = 0  # host copy, refreshed by add's single synchronisation
         # Sampling helpers derived from the fields above (rebuilt on load by _rebuild_derived, never saved).
@@ -478,8 +478,10 @@ class ReplayBuffer:
         her = self.cfg.her
         draws = torch.rand(batch_size, 3 + her.rarity_draws, generator=generator, device=dev, dtype=torch.float64)
         n_rare = round(batch_size * her.rare_fraction)
-        rare_rows = (torch.multinomial(self._rare_w, n_rare, replacement=True, generator=generator) if n_rare
-                     else None)
+        rare_rows = None
+        if n_rare:  # inverse-CDF draws: O(R log(C N)) per call, the cumulative sum is built once per add
+            u = torch.rand(n_rare, generator=generator, device=dev, dtype=torch.float64) * self._rare_total
+            rare_rows = torch.searchsorted(self._rare_cdf, u, right=True).clamp_(max=self._rare_cdf.shape[0] - 1)
         return Batch(**self._sample_core(draws, rare_rows))
 
     def _refresh_window(self) -> None:
@@ -503,8 +505,11 @@ class ReplayBuffer:
             g = self.rare_goal.long()
             inv = 1.0 / self.goal_count.index_select(0, g.clamp(min=0).view(-1)).view_as(g).clamp(min=1)
             # A tiny floor keeps the total positive (uniform over sampleable rows when none leads to anything).
-            self._rare_w = (torch.where(g >= 0, inv, 0.0) + 1e-30) * sampleable
-            self._rare_w = self._rare_w.view(-1)
+            self._rare_w = ((torch.where(g >= 0, inv, 0.0) + 1e-30) * sampleable).view(-1)
+            # Row r is drawn for u in [cdf[r - 1], cdf[r]): weight-0 rows (cdf unchanged) are never drawn; the scale
+            # just below 1 keeps u < cdf[-1] despite rounding.
+            self._rare_cdf = torch.cumsum(self._rare_w, 0)
+            self._rare_total = self._rare_cdf[-1] * (1 - 1e-9)
         self._window_pos = self.pos
 
     def _sample_from_draws(

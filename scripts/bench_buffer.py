@@ -10,6 +10,7 @@ tokens), a goal achieved with probability 0.2 per step out of 64 goals. HER: str
     python scripts/bench_buffer.py --device cuda   # our buffer on the GPU (SB3 samples to the GPU too)
     python scripts/bench_buffer.py --threads 1 --token-dtype int16   # the fastest CPU configuration
     python scripts/bench_buffer.py --threads 1 --all-configs   # int32/int16 x eager/compiled, one table
+    python scripts/bench_buffer.py --threads 1 --rarity-draws 4 --rare-fraction 0.25   # the training default HER
 
 Sampling rates are the median over chunks of ``--chunk`` calls (the same statistic for both buffers), so that other
 processes on a shared machine disturb the ratio less than a plain mean would. At capacity 500k both buffers are bound
@@ -67,7 +68,8 @@ def bench_ours(args: argparse.Namespace, pool: list[dict[str, np.ndarray]], toke
     dev = torch.device(args.device)
     cfg = BufferConfig(capacity=args.capacity, n_step=args.n_step, gamma=0.99, device=str(dev), max_obs_tokens=LO,
                        max_goal_tokens=4, max_cands=K, max_cand_tokens=LC, max_goals=N_GOALS, max_achieved=G,
-                       token_dtype=token_dtype, her=HERConfig("future", 0.8), compile=compile)
+                       token_dtype=token_dtype, compile=compile,
+                       her=HERConfig("future", 0.8, rarity_draws=args.rarity_draws, rare_fraction=args.rare_fraction))
     pieces = PromptPieces(torch.tensor([1, 2, 3]), torch.tensor([4, 5]), torch.tensor([6, 7]), pad_id=0)
     buf = ReplayBuffer(cfg, args.n_envs, pad_id=0, prompt=pieces)
     for g in range(N_GOALS):
@@ -178,6 +180,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="capacity 4096, 20 sample iterations")
     ap.add_argument("--skip-sb3", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile our sampling path (BufferConfig.compile)")
+    ap.add_argument("--rarity-draws", type=int, default=1, help="her.rarity_draws (the training default is 4)")
+    ap.add_argument("--rare-fraction", type=float, default=0.0, help="her.rare_fraction (the training default: 0.25)")
     ap.add_argument("--all-configs", action="store_true",
                     help="our buffer with int32 and int16 tokens, eager and compiled, against SB3, in one table")
     args = ap.parse_args()
@@ -194,7 +198,8 @@ def main() -> None:
     tokens = "int32 and int16" if args.all_configs else args.token_dtype
     print(f"\ncapacity {args.capacity}, {args.n_envs} envs, compile {compiled}, batch {args.batch}, "
           f"n_step {args.n_step}, obs {LO} tokens, {K} candidates x {LC} tokens, device {args.device}, "
-          f"tokens {tokens}, HER future 0.8, torch threads {torch.get_num_threads()}\n")
+          f"tokens {tokens}, HER future 0.8 (rarity draws {args.rarity_draws}, rare fraction {args.rare_fraction}), "
+          f"torch threads {torch.get_num_threads()}\n")
     if args.all_configs:
         print("| buffer | add (transitions/s) | sample (transitions/s) | sample vs SB3 | bytes/transition | "
               "total for capacity |")
