@@ -14,7 +14,7 @@ from tests.test_train import read_metrics, run_train
 
 GRASP_ONLY = [
     "env.kwargs.goal_categories=[grasp]",
-    "env.heldout_kwargs={}",
+    "~env.heldout_kwargs.split",
     "total_env_steps=8000",
     "eval.every=4000",
     "eval.episodes_per_category=64",
@@ -49,7 +49,7 @@ def test_default_recipe_learns_grow_plant_goals(tmp_path: Path) -> None:
     """The default run (grasp + grow-plant) by env steps instead of wall time: rarity-weighted HER must teach the
     4-action grow chain (random play: 0.5%). Measured: grow-plant 0.88-1.00 from 35k env steps (docs/results.md)."""
     run = run_train(["total_env_steps=45000", "eval.every=15000", "eval.episodes_per_category=64",
-                     "env.heldout_kwargs={}", "checkpoint.every=0", "time_limit_min=0", "logger.progress=false"],
+                     "~env.heldout_kwargs.split", "checkpoint.every=0", "time_limit_min=0", "logger.progress=false"],
                     tmp_path / "run", timeout=1500)
     assert run.returncode == 0, run.stderr[-3000:]
     grow, grasp = final_success(tmp_path / "run", "grow_plant"), final_success(tmp_path / "run", "grasp")
