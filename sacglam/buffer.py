@@ -436,7 +436,8 @@ class ReplayBuffer:
         self.goal_count.index_add_(0, ids.view(-1), valid.view(-1).long())
         big = torch.iinfo(torch.int64).max
         count = torch.where(valid, self.goal_count.index_select(0, ids.view(-1)).view_as(ids), big)  # [N, G]
-        g = ids.gather(1, count.argmin(1, keepdim=True)).squeeze(1)  # [N] the rarest achieved goal
+        g_count, best = count.min(1)  # the first of ties, as argmin
+        g = ids.gather(1, best.unsqueeze(1)).squeeze(1)  # [N] the rarest achieved goal
         limit = self.goal_limit.index_select(0, g)
         limit = torch.where(limit > 0, limit, self._max_limit)
         back = torch.arange(min(self._max_limit, C), device=self.device).unsqueeze(1)  # [W, 1] steps back
@@ -445,7 +446,7 @@ class ReplayBuffer:
         self.rare_goal[row] = -1  # the row was just overwritten: forget the old episode's mark
         old = self.rare_goal.index_select(0, rows).long()  # [W, N]
         old_count = torch.where(old >= 0, self.goal_count.index_select(0, old.clamp(min=0).view(-1)).view_as(old), big)
-        take = ok & (self.goal_count.index_select(0, g) < old_count)
+        take = ok & (g_count < old_count)  # where nothing was achieved, g_count is big and ok is False
         self.rare_goal.index_copy_(0, rows, torch.where(take, g, old).to(torch.int32))
 
     # ------------------------------------------------------------------ sample
