@@ -10,6 +10,12 @@ Every step reaches a new state, so ``info["achieved_goals"]`` is ``["Make the bi
 ``Make the bits 1on 2off 3on 4on``: the same task, but a small transformer trained from scratch need not count word
 positions to tell which ``Flip bit i`` fixes a difference. ``scripts/bitflip_supervised_probe.py`` (hidden 64 x 2
 layers, 2,000 supervised steps): greedy accuracy 0.53 with digits, 0.75-0.79 with indexed words (uniform 0.51).
+
+``actions="set"`` (with indexed words) names each action by the word it writes: in state ``Bits: 1off 2on`` the
+actions are ``Set 1on`` and ``Set 2off`` (still one per bit, each flipping it; the list changes with the state). The
+dynamics, goals and rewards are unchanged, but a correct move is now one whose word appears in the goal, so the
+policy's decision is a copy from the goal text instead of a per-bit comparison. With it the same probe reaches 1.00
+in 100 steps; it is the form the tiny-model ``experiment=bitflip_her`` uses (docs/results.md).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ GOAL_PREFIX = "Make the bits "
 OBS_PREFIX = "Bits: "
 CATEGORY = "bitflip"
 BIT_WORDS = ("digits", "indexed")
+ACTION_FORMS = ("flip", "set")
 
 
 class BitFlipTextEnv(TextEnvBase):
@@ -34,24 +41,36 @@ class BitFlipTextEnv(TextEnvBase):
         invalid_action: ``raise`` (InvalidActionError) or ``noop`` (a wasted step flagged in ``info``).
         render_mode: None or ``ansi``.
         bit_words: ``digits`` (``0 1 1 0``, the ENVIRONMENTS.md form) or ``indexed`` (``1off 2on 3on 4off``).
+        actions: ``flip`` (``Flip bit i``, the ENVIRONMENTS.md form) or ``set`` (``Set 3on``: the word the action
+            writes; needs ``bit_words="indexed"``).
     """
 
     def __init__(self, n_bits: int = 8, invalid_action: str = "raise", render_mode: str | None = None,
-                 bit_words: str = "digits") -> None:
+                 bit_words: str = "digits", actions: str = "flip") -> None:
         super().__init__(invalid_action=invalid_action)
         if n_bits < 1:
             raise ValueError(f"n_bits must be >= 1, got {n_bits}")
         if bit_words not in BIT_WORDS:
             raise ValueError(f"bit_words must be one of {BIT_WORDS}, got {bit_words!r}")
+        if actions not in ACTION_FORMS:
+            raise ValueError(f"actions must be one of {ACTION_FORMS}, got {actions!r}")
+        if actions == "set" and bit_words != "indexed":
+            raise ValueError(f"actions='set' names each action by a bit's word, so it needs bit_words='indexed' "
+                             f"(got bit_words={bit_words!r})")
         self.bit_words = bit_words
+        self.action_form = actions
         if render_mode not in (None, "ansi"):
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self.n_bits = int(n_bits)
         self.render_mode = render_mode
         self.goal_categories: list[str] = [CATEGORY]
-        # The candidate list never changes: built once and copied into each info.
+        # "flip": the candidate list never changes, built once and copied into each info. "set": both words of each
+        # bit are actions (only the one that changes the bit is admissible at a time).
         self._actions: list[str] = [f"Flip bit {i}" for i in range(1, self.n_bits + 1)]
-        self._action_index: dict[str, int] = {a: i for i, a in enumerate(self._actions)}
+        if actions == "set":
+            self._actions = [f"Set {w}" for i in range(self.n_bits) for w in self._words(i)]
+        per_bit = 1 if actions == "flip" else 2
+        self._action_index: dict[str, int] = {a: i // per_bit for i, a in enumerate(self._actions)}
         self._bits = np.zeros(self.n_bits, dtype=np.int8)
         self._goal_bits = np.zeros(self.n_bits, dtype=np.int8)
         self._goal = ""
@@ -125,11 +144,22 @@ class BitFlipTextEnv(TextEnvBase):
         self._done = False
         return self._obs, self._info([], False)
 
+    def actions_text(self, bits: np.ndarray) -> list[str]:
+        """The actions in state ``bits`` [n_bits], one per bit in bit order: ``Flip bit i``, or ``Set <word>`` with
+        the word each bit would get."""
+        if self.action_form == "flip":
+            return list(self._actions)
+        return [f"Set {self._words(i)[1 - int(b)]}" for i, b in enumerate(bits.tolist())]
+
+    def admissible_actions(self) -> list[str]:
+        """The actions of the current state (:meth:`actions_text` of it)."""
+        return self.actions_text(self._bits)
+
     def _info(self, achieved: list[str], invalid: bool) -> dict[str, Any]:
         return {
             "goal": self._goal,
             "goal_category": CATEGORY,
-            "admissible_actions": list(self._actions),
+            "admissible_actions": self.admissible_actions(),
             "achieved_goals": achieved,
             "invalid_action": invalid,
         }
@@ -143,7 +173,7 @@ class BitFlipTextEnv(TextEnvBase):
         """
         if self._done:
             raise RuntimeError("BitFlipTextEnv.step called before reset() or after the episode ended; call reset()")
-        valid = self._check_action(action, self._actions)
+        valid = self._check_action(action, self.admissible_actions())
         achieved: list[str] = []
         if valid:
             self._bits[self._action_index[action]] ^= 1
@@ -160,7 +190,7 @@ class BitFlipTextEnv(TextEnvBase):
     def expert_action(self) -> str:
         """Flip the first (leftmost) bit that differs from the goal (any action if none differs)."""
         diff = np.flatnonzero(self._bits != self._goal_bits)
-        return self._actions[int(diff[0])] if diff.size else self._actions[0]
+        return self.admissible_actions()[int(diff[0]) if diff.size else 0]
 
     def render(self) -> str | None:
         """The current observation text (``render_mode="ansi"``), else None."""

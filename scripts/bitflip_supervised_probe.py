@@ -4,7 +4,7 @@ Random (state, goal) pairs of n bits; the loss is -log of the policy mass on the
 correct move). If this supervised upper bound learns slowly, SAC + HER cannot learn faster: the bottleneck is the
 model's representation of the text, not the RL algorithm.
 
-    python scripts/bitflip_supervised_probe.py --hidden 64 --layers 2 --steps 1500 [--bit-words indexed]
+    python scripts/bitflip_supervised_probe.py --layers 2 --steps 1500 [--bit-words indexed] [--actions set]
 
 Prints a table of (step, loss, greedy accuracy) with the accuracy of a uniform policy as the reference.
 """
@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--n-bits", type=int, default=8)
     parser.add_argument("--bit-words", default="digits", choices=["digits", "indexed"],
                         help="how the env writes bits (see envs/bitflip_text.py)")
+    parser.add_argument("--actions", default="flip", choices=["flip", "set"],
+                        help="how the env names actions: 'Flip bit i' or 'Set 3on' (needs --bit-words indexed)")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
@@ -48,14 +50,13 @@ def main() -> None:
     torch.manual_seed(0)
 
     n = opts.n_bits
-    env = BitFlipTextEnv(n_bits=n, bit_words=opts.bit_words)
+    env = BitFlipTextEnv(n_bits=n, bit_words=opts.bit_words, actions=opts.actions)
     cfg = ModelConfig(hidden=opts.hidden, layers=opts.layers, heads=opts.heads, intermediate=2 * opts.hidden,
                       lora=LoraConfig(enabled=False))
     model, tok = load_model(cfg, corpus=tokenizer_corpus(TEMPLATE, env, 50, 0), device="cpu")
     codec = PromptCodec(lambda t: tok.encode(t, add_special_tokens=False), pad_id=tok.pad_token_id,
                         template=PromptTemplate.from_format(TEMPLATE), max_goal_tokens=n + 4, max_obs_tokens=n + 4,
                         max_cands=n, max_cand_tokens=4, bos_id=tok.bos_token_id)
-    cand_ids, cand_mask = codec.candidate_tensors([[f"Flip bit {i}" for i in range(1, n + 1)]])
     opt = torch.optim.Adam(model.parameters(), lr=opts.lr)
     gen = torch.Generator().manual_seed(1)
 
@@ -71,8 +72,8 @@ def main() -> None:
         observations = [OBS_PREFIX + env.bits_text(row.numpy()) for row in state]  # the env's own words
         goals = [GOAL_PREFIX + env.bits_text(row.numpy()) for row in goal]
         prompt_ids, prompt_mask = codec.encode_prompts(goals, observations)
-        out = score_candidates(model, prompt_ids, prompt_mask, cand_ids.expand(size, -1, -1),
-                               cand_mask.expand(size, -1, -1))
+        cand_ids, cand_mask = codec.candidate_tensors([env.actions_text(row.numpy()) for row in state])  # k: bit k
+        out = score_candidates(model, prompt_ids, prompt_mask, cand_ids, cand_mask)
         log_pi, _ = candidate_policy(out.logp, out.valid)
         return state, log_pi, state != goal
 

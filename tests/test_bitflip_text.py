@@ -166,3 +166,64 @@ def test_indexed_bit_words_same_dynamics() -> None:
         indexed.reset(seed=0, options={"goal": "Make the bits 1 0 1 1"})
     with pytest.raises(ValueError, match="bit_words"):
         BitFlipTextEnv(bit_words="hex")
+
+
+def test_set_actions_hand_written_episode() -> None:
+    """``actions="set"``: each action names the word it writes; the admissible list follows the state."""
+    env = BitFlipTextEnv(n_bits=3, bit_words="indexed", actions="set")
+    obs, info = env.reset(seed=0, options={"goal": "Make the bits 1on 2off 3on"})
+    bits = obs.removeprefix("Bits: ").split(" ")
+    flip = {"on": "off", "off": "on"}
+    expected = [f"Set {w[0]}{flip[w[1:]]}" for w in bits]  # one per bit, in bit order, each the other word
+    assert info["admissible_actions"] == expected
+    # A hand-written walk from a known state: 1off 2off 3off -> goal 1on 2off 3on in two moves.
+    env._bits[:] = 0
+    env._obs = "Bits: 1off 2off 3off"
+    assert env.admissible_actions() == ["Set 1on", "Set 2on", "Set 3on"]
+    assert env.expert_action() == "Set 1on"
+    obs, reward, terminated, truncated, info = env.step("Set 1on")
+    assert (obs, reward, terminated, truncated) == ("Bits: 1on 2off 3off", 0.0, False, False)
+    assert info["admissible_actions"] == ["Set 1off", "Set 2on", "Set 3on"]
+    assert info["achieved_goals"] == ["Make the bits 1on 2off 3off"]
+    with pytest.raises(InvalidActionError):
+        env.step("Set 1on")  # bit 1 is already on: not admissible
+    with pytest.raises(InvalidActionError):
+        env.step("Flip bit 3")
+    obs, reward, terminated, truncated, info = env.step("Set 3on")
+    assert (obs, reward, terminated, truncated) == ("Bits: 1on 2off 3on", 1.0, True, False)
+
+
+def test_set_actions_same_dynamics_as_flip() -> None:
+    """The same seeded episodes (random moves) under ``flip`` and ``set``: identical states, rewards and ends."""
+    flip = BitFlipTextEnv(n_bits=6, bit_words="indexed")
+    put = BitFlipTextEnv(n_bits=6, bit_words="indexed", actions="set")
+    rng = random.Random(0)
+    for seed in range(20):
+        obs_f, info_f = flip.reset(seed=seed)
+        obs_s, info_s = put.reset(seed=seed)
+        assert (obs_s, info_s["goal"]) == (obs_f, info_f["goal"])
+        done = False
+        while not done:
+            k = rng.randrange(6)
+            obs_f, r_f, term_f, trunc_f, info_f = flip.step(info_f["admissible_actions"][k])
+            obs_s, r_s, term_s, trunc_s, info_s = put.step(info_s["admissible_actions"][k])
+            assert (obs_s, r_s, term_s, trunc_s) == (obs_f, r_f, term_f, trunc_f)
+            assert info_s["achieved_goals"] == info_f["achieved_goals"]
+            done = term_f or trunc_f
+
+
+def test_set_actions_expert_and_errors() -> None:
+    env = BitFlipTextEnv(n_bits=8, bit_words="indexed", actions="set")
+    for seed in range(20):
+        _, info = env.reset(seed=seed)
+        goal_words = set(info["goal"].removeprefix("Make the bits ").split(" "))
+        terminated = False
+        while not terminated:
+            action = env.expert_action()
+            assert action.removeprefix("Set ") in goal_words  # a correct move writes a goal word
+            _, _, terminated, truncated, info = env.step(action)
+            assert not truncated
+    with pytest.raises(ValueError, match="needs bit_words='indexed'"):
+        BitFlipTextEnv(actions="set")
+    with pytest.raises(ValueError, match="actions must be one of"):
+        BitFlipTextEnv(bit_words="indexed", actions="toggle")
