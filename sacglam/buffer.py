@@ -46,16 +46,21 @@ This module imports torch only (never transformers, peft, accelerate or the agen
 
 from __future__ import annotations
 
+import ctypes
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from sacglam import native
 from sacglam.her import HERConfig, equality_reward, n_step_window, pick_achieving_rank
 from sacglam.prompting import PromptAssembler, PromptCodec, PromptPieces
 from sacglam.types import Batch, RewardFn, TransitionBatch
 
 _TOKEN_DTYPES = {"int16": torch.int16, "int32": torch.int32, "int64": torch.int64}
+_NATIVE_MODES = ("auto", "on", "off")
+_STRATEGY_CODES = {"future": 0, "episode": 1, "final": 2}  # as sacglam/csrc/sample.c numbers them
 
 # Columns of the derived per-row table ReplayBuffer._rows (int32; floats stored as their bits), then G achieved ids.
 _T, _EPK, _GOAL, _ACHB, _TERM, _ACT, _OL, _NOL, _REW, _LOGP = range(10)
@@ -79,12 +84,17 @@ class BufferConfig:
     token_dtype: str = "int32"  # int16 halves token memory and is exact when the vocabulary has < 32768 ids
     her: HERConfig = field(default_factory=HERConfig)  # hindsight relabelling (ratio 0 disables it)
     compile: bool = False  # torch.compile the sampling path (one-off compile per batch size; slower than eager on CPU)
+    # CPU buffers sample with one C call (sacglam/native.py) instead of ~100 torch ops; same batch, several times
+    # faster. auto: when it builds (else torch, with a warning); on: required (an error says why not); off: torch.
+    native: str = "auto"
 
     def __post_init__(self) -> None:
         if self.token_dtype not in _TOKEN_DTYPES:
             raise ValueError(f"token_dtype must be one of {sorted(_TOKEN_DTYPES)}, got {self.token_dtype!r}")
         if self.n_step < 1:
             raise ValueError(f"n_step must be >= 1, got {self.n_step}")
+        if self.native not in _NATIVE_MODES:
+            raise ValueError(f"native must be one of {_NATIVE_MODES}, got {self.native!r}")
         if isinstance(self.her, dict):  # Hydra/OmegaConf may hand a plain mapping
             self.her = HERConfig(**self.her)
 
@@ -148,7 +158,11 @@ class ReplayBuffer:
         Lo, K, Lc, G = cfg.max_obs_tokens, cfg.max_cands, cfg.max_cand_tokens, cfg.max_achieved
 
         def z(*shape: int, dtype: torch.dtype, fill: float = 0) -> torch.Tensor:
-            return torch.full(shape, fill, dtype=dtype, device=dev)
+            if dev.type != "cpu":
+                return torch.full(shape, fill, dtype=dtype, device=dev)
+            out = torch.empty(shape, dtype=dtype)  # large CPU storage: huge pages (advised before the first touch)
+            native.advise_huge_pages(out)
+            return out.fill_(fill)
 
         # Row storage [C, N, ...]. Lengths are int16: no text field here is 32k tokens wide.
         self.obs = z(C, N, Lo, dtype=tdt, fill=pad_id)
@@ -180,7 +194,8 @@ class ReplayBuffer:
         # HER sources: at row start+r, [t', count, max(count - 1, 0), goals (G)] of the episode's r-th achieving step
         # (it happens at step t' >= r, so that row exists when t' is written); ach_step = t' is the saved field.
         self._rank_reset = torch.tensor([-1, 0, 0] + [-1] * G, dtype=torch.int32, device=dev)
-        self._ranks = self._rank_reset.repeat(C, N, 1)
+        self._ranks = z(C, N, 3 + G, dtype=torch.int32)
+        self._ranks[:] = self._rank_reset
         self.ach_step = self._ranks[..., 0]  # at row start+r: step index of the r-th achieving step
         # Episode table per column, slot = k % (C + 1): at most C completed episodes plus the running one are alive.
         S = C + 1
@@ -218,6 +233,17 @@ class ReplayBuffer:
         self._steps = torch.arange(cfg.n_step, device=dev)
         self._window_pos = -1  # self.pos when the column window below was computed (-1: stale)
         self._cum = self._base = self._total_f = self._total_m1 = torch.zeros((), device=dev)
+        # The native CPU sampler (None: the torch path samples) and what it reads besides the storage.
+        self._native = self._pick_native(reward_fn)
+        self._nargs = native.SampleArgs()
+        if self._native is not None:
+            self._heads64 = z(cfg.max_goals, self._asm.head_width, dtype=torch.int64)
+            self._post64 = self.pieces.post.to(torch.int64).contiguous()
+            # gamma ** j as the torch path computes it (float32 pow over a vector); for n = 1 its discount is gamma.
+            width = max(64, cfg.n_step + 1)
+            self._powers = (torch.tensor([1.0, cfg.gamma], dtype=torch.float32) if cfg.n_step == 1 else
+                            (cfg.gamma ** torch.arange(width, dtype=torch.float32))[: cfg.n_step + 1].contiguous())
+            self._scratch: dict[int, torch.Tensor] = {}
         self._rebuild_derived()
         # torch.compile fuses the sampling path's small ops: meant for GPUs, where each op is a kernel launch.
         self._sample_core = (torch.compile(self._sample_from_draws, dynamic=False) if cfg.compile
@@ -483,6 +509,8 @@ class ReplayBuffer:
         if n_rare:  # inverse-CDF draws: O(R log(C N)) per call, the cumulative sum is built once per add
             u = torch.rand(n_rare, generator=generator, device=dev, dtype=torch.float64) * self._rare_total
             rare_rows = torch.searchsorted(self._rare_cdf, u, right=True).clamp_(max=self._rare_cdf.shape[0] - 1)
+        if self._native is not None:
+            return self._sample_native(draws, rare_rows)
         return Batch(**self._sample_core(draws, rare_rows))
 
     def _refresh_window(self) -> None:
@@ -498,6 +526,10 @@ class ReplayBuffer:
         self._cum = cum
         self._base = (self.lo - (cum - w)) * N + torch.arange(N, device=self.device)
         self._total_f, self._total_m1 = cum[-1].to(torch.float64), cum[-1] - 1
+        if self._native is not None:  # a CPU buffer: reading these scalars is no device synchronisation
+            a = self._nargs
+            a.cum, a.base = self._cum.data_ptr(), self._base.data_ptr()
+            a.total_f, a.total_m1 = float(self._total_f), int(self._total_m1)
         if self.cfg.her.rare_fraction > 0:
             # Sampleable rows: absolute positions [lo, cur_start) of each column, stored at position % C.
             C = self.capacity_per_env
@@ -650,6 +682,98 @@ class ReplayBuffer:
         else:
             out.copy_(table.index_select(0, index))
 
+    # ------------------------------------------------------------------ native CPU sampler
+
+    def _pick_native(self, reward_fn: RewardFn) -> ctypes.CDLL | None:
+        """The native sampler's library when ``cfg.native`` and this buffer allow it, else None (torch samples).
+
+        Raises:
+            ValueError: ``native="on"`` and it cannot be used (says why).
+        """
+        cfg = self.cfg
+        if cfg.native == "off":
+            return None
+        why = ""
+        if self.device.type != "cpu":
+            why = f"the buffer is on {self.device} (the native sampler is for CPU buffers)"
+        elif reward_fn is not equality_reward:
+            why = "a custom reward_fn is set (the native sampler computes the equality reward only)"
+        elif cfg.token_dtype not in ("int16", "int32"):
+            why = f"token_dtype={cfg.token_dtype!r} (the native sampler reads int16 or int32 tokens)"
+        elif cfg.compile:
+            why = "buffer.compile=true asks for the torch.compile path"
+        elif cfg.n_step > 256 or cfg.her.rarity_draws > 64:
+            why = "n_step > 256 or her.rarity_draws > 64 (the native sampler's fixed limits)"
+        else:
+            lib = native.load()
+            if lib is not None:
+                return lib
+            why = f"it could not be built: {native.load_error()}"
+            if cfg.native == "auto":
+                warnings.warn(f"the native CPU sampler is off ({why}); sampling with torch ops instead (same "
+                              f"batches, several times slower)", RuntimeWarning, stacklevel=3)
+        if cfg.native == "on":
+            raise ValueError(f"buffer.native=on, but the native sampler cannot be used: {why}")
+        return None
+
+    def _set_native_tables(self) -> None:
+        """Point the native sampler's arguments at the storage and derived tables (after each rebuild)."""
+        cfg, a, asm = self.cfg, self._nargs, self._asm
+        a.rows, a.ranks, a.eps = self._rows.data_ptr(), self._ranks.data_ptr(), self._eps.data_ptr()
+        a.goal_count, a.goal_limit = self.goal_count.data_ptr(), self.goal_limit.data_ptr()
+        a.goal_len, a.heads = self._goal_len32.data_ptr(), self._heads64.data_ptr()
+        a.obs, a.next_obs = self.obs.data_ptr(), self.next_obs.data_ptr()
+        a.cands, a.next_cands = self.cands.data_ptr(), self.next_cands.data_ptr()
+        a.cand_len, a.next_cand_len = self.cand_len.data_ptr(), self.next_cand_len.data_ptr()
+        a.policy_version, a.post, a.powers = self.policy_version.data_ptr(), self._post64.data_ptr(), \
+            self._powers.data_ptr()
+        a.row_w, a.rank_w, a.head_w, a.n_post = self._rows.shape[-1], self._ranks.shape[-1], asm.head_width, \
+            self._post64.numel()
+        a.N, a.CN, a.n_step, a.G = self.n_envs, self.capacity_per_env * self.n_envs, cfg.n_step, cfg.max_achieved
+        a.Lo, a.K, a.Lc, a.Lp = cfg.max_obs_tokens, cfg.max_cands, cfg.max_cand_tokens, asm.prompt_width
+        a.pre_mid = self.pieces.prefix.numel() + self.pieces.mid.numel()
+        a.token_bytes, a.pad_id = self.obs.element_size(), self.pad_id
+        a.strategy, a.her_on, a.m = _STRATEGY_CODES[cfg.her.strategy], int(cfg.her.ratio > 0), cfg.her.rarity_draws
+        a.ratio = cfg.her.ratio
+
+    def _sample_native(self, draws: torch.Tensor, rare_rows: torch.Tensor | None) -> Batch:
+        """``_sample_from_draws`` in one C call (``sacglam/csrc/sample.c``): the same batch from the same draws."""
+        cfg, a, lib = self.cfg, self._nargs, self._native
+        assert lib is not None
+        B, K, Lc, Lp = draws.shape[0], cfg.max_cands, cfg.max_cand_tokens, self._asm.prompt_width
+        empty = torch.empty
+        prompt_ids, prompt_mask = empty((2, B, Lp), dtype=torch.int64), empty((2, B, Lp), dtype=torch.bool)
+        cand_ids, cand_mask = empty((2, B, K, Lc), dtype=torch.int64), empty((2, B, K, Lc), dtype=torch.bool)
+        ints = empty((6, B), dtype=torch.int64)  # action, n_steps, goal, goal_gap, goal_limit, policy_version
+        floats = empty((3, B), dtype=torch.float32)  # reward, discount, logp
+        flags = empty((3, B), dtype=torch.bool)  # terminated, truncated, relabelled
+        scratch = self._scratch.get(B)
+        if scratch is None:
+            scratch = self._scratch[B] = empty((6, B), dtype=torch.int64)
+        a.draws, a.draw_w, a.B = draws.data_ptr(), draws.shape[1], B
+        a.rare_rows, a.R = (0, 0) if rare_rows is None else (rare_rows.data_ptr(), rare_rows.shape[0])
+        a.scratch = scratch.data_ptr()
+        a.prompt_ids, a.prompt_mask = prompt_ids.data_ptr(), prompt_mask.data_ptr()
+        a.cand_ids, a.cand_mask = cand_ids.data_ptr(), cand_mask.data_ptr()
+        i, f, b = ints.data_ptr(), floats.data_ptr(), flags.data_ptr()
+        a.action, a.n_steps, a.goal, a.goal_gap, a.goal_limit_out, a.policy_version_out = (i + 8 * B * j
+                                                                                            for j in range(6))
+        a.reward, a.discount, a.logp = (f + 4 * B * j for j in range(3))
+        a.terminated, a.truncated, a.relabelled = (b + B * j for j in range(3))
+        if lib.sacglam_sample(ctypes.byref(a)) != 0:
+            raise RuntimeError("the native sampler refused its arguments (n_step or rarity_draws above its limits)")
+        (p_ids, np_ids), (p_mask, np_mask) = prompt_ids.unbind(), prompt_mask.unbind()  # unbind: cheaper than [i]
+        (c_ids, nc_ids), (c_mask, nc_mask) = cand_ids.unbind(), cand_mask.unbind()
+        action, n_steps, goal, goal_gap, goal_limit, policy_version = ints.unbind()
+        reward, discount, logp = floats.unbind()
+        terminated, truncated, relabelled = flags.unbind()
+        return Batch(
+            prompt_ids=p_ids, prompt_mask=p_mask, cand_ids=c_ids, cand_mask=c_mask, action=action, reward=reward,
+            discount=discount, next_prompt_ids=np_ids, next_prompt_mask=np_mask, next_cand_ids=nc_ids,
+            next_cand_mask=nc_mask, terminated=terminated, truncated=truncated, n_steps=n_steps, goal=goal,
+            relabelled=relabelled, goal_gap=goal_gap, goal_limit=goal_limit, logp=logp, policy_version=policy_version,
+        )
+
     # ------------------------------------------------------------------ derived tables
 
     @staticmethod
@@ -660,8 +784,11 @@ class ReplayBuffer:
 
     def _set_heads(self, g: slice) -> None:
         """Prompt heads and int32 lengths of goal table rows ``g``."""
-        self._heads[g] = self._asm.heads(self.goal_tokens[g].long(), self.goal_len[g].long()).to(self._src_dtype)
+        heads = self._asm.heads(self.goal_tokens[g].long(), self.goal_len[g].long())
+        self._heads[g] = heads.to(self._src_dtype)
         self._goal_len32[g] = self.goal_len[g].to(torch.int32)
+        if self._native is not None:
+            self._heads64[g] = heads
 
     def _rebuild_derived(self) -> None:
         """Recompute the derived columns and tables from the saved fields (at construction and on load)."""
@@ -700,6 +827,8 @@ class ReplayBuffer:
         self._cand_len_flat = self.cand_len.view(C * N, -1)
         self._next_cand_len_flat = self.next_cand_len.view(C * N, -1)
         self._policy_version_flat = self.policy_version.view(C * N)
+        if self._native is not None:
+            self._set_native_tables()
 
     def _pad_past(self, ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """``ids`` [..., L] with ``pad_id`` written past ``lens`` [...] (done once on add, not on every sample)."""

@@ -1,0 +1,285 @@
+/* The replay buffer's CPU sampling path as one C function (sacglam/native.py builds and loads it).
+ *
+ * It computes exactly what ReplayBuffer._sample_from_draws computes with ~100 torch ops, from the same draws and the
+ * same derived tables (see sacglam/buffer.py for their layout), in three passes over the batch:
+ *   A. the sampled storage row of each transition (column window + uniform offset, or a rarity row);
+ *   B. per transition, the scalars: HER relabelling (plain or rarest-of-m), the reward and termination recomputed for
+ *      the new goal (the equality reward), the n-step window, the bootstrap row;
+ *   C. the token copies: both prompts ([bos?] + pre + goal + mid | obs | post | pad) and both candidate sets, with
+ *      software prefetch of the rows a few transitions ahead.
+ * On CPU the batch is bound by random reads of ~2 KB of token rows per transition; pass C keeps several rows in flight
+ * instead of waiting for each, and the ~100 op dispatches of the torch path become one call.
+ *
+ * Integer arithmetic follows torch's: float -> int64 conversions truncate (all operands are >= 0), `%` is a floor
+ * modulo, argmin takes the first minimum. Floats: draws are float64 as torch draws them; rewards, discounts and
+ * returns are float32, with gamma's powers precomputed by torch (so they are bit-identical).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the candidate-mask words assume a little-endian CPU"
+#endif
+
+typedef struct {
+    /* storage and derived tables (fixed between loads) */
+    const int32_t *rows;          /* [CN, row_w]: step, episode slot, goal, ach_before, terminated, action, obs_len,
+                                     next_obs_len, reward bits, logp bits, achieved (G) */
+    const int32_t *ranks;         /* [CN, rank_w]: t', count, max(count - 1, 0), goals (G) */
+    const int32_t *eps;           /* [S * N, 2]: ep_len, ep_ach */
+    const int64_t *goal_count;    /* [max_goals] */
+    const int64_t *goal_limit;    /* [max_goals] */
+    const int32_t *goal_len;      /* [max_goals] */
+    const int64_t *heads;         /* [max_goals, head_w]: [bos?] + pre + goal + mid, right padded */
+    const void *obs, *next_obs;   /* [CN, Lo] tokens (int16 or int32) */
+    const void *cands, *next_cands;          /* [CN, K * Lc] tokens */
+    const int16_t *cand_len, *next_cand_len; /* [CN, K] */
+    const int64_t *policy_version;           /* [CN] */
+    const int64_t *post;          /* [n_post] */
+    const float *powers;          /* [n_step + 1]: gamma ** j in float32, as torch computes it */
+    int64_t row_w, rank_w, head_w, n_post;
+    int64_t N, CN, n_step, G, Lo, K, Lc, Lp, pre_mid, token_bytes, pad_id;
+    int64_t strategy;             /* 0 future, 1 episode, 2 final */
+    int64_t her_on, m;            /* relabelling on (ratio > 0); m = rarity_draws */
+    double ratio;
+    /* column window (refreshed after each add) */
+    const int64_t *cum, *base;    /* [N] */
+    double total_f;
+    int64_t total_m1;
+    /* per call */
+    const double *draws;          /* [B, draw_w] */
+    int64_t draw_w, B;
+    const int64_t *rare_rows;     /* [R] flat rows drawn by rarity; they replace the last R picks */
+    int64_t R;
+    int64_t *scratch;             /* [6, B]: z, flat row, bootstrap row, next obs length, obs length, goal length */
+    /* outputs */
+    int64_t *prompt_ids;          /* [2, B, Lp] */
+    uint8_t *prompt_mask;         /* [2, B, Lp] */
+    int64_t *cand_ids;            /* [2, B, K * Lc] */
+    uint8_t *cand_mask;           /* [2, B, K * Lc] */
+    int64_t *action, *n_steps, *goal, *goal_gap, *goal_limit_out, *policy_version_out; /* [B] */
+    float *reward, *discount, *logp; /* [B] */
+    uint8_t *terminated, *truncated, *relabelled; /* [B] */
+} SampleArgs;
+
+enum { T_ = 0, EPK = 1, GOAL = 2, ACHB = 3, TERM = 4, ACT = 5, OL = 6, NOL = 7, REW = 8, LOGP = 9, F = 10 };
+#define PREFETCH_AHEAD 3
+#define MAX_DRAWS 64
+#define MAX_NSTEP 256
+#define ONES UINT64_C(0x0101010101010101)
+
+static inline int64_t fmod64(int64_t a, int64_t b) { int64_t r = a % b; return r < 0 ? r + b : r; }
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline float bits_to_float(int32_t bits) { float f; memcpy(&f, &bits, sizeof f); return f; }
+
+/* Index of the first cum[i] > x (torch.searchsorted(cum, x, right=True)). */
+static inline int64_t upper_bound(const int64_t *cum, int64_t n, int64_t x) {
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        int64_t mid = (lo + hi) >> 1;
+        if (cum[mid] <= x) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+static inline void prefetch_span(const void *p, int64_t bytes) {
+    const char *c = (const char *)p;
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off);
+}
+
+static inline void widen(int64_t *dst, const void *src, int64_t row, int64_t width, int64_t count, int64_t tb) {
+    if (tb == 2) {
+        const int16_t *s = (const int16_t *)src + row * width;
+        for (int64_t j = 0; j < count; j++) dst[j] = s[j];
+    } else {
+        const int32_t *s = (const int32_t *)src + row * width;
+        for (int64_t j = 0; j < count; j++) dst[j] = s[j];
+    }
+}
+
+/* One prompt: head[:pre_mid + gl] | obs[:ol] | post | pad, and its mask. */
+static inline void write_prompt(const SampleArgs *a, int64_t *ids, uint8_t *mask, int64_t g, int64_t gl,
+                                const void *obs, int64_t row, int64_t ol) {
+    int64_t h = a->pre_mid + gl, p = 0;
+    memcpy(ids, a->heads + g * a->head_w, (size_t)h * sizeof(int64_t));
+    p = h;
+    widen(ids + p, obs, row, a->Lo, ol, a->token_bytes);
+    p += ol;
+    memcpy(ids + p, a->post, (size_t)a->n_post * sizeof(int64_t));
+    p += a->n_post;
+    memset(mask, 1, (size_t)p);
+    memset(mask + p, 0, (size_t)(a->Lp - p));
+    for (; p < a->Lp; p++) ids[p] = a->pad_id;
+}
+
+static inline void write_cands(const SampleArgs *a, int64_t *ids, uint8_t *mask, const void *cands,
+                               const int16_t *lens, int64_t row) {
+    int64_t KL = a->K * a->Lc;
+    widen(ids, cands, row, KL, KL, a->token_bytes);
+    const int16_t *len = lens + row * a->K;
+    const int64_t Lc = a->Lc;
+    if (Lc <= 8) {  /* a candidate's mask as one word: bytes [0, len) are 1 (little-endian byte order) */
+        for (int64_t k = 0; k < a->K; k++) {
+            const uint64_t v = len[k] >= 8 ? ONES : ONES & ((UINT64_C(1) << (8 * len[k])) - 1);
+            if (Lc == 8) memcpy(mask + k * 8, &v, 8); else memcpy(mask + k * Lc, &v, (size_t)Lc);
+        }
+    } else {
+        for (int64_t k = 0; k < a->K; k++) {
+            memset(mask + k * Lc, 1, (size_t)len[k]);
+            memset(mask + k * Lc + len[k], 0, (size_t)(Lc - len[k]));
+        }
+    }
+}
+
+/* Returns 0 on success, 1 when m or n_step exceed the compiled limits (the caller falls back to torch). */
+int sacglam_sample(const SampleArgs *a) {
+    const int64_t B = a->B, N = a->N, CN = a->CN, n = a->n_step, G = a->G;
+    if (a->m > MAX_DRAWS || n > MAX_NSTEP) return 1;
+    int64_t *zs = a->scratch, *flats = a->scratch + B, *boots = a->scratch + 2 * B, *nols = a->scratch + 3 * B;
+    int64_t *ols = a->scratch + 4 * B, *gls = a->scratch + 5 * B;
+
+    /* A. sampled rows */
+    for (int64_t i = 0; i < B; i++) {
+        int64_t z;
+        if (i < B - a->R) {
+            int64_t x = min64((int64_t)(a->draws[i * a->draw_w] * a->total_f), a->total_m1);
+            int64_t col = upper_bound(a->cum, N, x);
+            z = a->base[col] + x * N;
+        } else {
+            z = a->rare_rows[i - (B - a->R)];
+        }
+        zs[i] = z;
+        flats[i] = fmod64(z, CN);
+        __builtin_prefetch(a->rows + flats[i] * a->row_w);
+    }
+
+    /* B0. prefetch what B reads next: the episode row and the later window rows, then the HER source rows (their
+     * index needs the episode's counts). Independent loads issued together, instead of one chain per transition. */
+    for (int64_t i = 0; i < B; i++) {
+        const int32_t *row = a->rows + flats[i] * a->row_w;
+        __builtin_prefetch(a->eps + (int64_t)row[EPK] * 2);
+        for (int64_t j = 1; j < n; j++) __builtin_prefetch(a->rows + fmod64(zs[i] + j * N, CN) * a->row_w);
+    }
+    if (a->her_on) {
+        for (int64_t i = 0; i < B; i++) {
+            const double *d = a->draws + i * a->draw_w;
+            const int32_t *row = a->rows + flats[i] * a->row_w;
+            const int64_t t = row[T_], ep_ach = a->eps[(int64_t)row[EPK] * 2 + 1];
+            const int64_t lo = a->strategy == 0 ? row[ACHB] : a->strategy == 1 ? 0 : (ep_ach > 1 ? ep_ach - 1 : 0);
+            const int64_t span = ep_ach - lo > 1 ? ep_ach - lo : 1;
+            for (int64_t k = 0; k < a->m; k++) {
+                const double u = k == 0 ? d[2] : d[3 + k];
+                const int64_t rank = lo + min64((int64_t)(u * (double)span), span - 1);
+                __builtin_prefetch(a->ranks + fmod64(zs[i] + (rank - t) * N, CN) * a->rank_w);
+            }
+        }
+    }
+
+    /* B. scalars */
+    float rew[MAX_NSTEP];
+    uint8_t term[MAX_NSTEP];
+    for (int64_t i = 0; i < B; i++) {
+        const double *d = a->draws + i * a->draw_w;
+        const int64_t z = zs[i], flat = flats[i];
+        const int32_t *row = a->rows + flat * a->row_w;
+        const int64_t t = row[T_];
+        const int32_t *ep = a->eps + (int64_t)row[EPK] * 2;
+        for (int64_t j = 0; j < n; j++) {
+            const int32_t *rj = j == 0 ? row : a->rows + fmod64(z + j * N, CN) * a->row_w;
+            rew[j] = bits_to_float(rj[REW]);
+            term[j] = rj[TERM] != 0;
+        }
+        int64_t goal = row[GOAL], gap = -1;
+        uint8_t relabelled = 0;
+        if (a->her_on) {
+            int64_t lo, hi, ep_ach = ep[1];
+            if (a->strategy == 0) { lo = row[ACHB]; hi = ep_ach; }
+            else if (a->strategy == 1) { lo = 0; hi = ep_ach; }
+            else { lo = ep_ach - 1 > 0 ? ep_ach - 1 : 0; hi = ep_ach; }
+            const int eligible = hi > lo;
+            const int64_t span = hi - lo > 1 ? hi - lo : 1;
+            const int32_t *src = 0;
+            int64_t new_goal = -1, best_count = 0;
+            for (int64_t k = 0; k < a->m; k++) {
+                const double u = k == 0 ? d[2] : d[3 + k];
+                const int64_t rank = lo + min64((int64_t)(u * (double)span), span - 1);
+                const int32_t *s = a->ranks + fmod64(z + (rank - t) * N, CN) * a->rank_w;
+                const int64_t q = min64((int64_t)(d[3] * (double)s[1]), s[2]);
+                const int64_t g = s[3 + q];
+                if (a->m == 1) { src = s; new_goal = g; break; }
+                const int64_t c = a->goal_count[g > 0 ? g : 0];
+                if (k == 0 || c < best_count) { best_count = c; src = s; new_goal = g; }
+            }
+            relabelled = (uint8_t)((d[1] < a->ratio) && eligible);
+            if (relabelled) {
+                goal = new_goal;
+                gap = (int64_t)src[0] - t;
+                for (int64_t j = 0; j < n; j++) {
+                    const int32_t *rj = j == 0 ? row : a->rows + fmod64(z + j * N, CN) * a->row_w;
+                    int hit = 0;
+                    for (int64_t g = 0; g < G; g++) hit |= rj[F + g] == goal;
+                    hit &= goal >= 0;
+                    rew[j] = hit ? 1.0f : 0.0f;
+                    term[j] = (uint8_t)hit;
+                }
+            }
+        }
+        const int64_t steps_left = (int64_t)ep[0] - t;
+        int64_t k = n;
+        uint8_t term_end, trunc_end;
+        float ret = 0.0f;
+        if (n == 1) {
+            k = 1;
+            term_end = term[0];
+            ret = rew[0];
+            trunc_end = (uint8_t)(!term_end && steps_left == 1);
+        } else {
+            for (int64_t j = 0; j < n; j++) {
+                if (term[j] || j == steps_left - 1 || j == n - 1) { k = j + 1; break; }
+            }
+            for (int64_t j = 0; j < n; j++) ret += rew[j] * a->powers[j] * (j < k ? 1.0f : 0.0f);
+            term_end = term[k - 1];
+            trunc_end = (uint8_t)((k - 1 == steps_left - 1) && !term_end);
+        }
+        const int64_t boot = n == 1 ? flat : fmod64(z + (k - 1) * N, CN);
+        const int32_t *last = n == 1 ? row : a->rows + boot * a->row_w;
+        a->action[i] = row[ACT];
+        a->reward[i] = ret;
+        a->discount[i] = n == 1 ? (term_end ? 0.0f : a->powers[1]) : a->powers[k] * (term_end ? 0.0f : 1.0f);
+        a->terminated[i] = term_end;
+        a->truncated[i] = trunc_end;
+        a->n_steps[i] = k;
+        a->goal[i] = goal;
+        a->relabelled[i] = relabelled;
+        a->goal_gap[i] = gap;
+        a->goal_limit_out[i] = a->goal_limit[goal];
+        a->logp[i] = bits_to_float(row[LOGP]);
+        a->policy_version_out[i] = a->policy_version[flat];
+        boots[i] = boot;
+        ols[i] = row[OL];
+        nols[i] = last[NOL];
+        gls[i] = a->goal_len[goal];
+    }
+
+    /* C. tokens */
+    const int64_t Lp = a->Lp, KL = a->K * a->Lc, tb = a->token_bytes;
+    for (int64_t i = 0; i < B; i++) {
+        const int64_t ahead = i + PREFETCH_AHEAD;
+        if (ahead < B) {
+            prefetch_span((const char *)a->obs + flats[ahead] * a->Lo * tb, a->Lo * tb);
+            prefetch_span((const char *)a->next_obs + boots[ahead] * a->Lo * tb, a->Lo * tb);
+            prefetch_span((const char *)a->cands + flats[ahead] * KL * tb, KL * tb);
+            prefetch_span((const char *)a->next_cands + boots[ahead] * KL * tb, KL * tb);
+            __builtin_prefetch(a->cand_len + flats[ahead] * a->K);
+            __builtin_prefetch(a->next_cand_len + boots[ahead] * a->K);
+        }
+        const int64_t g = a->goal[i];
+        write_prompt(a, a->prompt_ids + i * Lp, a->prompt_mask + i * Lp, g, gls[i], a->obs, flats[i], ols[i]);
+        write_prompt(a, a->prompt_ids + (B + i) * Lp, a->prompt_mask + (B + i) * Lp, g, gls[i], a->next_obs,
+                     boots[i], nols[i]);
+        write_cands(a, a->cand_ids + i * KL, a->cand_mask + i * KL, a->cands, a->cand_len, flats[i]);
+        write_cands(a, a->cand_ids + (B + i) * KL, a->cand_mask + (B + i) * KL, a->next_cands, a->next_cand_len,
+                    boots[i]);
+    }
+    return 0;
+}

@@ -1,0 +1,145 @@
+"""The replay buffer's native CPU sampler: build ``csrc/sample.c`` with the system C compiler and load it.
+
+``ReplayBuffer.sample`` on a CPU buffer calls one C function (``sacglam_sample``) instead of ~100 small torch ops; the
+function reads the same derived tables and draws and returns the same batch (tested against the torch path in
+``tests/test_native_sampler.py``). See the C file for what it computes.
+
+The shared library is compiled on first use (``cc -O3``, about a second) into a cache folder keyed by the source's
+hash (``$SACGLAM_CACHE`` or ``~/.cache/sacglam``), written atomically, so concurrent processes and later runs reuse it.
+Without a working compiler ``load()`` returns None and says why in ``load_error()``; the buffer then samples with
+torch (``buffer.native=auto``) or stops with that reason (``buffer.native=on``).
+
+This module needs only the standard library (ctypes); it names torch for type hints only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "sample.c"
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
+
+_P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+
+
+class SampleArgs(ctypes.Structure):
+    """Mirror of the C struct ``SampleArgs`` (same field order); pointers are tensor ``data_ptr()`` values."""
+
+    _fields_ = [
+        *[(name, _P) for name in (
+            "rows", "ranks", "eps", "goal_count", "goal_limit", "goal_len", "heads", "obs", "next_obs", "cands",
+            "next_cands", "cand_len", "next_cand_len", "policy_version", "post", "powers")],
+        *[(name, _I) for name in (
+            "row_w", "rank_w", "head_w", "n_post", "N", "CN", "n_step", "G", "Lo", "K", "Lc", "Lp", "pre_mid",
+            "token_bytes", "pad_id", "strategy", "her_on", "m")],
+        ("ratio", _D),
+        ("cum", _P), ("base", _P), ("total_f", _D), ("total_m1", _I),
+        ("draws", _P), ("draw_w", _I), ("B", _I), ("rare_rows", _P), ("R", _I), ("scratch", _P),
+        *[(name, _P) for name in (
+            "prompt_ids", "prompt_mask", "cand_ids", "cand_mask", "action", "n_steps", "goal", "goal_gap",
+            "goal_limit_out", "policy_version_out", "reward", "discount", "logp", "terminated", "truncated",
+            "relabelled")],
+    ]  # fmt: skip
+
+
+_error: list[str] = []
+_MADV_HUGEPAGE = 14  # linux/mman.h
+_HUGE = 2 << 20
+
+
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Ask Linux to back a large, not yet touched CPU tensor with 2 MiB pages (``madvise(MADV_HUGEPAGE)``).
+
+    Random row reads of a buffer of hundreds of MB miss the TLB on nearly every row with 4 KiB pages (expensive under
+    a hypervisor); with huge pages the page walks mostly disappear. Call it before the first write: pages touched
+    before are only collapsed later by the kernel, if at all. Returns False where it does not apply (not Linux, THP
+    off, too small); never raises.
+    """
+    nbytes = t.numel() * t.element_size()
+    if nbytes < 2 * _HUGE or not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
+        return False
+    start = (t.data_ptr() + _HUGE - 1) // _HUGE * _HUGE  # the 2 MiB-aligned interior of the allocation
+    end = (t.data_ptr() + nbytes) // _HUGE * _HUGE
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return bool(end > start and libc.madvise(start, end - start, _MADV_HUGEPAGE) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def cache_dir() -> Path:
+    """Where built libraries live: ``$SACGLAM_CACHE`` or ``~/.cache/sacglam``, one subfolder per source hash."""
+    root = os.environ.get("SACGLAM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sacglam")
+    return Path(root) / "native"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def build(force: bool = False) -> Path:
+    """Compile ``sample.c`` into the cache (atomically) unless an identical build is there; return the library path.
+
+    Raises:
+        RuntimeError: no C compiler, or the compilation failed (with the compiler's message).
+    """
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang); install one (e.g. apt-get install gcc) "
+                           "or set buffer.native=off")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
+    lib = cache_dir() / key / "libsacglam_sample.so"
+    if lib.exists() and not force:
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    try:
+        run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if run.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE} with {cc} failed:\n{run.stderr[-2000:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+@lru_cache(maxsize=1)
+def load() -> ctypes.CDLL | None:
+    """The loaded library with ``sacglam_sample`` typed, or None when it cannot be built (see ``load_error``)."""
+    if os.environ.get("SACGLAM_NATIVE", "1") == "0":
+        _error.append("disabled by SACGLAM_NATIVE=0")
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+        _error.append(str(exc))
+        return None
+    lib.sacglam_sample.argtypes = [ctypes.POINTER(SampleArgs)]
+    lib.sacglam_sample.restype = ctypes.c_int
+    return lib
+
+
+def load_error() -> str:
+    """Why ``load()`` returned None (empty when it did not)."""
+    return _error[-1] if _error else ""
+
+
+__all__ = ["SOURCE", "SampleArgs", "advise_huge_pages", "build", "cache_dir", "load", "load_error"]
