@@ -752,7 +752,7 @@ class ReplayBuffer:
             scratch = self._scratch[B] = empty((6, B), dtype=torch.int64)
         a.draws, a.draw_w, a.B = draws.data_ptr(), draws.shape[1], B
         a.rare_rows, a.R = (0, 0) if rare_rows is None else (rare_rows.data_ptr(), rare_rows.shape[0])
-        a.scratch = scratch.data_ptr()
+        a.scratch, a.threads = scratch.data_ptr(), torch.get_num_threads()  # torch's intra-op threads, as its ops
         a.prompt_ids, a.prompt_mask = prompt_ids.data_ptr(), prompt_mask.data_ptr()
         a.cand_ids, a.cand_mask = cand_ids.data_ptr(), cand_mask.data_ptr()
         i, f, b = ints.data_ptr(), floats.data_ptr(), flags.data_ptr()

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "sample.c"
-FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11", "-pthread")
 
 _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 
@@ -50,6 +50,7 @@ class SampleArgs(ctypes.Structure):
             "prompt_ids", "prompt_mask", "cand_ids", "cand_mask", "action", "n_steps", "goal", "goal_gap",
             "goal_limit_out", "policy_version_out", "reward", "discount", "logp", "terminated", "truncated",
             "relabelled")],
+        ("threads", _I),
     ]  # fmt: skip
 
 

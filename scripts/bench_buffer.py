@@ -8,15 +8,18 @@ tokens), a goal achieved with probability 0.2 per step out of 64 goals. HER: str
     python scripts/bench_buffer.py                 # capacity 500k, batch 256
     python scripts/bench_buffer.py --quick         # small capacity, seconds
     python scripts/bench_buffer.py --device cuda   # our buffer on the GPU (SB3 samples to the GPU too)
-    python scripts/bench_buffer.py --threads 1 --token-dtype int16   # the fastest CPU configuration
-    python scripts/bench_buffer.py --threads 1 --all-configs   # int32/int16 x eager/compiled, one table
+    python scripts/bench_buffer.py --threads 1 --token-dtype int16   # the fastest single-thread CPU configuration
+    python scripts/bench_buffer.py --threads 1 --all-configs   # int32/int16 x native/torch sampler, one table
+    python scripts/bench_buffer.py --sampler torch              # the torch-op sampling path (buffer.native=off)
     python scripts/bench_buffer.py --threads 1 --rarity-draws 4 --rare-fraction 0.25   # the training default HER
 
 Sampling rates are the median over chunks of ``--chunk`` calls (the same statistic for both buffers), so that other
-processes on a shared machine disturb the ratio less than a plain mean would. At capacity 500k both buffers are bound
-by random reads of ~1-2 KB of token rows per transition on CPU plus, for ours, ~100 small tensor ops per call (each
-~1.5-3 us of dispatch); int16 tokens halve the bytes read. ``--compile`` (BufferConfig.compile) is slower than
-eager on CPU: its generated kernel gathers token by token.
+processes on a shared machine disturb the ratio less than a plain mean would. On a CPU our buffer samples with the
+native C sampler (``buffer.native``, sacglam/csrc/sample.c; ``--sampler torch`` measures the ~100-op torch path it
+replaces). At capacity 500k both are then bound by random reads of ~1-2 KB of token rows per transition and by
+writing ~4.6 KB of int64 ids and masks per transition; int16 tokens halve the bytes read. The C sampler splits a
+batch over torch's intra-op threads (``--threads``); SB3 samples on one. ``--sampler compiled``
+(BufferConfig.compile) is slower than eager on CPU: its generated kernel gathers token by token.
 """
 
 from __future__ import annotations
@@ -64,11 +67,13 @@ def sample_rate(sample: Callable[[], object], iters: int, batch: int, chunk: int
 
 
 def bench_ours(args: argparse.Namespace, pool: list[dict[str, np.ndarray]], token_dtype: str,
-               compile: bool) -> dict[str, float]:
+               sampler: str) -> dict[str, float]:
     dev = torch.device(args.device)
+    compile = sampler == "compiled"
+    native = "on" if sampler == "native" else "off"
     cfg = BufferConfig(capacity=args.capacity, n_step=args.n_step, gamma=0.99, device=str(dev), max_obs_tokens=LO,
                        max_goal_tokens=4, max_cands=K, max_cand_tokens=LC, max_goals=N_GOALS, max_achieved=G,
-                       token_dtype=token_dtype, compile=compile,
+                       token_dtype=token_dtype, compile=compile, native=native,
                        her=HERConfig("future", 0.8, rarity_draws=args.rarity_draws, rare_fraction=args.rare_fraction))
     pieces = PromptPieces(torch.tensor([1, 2, 3]), torch.tensor([4, 5]), torch.tensor([6, 7]), pad_id=0)
     buf = ReplayBuffer(cfg, args.n_envs, pad_id=0, prompt=pieces)
@@ -101,10 +106,10 @@ def bench_ours(args: argparse.Namespace, pool: list[dict[str, np.ndarray]], toke
     t_add = time.perf_counter() - t0
     gen = torch.Generator(device=dev).manual_seed(0)
     t0 = time.perf_counter()
-    for _ in range(3):  # warm-up (and the one-off compile with --compile)
+    for _ in range(3):  # warm-up (and the one-off compile with --sampler compiled)
         buf.sample(args.batch, gen)
     _sync(dev)
-    print(f"warm-up ({token_dtype}, 3 samples{', compile included' if compile else ''}): "
+    print(f"warm-up ({token_dtype}, {sampler}, 3 samples{', compile included' if compile else ''}): "
           f"{time.perf_counter() - t0:.1f} s")
     rate = sample_rate(lambda: buf.sample(args.batch, gen), args.sample_iters, args.batch, args.chunk, dev)
     return {"add": n_adds * N / t_add, "sample": rate, "bytes": buf.bytes_per_transition()}
@@ -179,24 +184,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--quick", action="store_true", help="capacity 4096, 20 sample iterations")
     ap.add_argument("--skip-sb3", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="torch.compile our sampling path (BufferConfig.compile)")
+    ap.add_argument("--sampler", default="auto", choices=["auto", "native", "torch", "compiled"],
+                    help="our sampling path: native C (CPU), torch ops, or torch.compile'd ops; auto = native on CPU")
     ap.add_argument("--rarity-draws", type=int, default=1, help="her.rarity_draws (the training default is 4)")
     ap.add_argument("--rare-fraction", type=float, default=0.0, help="her.rare_fraction (the training default: 0.25)")
     ap.add_argument("--all-configs", action="store_true",
-                    help="our buffer with int32 and int16 tokens, eager and compiled, against SB3, in one table")
+                    help="our buffer with int32 and int16 tokens, native and torch samplers, against SB3, in one table")
     args = ap.parse_args()
     if args.quick:
         args.capacity, args.sample_iters = 4096, 20
     if args.threads:
         torch.set_num_threads(args.threads)
     pool = make_batches(args.n_envs, 32, seed=0)
-    configs = ([(dt, c) for c in (False, True) for dt in ("int32", "int16")] if args.all_configs
-               else [(args.token_dtype, args.compile)])
+    sampler = args.sampler if args.sampler != "auto" else ("native" if args.device == "cpu" else "torch")
+    configs = ([(dt, c) for c in ("native", "torch") for dt in ("int32", "int16")] if args.all_configs
+               else [(args.token_dtype, sampler)])
     ours = [(dt, c, bench_ours(args, pool, dt, c)) for dt, c in configs]
     ref = None if args.skip_sb3 else bench_sb3(args, pool)
-    compiled = "both" if args.all_configs else args.compile
+    samplers = "native and torch" if args.all_configs else sampler
     tokens = "int32 and int16" if args.all_configs else args.token_dtype
-    print(f"\ncapacity {args.capacity}, {args.n_envs} envs, compile {compiled}, batch {args.batch}, "
+    print(f"\ncapacity {args.capacity}, {args.n_envs} envs, sampler {samplers}, batch {args.batch}, "
           f"n_step {args.n_step}, obs {LO} tokens, {K} candidates x {LC} tokens, device {args.device}, "
           f"tokens {tokens}, HER future 0.8 (rarity draws {args.rarity_draws}, rare fraction {args.rare_fraction}), "
           f"torch threads {torch.get_num_threads()}\n")
@@ -204,7 +211,7 @@ def main() -> None:
         print("| buffer | add (transitions/s) | sample (transitions/s) | sample vs SB3 | bytes/transition | "
               "total for capacity |")
         print("|---|---:|---:|---:|---:|---:|")
-        rows = [(f"sacglam ReplayBuffer ({dt}, {'compiled' if c else 'eager'})", r) for dt, c, r in ours]
+        rows = [(f"sacglam ReplayBuffer ({dt}, {c} sampler)", r) for dt, c, r in ours]
         for name, r in rows + ([("SB3 HerReplayBuffer", ref)] if ref else []):
             vs = f"{r['sample'] / ref['sample']:.1f}x" if ref else ""
             print(f"| {name} | {r['add']:,.0f} | {r['sample']:,.0f} | {vs} | {r['bytes']:,.0f} | "
@@ -213,7 +220,7 @@ def main() -> None:
     mine = ours[0][2]
     print("| buffer | add (transitions/s) | sample (transitions/s) | bytes/transition | total for capacity |")
     print("|---|---:|---:|---:|---:|")
-    for name, r in [("sacglam ReplayBuffer", mine)] + ([("SB3 HerReplayBuffer", ref)] if ref else []):
+    for name, r in [(f"sacglam ReplayBuffer ({sampler} sampler)", mine)] + ([("SB3 HerReplayBuffer", ref)] if ref else []):
         print(f"| {name} | {r['add']:,.0f} | {r['sample']:,.0f} | {r['bytes']:,.0f} | "
               f"{r['bytes'] * args.capacity / 2**30:.2f} GiB |")
     if ref:

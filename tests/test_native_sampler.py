@@ -135,6 +135,33 @@ def test_native_after_load_state_dict_equals_torch() -> None:
     assert_same_batch(fast.sample(32, gen[0]), slow.sample(32, gen[1]), 2)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_split_the_batch_without_changing_it(threads: int) -> None:
+    """The C sampler splits batches of >= 64 transitions per thread over torch's intra-op thread count."""
+    rng = random.Random(5)
+    cfg = BufferConfig(capacity=64, n_step=3, gamma=0.9, device="cpu", max_obs_tokens=4, max_goal_tokens=2,
+                       max_cands=2, max_cand_tokens=3, max_goals=4, max_achieved=2,
+                       her=HERConfig("future", 0.8, 2, 0.25))
+    pieces = PromptPieces(torch.tensor([7]), torch.tensor([6]), torch.tensor([9]), pad_id=0)
+    fast, slow = _pair(cfg, 2, pieces, 0)
+    for g in range(3):
+        fast.register_goal([300 + g], limit=3)
+        slow.register_goal([300 + g], limit=3)
+    for P in range(50):
+        ends = [P % 5 == 4, P % 7 == 6]
+        step = _random_step(rng, 2, 4, 2, 3, 3, 2, P, ends, [ends[0], False])
+        fast.add(step)
+        slow.add(step)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for batch in (63, 128, 200, 1000):
+            gen = [torch.Generator().manual_seed(batch) for _ in range(2)]
+            assert_same_batch(fast.sample(batch, gen[0]), slow.sample(batch, gen[1]), 3)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_selection_rules() -> None:
     """auto picks the native sampler on CPU; off never does; on refuses what it cannot do, saying why."""
     pieces = PromptPieces(torch.tensor([7]), torch.tensor([6]), torch.tensor([9]), pad_id=0)

@@ -14,6 +14,7 @@
  * modulo, argmin takes the first minimum. Floats: draws are float64 as torch draws them; rewards, discounts and
  * returns are float32, with gamma's powers precomputed by torch (so they are bit-identical).
  */
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -60,12 +61,14 @@ typedef struct {
     int64_t *action, *n_steps, *goal, *goal_gap, *goal_limit_out, *policy_version_out; /* [B] */
     float *reward, *discount, *logp; /* [B] */
     uint8_t *terminated, *truncated, *relabelled; /* [B] */
+    int64_t threads;              /* threads to split the batch over (1 = the caller's only) */
 } SampleArgs;
 
 enum { T_ = 0, EPK = 1, GOAL = 2, ACHB = 3, TERM = 4, ACT = 5, OL = 6, NOL = 7, REW = 8, LOGP = 9, F = 10 };
 #define PREFETCH_AHEAD 3
 #define MAX_DRAWS 64
 #define MAX_NSTEP 256
+#define MAX_THREADS 16
 #define ONES UINT64_C(0x0101010101010101)
 
 static inline int64_t fmod64(int64_t a, int64_t b) { int64_t r = a % b; return r < 0 ? r + b : r; }
@@ -131,15 +134,14 @@ static inline void write_cands(const SampleArgs *a, int64_t *ids, uint8_t *mask,
     }
 }
 
-/* Returns 0 on success, 1 when m or n_step exceed the compiled limits (the caller falls back to torch). */
-int sacglam_sample(const SampleArgs *a) {
+/* Transitions [lo, hi) of the batch: every pass reads and writes only its own rows of the outputs and scratch. */
+static void sample_range(const SampleArgs *a, int64_t lo, int64_t hi) {
     const int64_t B = a->B, N = a->N, CN = a->CN, n = a->n_step, G = a->G;
-    if (a->m > MAX_DRAWS || n > MAX_NSTEP) return 1;
     int64_t *zs = a->scratch, *flats = a->scratch + B, *boots = a->scratch + 2 * B, *nols = a->scratch + 3 * B;
     int64_t *ols = a->scratch + 4 * B, *gls = a->scratch + 5 * B;
 
     /* A. sampled rows */
-    for (int64_t i = 0; i < B; i++) {
+    for (int64_t i = lo; i < hi; i++) {
         int64_t z;
         if (i < B - a->R) {
             int64_t x = min64((int64_t)(a->draws[i * a->draw_w] * a->total_f), a->total_m1);
@@ -155,13 +157,13 @@ int sacglam_sample(const SampleArgs *a) {
 
     /* B0. prefetch what B reads next: the episode row and the later window rows, then the HER source rows (their
      * index needs the episode's counts). Independent loads issued together, instead of one chain per transition. */
-    for (int64_t i = 0; i < B; i++) {
+    for (int64_t i = lo; i < hi; i++) {
         const int32_t *row = a->rows + flats[i] * a->row_w;
         __builtin_prefetch(a->eps + (int64_t)row[EPK] * 2);
         for (int64_t j = 1; j < n; j++) __builtin_prefetch(a->rows + fmod64(zs[i] + j * N, CN) * a->row_w);
     }
     if (a->her_on) {
-        for (int64_t i = 0; i < B; i++) {
+        for (int64_t i = lo; i < hi; i++) {
             const double *d = a->draws + i * a->draw_w;
             const int32_t *row = a->rows + flats[i] * a->row_w;
             const int64_t t = row[T_], ep_ach = a->eps[(int64_t)row[EPK] * 2 + 1];
@@ -178,7 +180,7 @@ int sacglam_sample(const SampleArgs *a) {
     /* B. scalars */
     float rew[MAX_NSTEP];
     uint8_t term[MAX_NSTEP];
-    for (int64_t i = 0; i < B; i++) {
+    for (int64_t i = lo; i < hi; i++) {
         const double *d = a->draws + i * a->draw_w;
         const int64_t z = zs[i], flat = flats[i];
         const int32_t *row = a->rows + flat * a->row_w;
@@ -263,9 +265,9 @@ int sacglam_sample(const SampleArgs *a) {
 
     /* C. tokens */
     const int64_t Lp = a->Lp, KL = a->K * a->Lc, tb = a->token_bytes;
-    for (int64_t i = 0; i < B; i++) {
+    for (int64_t i = lo; i < hi; i++) {
         const int64_t ahead = i + PREFETCH_AHEAD;
-        if (ahead < B) {
+        if (ahead < hi) {
             prefetch_span((const char *)a->obs + flats[ahead] * a->Lo * tb, a->Lo * tb);
             prefetch_span((const char *)a->next_obs + boots[ahead] * a->Lo * tb, a->Lo * tb);
             prefetch_span((const char *)a->cands + flats[ahead] * KL * tb, KL * tb);
@@ -281,5 +283,43 @@ int sacglam_sample(const SampleArgs *a) {
         write_cands(a, a->cand_ids + (B + i) * KL, a->cand_mask + (B + i) * KL, a->next_cands, a->next_cand_len,
                     boots[i]);
     }
+}
+
+typedef struct {
+    const SampleArgs *a;
+    int64_t lo, hi;
+} Range;
+
+static void *run_range(void *p) {
+    const Range *r = (const Range *)p;
+    sample_range(r->a, r->lo, r->hi);
+    return NULL;
+}
+
+/* Returns 0 on success, 1 when m or n_step exceed the compiled limits (the caller falls back to torch).
+ * With threads > 1 and a batch of at least 64 transitions per thread, the batch is split into contiguous ranges, one
+ * per thread (the caller's thread takes the first); the result does not depend on the split. */
+int sacglam_sample(const SampleArgs *a) {
+    if (a->m > MAX_DRAWS || a->n_step > MAX_NSTEP) return 1;
+    int64_t T = a->threads < 1 ? 1 : a->threads > MAX_THREADS ? MAX_THREADS : a->threads;
+    if (a->B < 64 * T) T = a->B / 64 > 1 ? a->B / 64 : 1;
+    if (T == 1) {
+        sample_range(a, 0, a->B);
+        return 0;
+    }
+    pthread_t tid[MAX_THREADS];
+    Range ranges[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    const int64_t chunk = (a->B + T - 1) / T;
+    for (int64_t t = 1; t < T; t++) {
+        ranges[t].a = a;
+        ranges[t].lo = t * chunk < a->B ? t * chunk : a->B;
+        ranges[t].hi = (t + 1) * chunk < a->B ? (t + 1) * chunk : a->B;
+        started[t] = pthread_create(&tid[t], NULL, run_range, &ranges[t]) == 0;
+        if (!started[t]) sample_range(a, ranges[t].lo, ranges[t].hi);  /* no thread: do its share here */
+    }
+    sample_range(a, 0, chunk < a->B ? chunk : a->B);
+    for (int64_t t = 1; t < T; t++)
+        if (started[t]) pthread_join(tid[t], NULL);
     return 0;
 }
