@@ -61,6 +61,11 @@ from sacglam.types import Batch, RewardFn, TransitionBatch
 _TOKEN_DTYPES = {"int16": torch.int16, "int32": torch.int32, "int64": torch.int64}
 _NATIVE_MODES = ("auto", "on", "off")
 _STRATEGY_CODES = {"future": 0, "episode": 1, "final": 2}  # as sacglam/csrc/sample.c numbers them
+# Batch fields the native sampler writes through a SampleArgs field of the same name (goal_limit, policy_version:
+# their SampleArgs fields end in _out, since the inputs of those names are the buffer's tables).
+_NATIVE_OUTPUTS = ("prompt_ids", "next_prompt_ids", "prompt_mask", "next_prompt_mask", "cand_ids", "next_cand_ids",
+                   "cand_mask", "next_cand_mask", "action", "n_steps", "goal", "goal_gap", "reward", "discount", "logp",
+                   "terminated", "truncated", "relabelled")
 
 # Columns of the derived per-row table ReplayBuffer._rows (int32; floats stored as their bits), then G achieved ids.
 _T, _EPK, _GOAL, _ACHB, _TERM, _ACT, _OL, _NOL, _REW, _LOGP = range(10)
@@ -741,38 +746,28 @@ class ReplayBuffer:
         cfg, a, lib = self.cfg, self._nargs, self._native
         assert lib is not None
         B, K, Lc, Lp = draws.shape[0], cfg.max_cands, cfg.max_cand_tokens, self._asm.prompt_width
-        empty = torch.empty
-        prompt_ids, prompt_mask = empty((2, B, Lp), dtype=torch.int64), empty((2, B, Lp), dtype=torch.bool)
-        cand_ids, cand_mask = empty((2, B, K, Lc), dtype=torch.int64), empty((2, B, K, Lc), dtype=torch.bool)
-        ints = empty((6, B), dtype=torch.int64)  # action, n_steps, goal, goal_gap, goal_limit, policy_version
-        floats = empty((3, B), dtype=torch.float32)  # reward, discount, logp
-        flags = empty((3, B), dtype=torch.bool)  # terminated, truncated, relabelled
+        i64, bl, f32, e = torch.int64, torch.bool, torch.float32, torch.empty  # one tensor per field: cheapest here
+        out = Batch(
+            prompt_ids=e((B, Lp), dtype=i64), prompt_mask=e((B, Lp), dtype=bl), cand_ids=e((B, K, Lc), dtype=i64),
+            cand_mask=e((B, K, Lc), dtype=bl), action=e(B, dtype=i64), reward=e(B, dtype=f32),
+            discount=e(B, dtype=f32), next_prompt_ids=e((B, Lp), dtype=i64), next_prompt_mask=e((B, Lp), dtype=bl),
+            next_cand_ids=e((B, K, Lc), dtype=i64), next_cand_mask=e((B, K, Lc), dtype=bl),
+            terminated=e(B, dtype=bl), truncated=e(B, dtype=bl), n_steps=e(B, dtype=i64), goal=e(B, dtype=i64),
+            relabelled=e(B, dtype=bl), goal_gap=e(B, dtype=i64), goal_limit=e(B, dtype=i64), logp=e(B, dtype=f32),
+            policy_version=e(B, dtype=i64),
+        )
         scratch = self._scratch.get(B)
         if scratch is None:
-            scratch = self._scratch[B] = empty((6, B), dtype=torch.int64)
+            scratch = self._scratch[B] = e((6, B), dtype=i64)
         a.draws, a.draw_w, a.B = draws.data_ptr(), draws.shape[1], B
         a.rare_rows, a.R = (0, 0) if rare_rows is None else (rare_rows.data_ptr(), rare_rows.shape[0])
         a.scratch, a.threads = scratch.data_ptr(), torch.get_num_threads()  # torch's intra-op threads, as its ops
-        a.prompt_ids, a.prompt_mask = prompt_ids.data_ptr(), prompt_mask.data_ptr()
-        a.cand_ids, a.cand_mask = cand_ids.data_ptr(), cand_mask.data_ptr()
-        i, f, b = ints.data_ptr(), floats.data_ptr(), flags.data_ptr()
-        a.action, a.n_steps, a.goal, a.goal_gap, a.goal_limit_out, a.policy_version_out = (i + 8 * B * j
-                                                                                            for j in range(6))
-        a.reward, a.discount, a.logp = (f + 4 * B * j for j in range(3))
-        a.terminated, a.truncated, a.relabelled = (b + B * j for j in range(3))
+        for name in _NATIVE_OUTPUTS:
+            setattr(a, name, getattr(out, name).data_ptr())
+        a.goal_limit_out, a.policy_version_out = out.goal_limit.data_ptr(), out.policy_version.data_ptr()
         if lib.sacglam_sample(ctypes.byref(a)) != 0:
             raise RuntimeError("the native sampler refused its arguments (n_step or rarity_draws above its limits)")
-        (p_ids, np_ids), (p_mask, np_mask) = prompt_ids.unbind(), prompt_mask.unbind()  # unbind: cheaper than [i]
-        (c_ids, nc_ids), (c_mask, nc_mask) = cand_ids.unbind(), cand_mask.unbind()
-        action, n_steps, goal, goal_gap, goal_limit, policy_version = ints.unbind()
-        reward, discount, logp = floats.unbind()
-        terminated, truncated, relabelled = flags.unbind()
-        return Batch(
-            prompt_ids=p_ids, prompt_mask=p_mask, cand_ids=c_ids, cand_mask=c_mask, action=action, reward=reward,
-            discount=discount, next_prompt_ids=np_ids, next_prompt_mask=np_mask, next_cand_ids=nc_ids,
-            next_cand_mask=nc_mask, terminated=terminated, truncated=truncated, n_steps=n_steps, goal=goal,
-            relabelled=relabelled, goal_gap=goal_gap, goal_limit=goal_limit, logp=logp, policy_version=policy_version,
-        )
+        return out
 
     # ------------------------------------------------------------------ derived tables
 

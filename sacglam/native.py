@@ -47,7 +47,8 @@ class SampleArgs(ctypes.Structure):
         ("cum", _P), ("base", _P), ("total_f", _D), ("total_m1", _I),
         ("draws", _P), ("draw_w", _I), ("B", _I), ("rare_rows", _P), ("R", _I), ("scratch", _P),
         *[(name, _P) for name in (
-            "prompt_ids", "prompt_mask", "cand_ids", "cand_mask", "action", "n_steps", "goal", "goal_gap",
+            "prompt_ids", "next_prompt_ids", "prompt_mask", "next_prompt_mask", "cand_ids", "next_cand_ids",
+            "cand_mask", "next_cand_mask", "action", "n_steps", "goal", "goal_gap",
             "goal_limit_out", "policy_version_out", "reward", "discount", "logp", "terminated", "truncated",
             "relabelled")],
         ("threads", _I),

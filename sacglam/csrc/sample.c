@@ -54,10 +54,10 @@ typedef struct {
     int64_t R;
     int64_t *scratch;             /* [6, B]: z, flat row, bootstrap row, next obs length, obs length, goal length */
     /* outputs */
-    int64_t *prompt_ids;          /* [2, B, Lp] */
-    uint8_t *prompt_mask;         /* [2, B, Lp] */
-    int64_t *cand_ids;            /* [2, B, K * Lc] */
-    uint8_t *cand_mask;           /* [2, B, K * Lc] */
+    int64_t *prompt_ids, *next_prompt_ids;   /* [B, Lp] */
+    uint8_t *prompt_mask, *next_prompt_mask; /* [B, Lp] */
+    int64_t *cand_ids, *next_cand_ids;       /* [B, K * Lc] */
+    uint8_t *cand_mask, *next_cand_mask;     /* [B, K * Lc] */
     int64_t *action, *n_steps, *goal, *goal_gap, *goal_limit_out, *policy_version_out; /* [B] */
     float *reward, *discount, *logp; /* [B] */
     uint8_t *terminated, *truncated, *relabelled; /* [B] */
@@ -277,10 +277,10 @@ static void sample_range(const SampleArgs *a, int64_t lo, int64_t hi) {
         }
         const int64_t g = a->goal[i];
         write_prompt(a, a->prompt_ids + i * Lp, a->prompt_mask + i * Lp, g, gls[i], a->obs, flats[i], ols[i]);
-        write_prompt(a, a->prompt_ids + (B + i) * Lp, a->prompt_mask + (B + i) * Lp, g, gls[i], a->next_obs,
+        write_prompt(a, a->next_prompt_ids + i * Lp, a->next_prompt_mask + i * Lp, g, gls[i], a->next_obs,
                      boots[i], nols[i]);
         write_cands(a, a->cand_ids + i * KL, a->cand_mask + i * KL, a->cands, a->cand_len, flats[i]);
-        write_cands(a, a->cand_ids + (B + i) * KL, a->cand_mask + (B + i) * KL, a->next_cands, a->next_cand_len,
+        write_cands(a, a->next_cand_ids + i * KL, a->next_cand_mask + i * KL, a->next_cands, a->next_cand_len,
                     boots[i]);
     }
 }
