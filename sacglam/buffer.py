@@ -64,8 +64,8 @@ _STRATEGY_CODES = {"future": 0, "episode": 1, "final": 2}  # as sacglam/csrc/sam
 # Batch fields the native sampler writes through a SampleArgs field of the same name (goal_limit, policy_version:
 # their SampleArgs fields end in _out, since the inputs of those names are the buffer's tables).
 _NATIVE_OUTPUTS = ("prompt_ids", "next_prompt_ids", "prompt_mask", "next_prompt_mask", "cand_ids", "next_cand_ids",
-                   "cand_mask", "next_cand_mask", "action", "n_steps", "goal", "goal_gap", "reward", "discount", "logp",
-                   "terminated", "truncated", "relabelled")
+                   "cand_mask", "next_cand_mask", "action", "n_steps", "goal", "goal_gap", "reward", "discount",
+                   "logp", "terminated", "truncated", "relabelled")
 
 # Columns of the derived per-row table ReplayBuffer._rows (int32; floats stored as their bits), then G achieved ids.
 _T, _EPK, _GOAL, _ACHB, _TERM, _ACT, _OL, _NOL, _REW, _LOGP = range(10)

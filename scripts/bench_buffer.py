@@ -189,7 +189,7 @@ def main() -> None:
     ap.add_argument("--rarity-draws", type=int, default=1, help="her.rarity_draws (the training default is 4)")
     ap.add_argument("--rare-fraction", type=float, default=0.0, help="her.rare_fraction (the training default: 0.25)")
     ap.add_argument("--all-configs", action="store_true",
-                    help="our buffer with int32 and int16 tokens, native and torch samplers, against SB3, in one table")
+                    help="our buffer with int32/int16 tokens and native/torch samplers, against SB3, in one table")
     args = ap.parse_args()
     if args.quick:
         args.capacity, args.sample_iters = 4096, 20
@@ -220,7 +220,8 @@ def main() -> None:
     mine = ours[0][2]
     print("| buffer | add (transitions/s) | sample (transitions/s) | bytes/transition | total for capacity |")
     print("|---|---:|---:|---:|---:|")
-    for name, r in [(f"sacglam ReplayBuffer ({sampler} sampler)", mine)] + ([("SB3 HerReplayBuffer", ref)] if ref else []):
+    rows = [(f"sacglam ReplayBuffer ({sampler} sampler)", mine)] + ([("SB3 HerReplayBuffer", ref)] if ref else [])
+    for name, r in rows:
         print(f"| {name} | {r['add']:,.0f} | {r['sample']:,.0f} | {r['bytes']:,.0f} | "
               f"{r['bytes'] * args.capacity / 2**30:.2f} GiB |")
     if ref:
