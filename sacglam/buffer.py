@@ -22,8 +22,13 @@ double as a table "r-th achieving step -> its step index" (the r-th achieving st
 source step can precede t, so a relabelled row can carry a negative gap too: a hindsight supervised term (ALGORITHM.md
 section 9) must select ``relabelled & (goal_gap >= 0)``.
 
-Sampling cost (B = 256, CPU): about 100 tensor ops, most of them on [B] vectors, plus the random row reads of the token
-fields. What makes it cheap:
+On a CPU buffer ``sample`` is one C call (``sacglam/csrc/sample.c``, built on first use by ``sacglam.native``;
+``BufferConfig.native``) that computes the torch path below from the same draws and tables, equal field for field
+(tests/test_native_sampler.py), 2.5-3x faster than it (scripts/bench_buffer.py). On a GPU, and wherever the C sampler
+does not apply (a custom reward function, int64 tokens, ``compile``), the torch path samples.
+
+Torch path cost (B = 256, CPU): about 100 tensor ops, most of them on [B] vectors, plus the random row reads of the
+token fields. What makes it cheap:
 
 - the int32 per-row fields sit in one table ``_rows`` [C, N, F + G] (step, goal, ach_before, action, achieved are
   views into it; reward/logp bits, the episode's slot and the lengths are copied in by ``add``), so one gather reads
@@ -40,6 +45,9 @@ All derived columns and tables are rebuilt from the saved fields on ``load_state
 path through ``torch.compile`` (all randomness is drawn before the compiled part, which is a pure function of the
 storage); on CPU the inductor kernel gathers token by token and is slower than this eager path (see
 scripts/bench_buffer.py --all-configs).
+
+Large CPU tensors get ``madvise(MADV_HUGEPAGE)`` before their first write (``native.advise_huge_pages``):
+random row reads then cost fewer page walks (where the kernel grants huge pages; nothing changes elsewhere).
 
 This module imports torch only (never transformers, peft, accelerate or the agent).
 """
