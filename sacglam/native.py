@@ -126,9 +126,6 @@ def build(force: bool = False) -> Path:
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
     """The loaded library with ``sacglam_sample`` typed, or None when it cannot be built (see ``load_error``)."""
-    if os.environ.get("SACGLAM_NATIVE", "1") == "0":
-        _error.append("disabled by SACGLAM_NATIVE=0")
-        return None
     try:
         lib = ctypes.CDLL(str(build()))
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:

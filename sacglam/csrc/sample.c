@@ -85,6 +85,22 @@ static inline int64_t upper_bound(const int64_t *cum, int64_t n, int64_t x) {
     return lo;
 }
 
+/* The achieving ranks the strategy may pick, [first, first + span) (span >= 1), for a row with ach_before achieving
+ * steps before it in an episode of ep_ach; returns whether the range is non-empty (pick_achieving_rank in her.py). */
+static inline int her_ranks(const SampleArgs *a, int64_t ach_before, int64_t ep_ach, int64_t *first, int64_t *span) {
+    *first = a->strategy == 0 ? ach_before : a->strategy == 1 ? 0 : (ep_ach > 1 ? ep_ach - 1 : 0);
+    *span = ep_ach - *first > 1 ? ep_ach - *first : 1;
+    return ep_ach > *first;
+}
+
+/* The _ranks row of draw k (u = d[2] for the first draw, d[3 + k] for the others) of the transition at z, step t. */
+static inline const int32_t *her_source(const SampleArgs *a, const double *d, int64_t k, int64_t z, int64_t t,
+                                        int64_t first, int64_t span) {
+    const double u = k == 0 ? d[2] : d[3 + k];
+    const int64_t rank = first + min64((int64_t)(u * (double)span), span - 1);
+    return a->ranks + fmod64(z + (rank - t) * a->N, a->CN) * a->rank_w;
+}
+
 static inline void prefetch_span(const void *p, int64_t bytes) {
     const char *c = (const char *)p;
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off);
@@ -166,14 +182,9 @@ static void sample_range(const SampleArgs *a, int64_t lo, int64_t hi) {
         for (int64_t i = lo; i < hi; i++) {
             const double *d = a->draws + i * a->draw_w;
             const int32_t *row = a->rows + flats[i] * a->row_w;
-            const int64_t t = row[T_], ep_ach = a->eps[(int64_t)row[EPK] * 2 + 1];
-            const int64_t lo = a->strategy == 0 ? row[ACHB] : a->strategy == 1 ? 0 : (ep_ach > 1 ? ep_ach - 1 : 0);
-            const int64_t span = ep_ach - lo > 1 ? ep_ach - lo : 1;
-            for (int64_t k = 0; k < a->m; k++) {
-                const double u = k == 0 ? d[2] : d[3 + k];
-                const int64_t rank = lo + min64((int64_t)(u * (double)span), span - 1);
-                __builtin_prefetch(a->ranks + fmod64(zs[i] + (rank - t) * N, CN) * a->rank_w);
-            }
+            int64_t first, span;
+            her_ranks(a, row[ACHB], a->eps[(int64_t)row[EPK] * 2 + 1], &first, &span);
+            for (int64_t k = 0; k < a->m; k++) __builtin_prefetch(her_source(a, d, k, zs[i], row[T_], first, span));
         }
     }
 
@@ -194,18 +205,12 @@ static void sample_range(const SampleArgs *a, int64_t lo, int64_t hi) {
         int64_t goal = row[GOAL], gap = -1;
         uint8_t relabelled = 0;
         if (a->her_on) {
-            int64_t lo, hi, ep_ach = ep[1];
-            if (a->strategy == 0) { lo = row[ACHB]; hi = ep_ach; }
-            else if (a->strategy == 1) { lo = 0; hi = ep_ach; }
-            else { lo = ep_ach - 1 > 0 ? ep_ach - 1 : 0; hi = ep_ach; }
-            const int eligible = hi > lo;
-            const int64_t span = hi - lo > 1 ? hi - lo : 1;
+            int64_t first, span;
+            const int eligible = her_ranks(a, row[ACHB], ep[1], &first, &span);
             const int32_t *src = 0;
             int64_t new_goal = -1, best_count = 0;
             for (int64_t k = 0; k < a->m; k++) {
-                const double u = k == 0 ? d[2] : d[3 + k];
-                const int64_t rank = lo + min64((int64_t)(u * (double)span), span - 1);
-                const int32_t *s = a->ranks + fmod64(z + (rank - t) * N, CN) * a->rank_w;
+                const int32_t *s = her_source(a, d, k, z, t, first, span);
                 const int64_t q = min64((int64_t)(d[3] * (double)s[1]), s[2]);
                 const int64_t g = s[3 + q];
                 if (a->m == 1) { src = s; new_goal = g; break; }
