@@ -9,7 +9,9 @@ the default for CPU buffers; this file pins it against the torch path and tests 
 
 from __future__ import annotations
 
+import multiprocessing
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -158,6 +160,44 @@ def test_threads_split_the_batch_without_changing_it(threads: int) -> None:
         for batch in (63, 128, 200, 1000):
             gen = [torch.Generator().manual_seed(batch) for _ in range(2)]
             assert_same_batch(fast.sample(batch, gen[0]), slow.sample(batch, gen[1]), 3)
+        # Back-to-back calls reuse the worker pool (workers still spinning from the last job, or asleep).
+        gen = [torch.Generator().manual_seed(7) for _ in range(2)]
+        for i in range(200):
+            torch.set_num_threads(threads if i % 3 else 2)
+            assert_same_batch(fast.sample(256, gen[0]), slow.sample(256, gen[1]), 3)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sample_in_child(buf: ReplayBuffer, out: Any) -> None:
+    torch.set_num_threads(2)
+    out.put(buf.sample(256, torch.Generator().manual_seed(3)).prompt_ids.sum().item())
+
+
+def test_a_forked_child_samples_with_its_own_pool() -> None:
+    """The parent's workers are not copied by fork(): a child splitting a batch starts its own instead of hanging."""
+    rng = random.Random(2)
+    cfg = BufferConfig(capacity=64, device="cpu", max_obs_tokens=4, max_goal_tokens=2, max_cands=2,
+                       max_cand_tokens=3, max_goals=4, max_achieved=2, her=HERConfig("future", 0.5))
+    buf = ReplayBuffer(cfg, 2, pad_id=0, prompt=PromptPieces(torch.tensor([7]), torch.tensor([6]), torch.tensor([9]),
+                                                             pad_id=0))
+    buf.register_goal([300], limit=3)
+    for P in range(20):
+        buf.add(_random_step(rng, 2, 4, 2, 3, 1, 2, P, [P % 5 == 4, P % 5 == 4], [False, False]))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = buf.sample(256, torch.Generator().manual_seed(3)).prompt_ids.sum().item()  # the pool now runs
+        ctx = multiprocessing.get_context("fork")
+        out = ctx.Queue()
+        child = ctx.Process(target=_sample_in_child, args=(buf, out))
+        child.start()
+        child.join(timeout=60)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+        assert not alive, "the forked child hung sampling with 2 threads"
+        assert child.exitcode == 0 and out.get(timeout=5) == want
     finally:
         torch.set_num_threads(before)
 

@@ -15,6 +15,7 @@
  * returns are float32, with gamma's powers precomputed by torch (so they are bit-identical).
  */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -169,6 +170,7 @@ static void sample_range(const SampleArgs *a, int64_t lo, int64_t hi) {
         zs[i] = z;
         flats[i] = fmod64(z, CN);
         __builtin_prefetch(a->rows + flats[i] * a->row_w);
+        __builtin_prefetch(a->policy_version + flats[i]);  /* read in pass B: a random miss in a C N * 8 byte table */
     }
 
     /* B0. prefetch what B reads next: the episode row and the later window rows, then the HER source rows (their
@@ -290,41 +292,115 @@ static void sample_range(const SampleArgs *a, int64_t lo, int64_t hi) {
     }
 }
 
-typedef struct {
-    const SampleArgs *a;
-    int64_t lo, hi;
-} Range;
 
-static void *run_range(void *p) {
-    const Range *r = (const Range *)p;
-    sample_range(r->a, r->lo, r->hi);
+/* A pool of worker threads, started by the first call that splits a batch and kept for the process (creating a thread
+ * per call cost ~30 us under a hypervisor, a quarter of a call). Worker w runs range w + 1 of each job. After a job it
+ * spins briefly for the next one (sampling calls come in bursts), then sleeps on a condition variable, so an idle pool
+ * costs nothing while the model trains. A forked child starts a fresh pool: the parent's threads are not copied. */
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t wake, done;
+    int64_t workers;              /* workers started */
+    atomic_long gen;              /* job counter: a worker runs a job when it sees a new value */
+    atomic_long pending;          /* workers that have not finished the current job */
+    const SampleArgs *a;          /* the current job: T ranges of `chunk` transitions */
+    int64_t chunk, T;
+    long start_gen[MAX_THREADS];  /* gen when worker w was created: it waits for the job after that one */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, NULL, 0, 0, {0}};
+#define SPINS 4000  /* polls (each a pause instruction, tens of ns) before a waiting thread sleeps */
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static void *worker(void *p) {
+    const int64_t w = (int64_t)(intptr_t)p;
+    long seen = pool.start_gen[w];  /* not a fresh load: the job that made this worker may have been posted already */
+    for (;;) {
+        long g = atomic_load_explicit(&pool.gen, memory_order_acquire);
+        for (int s = 0; g == seen && s < SPINS; s++) {
+            cpu_relax();
+            g = atomic_load_explicit(&pool.gen, memory_order_acquire);
+        }
+        if (g == seen) {
+            pthread_mutex_lock(&pool.mu);
+            while ((g = atomic_load(&pool.gen)) == seen) pthread_cond_wait(&pool.wake, &pool.mu);
+            pthread_mutex_unlock(&pool.mu);
+        }
+        seen = g;
+        if (w + 1 >= pool.T) continue;  /* this job uses fewer threads */
+        sample_range(pool.a, min64((w + 1) * pool.chunk, pool.a->B), min64((w + 2) * pool.chunk, pool.a->B));
+        if (atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_acq_rel) == 1) {
+            pthread_mutex_lock(&pool.mu);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.mu);
+        }
+    }
     return NULL;
+}
+
+static void pool_reset_in_child(void) {
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    pool.workers = 0;
+}
+
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+static void pool_init(void) { pthread_atfork(NULL, NULL, pool_reset_in_child); }
+
+/* Grows the pool to `want` workers (fewer if threads cannot be created); returns the number running. */
+static int64_t pool_grow(int64_t want) {
+    pthread_once(&pool_once, pool_init);
+    while (pool.workers < want) {
+        pthread_t tid;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pool.start_gen[pool.workers] = atomic_load(&pool.gen);
+        const int ok = pthread_create(&tid, &attr, worker, (void *)(intptr_t)pool.workers) == 0;
+        pthread_attr_destroy(&attr);
+        if (!ok) break;
+        pool.workers++;
+    }
+    return pool.workers;
 }
 
 /* Returns 0 on success, 1 when m or n_step exceed the compiled limits (the caller falls back to torch).
  * With threads > 1 and a batch of at least 64 transitions per thread, the batch is split into contiguous ranges, one
- * per thread (the caller's thread takes the first); the result does not depend on the split. */
+ * per thread (the caller's thread takes the first); the result does not depend on the split. Calls must not overlap
+ * (the buffer calls it from one thread; a second caller would wait on the pool's lock). */
 int sacglam_sample(const SampleArgs *a) {
     if (a->m > MAX_DRAWS || a->n_step > MAX_NSTEP) return 1;
     int64_t T = a->threads < 1 ? 1 : a->threads > MAX_THREADS ? MAX_THREADS : a->threads;
     if (a->B < 64 * T) T = a->B / 64 > 1 ? a->B / 64 : 1;
+    if (T > 1) T = 1 + pool_grow(T - 1);  /* no more threads to be had: the caller's share grows */
     if (T == 1) {
         sample_range(a, 0, a->B);
         return 0;
     }
-    pthread_t tid[MAX_THREADS];
-    Range ranges[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
+    static pthread_mutex_t calls = PTHREAD_MUTEX_INITIALIZER;
+    pthread_mutex_lock(&calls);
     const int64_t chunk = (a->B + T - 1) / T;
-    for (int64_t t = 1; t < T; t++) {
-        ranges[t].a = a;
-        ranges[t].lo = t * chunk < a->B ? t * chunk : a->B;
-        ranges[t].hi = (t + 1) * chunk < a->B ? (t + 1) * chunk : a->B;
-        started[t] = pthread_create(&tid[t], NULL, run_range, &ranges[t]) == 0;
-        if (!started[t]) sample_range(a, ranges[t].lo, ranges[t].hi);  /* no thread: do its share here */
+    pool.a = a;
+    pool.chunk = chunk;
+    pool.T = T;
+    atomic_store(&pool.pending, T - 1);
+    pthread_mutex_lock(&pool.mu);
+    atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
+    sample_range(a, 0, min64(chunk, a->B));
+    for (int s = 0; atomic_load_explicit(&pool.pending, memory_order_acquire) > 0 && s < SPINS; s++) cpu_relax();
+    if (atomic_load(&pool.pending) > 0) {
+        pthread_mutex_lock(&pool.mu);
+        while (atomic_load(&pool.pending) > 0) pthread_cond_wait(&pool.done, &pool.mu);
+        pthread_mutex_unlock(&pool.mu);
     }
-    sample_range(a, 0, chunk < a->B ? chunk : a->B);
-    for (int64_t t = 1; t < T; t++)
-        if (started[t]) pthread_join(tid[t], NULL);
+    pthread_mutex_unlock(&calls);
     return 0;
 }
