@@ -178,14 +178,19 @@ class ReplayBuffer:
             return out.fill_(fill)
 
         # Row storage [C, N, ...]. Lengths are int16: no text field here is 32k tokens wide.
-        self.obs = z(C, N, Lo, dtype=tdt, fill=pad_id)
+        # A row's tokens are one record, [obs | cands | cand_len | next_obs | next_cands | next_cand_len] (the
+        # candidate lengths in the token dtype), so a sampled transition reads one contiguous block of memory instead
+        # of six scattered ones (with n_step = 1, the bootstrap row is the sampled row). The fields are views into it.
+        KL, H = K * Lc, Lo + K * Lc + K
+        self._tok = z(C, N, 2 * H, dtype=tdt, fill=pad_id)
+        self.obs, self.next_obs = self._tok[..., :Lo], self._tok[..., H : H + Lo]
+        self.cands = self._tok[..., Lo : Lo + KL].unflatten(-1, (K, Lc))
+        self.next_cands = self._tok[..., H + Lo : H + Lo + KL].unflatten(-1, (K, Lc))
+        self.cand_len, self.next_cand_len = self._tok[..., Lo + KL : H], self._tok[..., H + Lo + KL :]
+        self.cand_len.zero_()
+        self.next_cand_len.zero_()
         self.obs_len = z(C, N, dtype=torch.int16)
-        self.next_obs = z(C, N, Lo, dtype=tdt, fill=pad_id)
         self.next_obs_len = z(C, N, dtype=torch.int16)
-        self.cands = z(C, N, K, Lc, dtype=tdt, fill=pad_id)
-        self.cand_len = z(C, N, K, dtype=torch.int16)
-        self.next_cands = z(C, N, K, Lc, dtype=tdt, fill=pad_id)
-        self.next_cand_len = z(C, N, K, dtype=torch.int16)
         self.terminated = z(C, N, dtype=torch.bool)
         self.truncated = z(C, N, dtype=torch.bool)
         self.episode = z(C, N, dtype=torch.int64)  # id = k * N + e for the k-th episode of env e
@@ -654,7 +659,7 @@ class ReplayBuffer:
         cands = torch.empty((2, B, K * Lc), dtype=self.cands.dtype, device=dev)
         self._gather_rows(cands[0], self._cands_flat, flat)
         self._gather_rows(cands[1], self._next_cands_flat, boot)
-        cand_len = torch.empty((2, B, K), dtype=torch.int16, device=dev)
+        cand_len = torch.empty((2, B, K), dtype=self.cand_len.dtype, device=dev)
         self._gather_rows(cand_len[0], self._cand_len_flat, flat)
         self._gather_rows(cand_len[1], self._next_cand_len_flat, boot)
         cand_ids = cands.long().view(2, B, K, Lc)
@@ -735,9 +740,10 @@ class ReplayBuffer:
         a.rows, a.ranks, a.eps = self._rows.data_ptr(), self._ranks.data_ptr(), self._eps.data_ptr()
         a.goal_count, a.goal_limit = self.goal_count.data_ptr(), self.goal_limit.data_ptr()
         a.goal_len, a.heads = self._goal_len32.data_ptr(), self._heads64.data_ptr()
-        a.obs, a.next_obs = self.obs.data_ptr(), self.next_obs.data_ptr()
+        a.obs, a.next_obs = self.obs.data_ptr(), self.next_obs.data_ptr()  # views into one [CN, tok_w] record
         a.cands, a.next_cands = self.cands.data_ptr(), self.next_cands.data_ptr()
         a.cand_len, a.next_cand_len = self.cand_len.data_ptr(), self.next_cand_len.data_ptr()
+        a.tok_w = self._tok.shape[-1]
         a.policy_version, a.post, a.powers = self.policy_version.data_ptr(), self._post64.data_ptr(), \
             self._powers.data_ptr()
         a.row_w, a.rank_w, a.head_w, a.n_post = self._rows.shape[-1], self._ranks.shape[-1], asm.head_width, \
@@ -888,7 +894,7 @@ class ReplayBuffer:
         Counts every per-row allocation once, the derived sampling columns included (not the per-goal tables).
         """
         seen: dict[int, int] = {}
-        for name in (*self._ROW_FIELDS, "rare_goal", "_rows", "_ranks", "_eps"):
+        for name in (*self._ROW_FIELDS, "rare_goal", "_rows", "_ranks", "_eps", "_tok"):
             storage = getattr(self, name).untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
         return sum(seen.values()) / (self.capacity_per_env * self.n_envs)

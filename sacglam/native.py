@@ -41,7 +41,7 @@ class SampleArgs(ctypes.Structure):
             "rows", "ranks", "eps", "goal_count", "goal_limit", "goal_len", "heads", "obs", "next_obs", "cands",
             "next_cands", "cand_len", "next_cand_len", "policy_version", "post", "powers")],
         *[(name, _I) for name in (
-            "row_w", "rank_w", "head_w", "n_post", "N", "CN", "n_step", "G", "Lo", "K", "Lc", "Lp", "pre_mid",
+            "row_w", "rank_w", "head_w", "n_post", "tok_w", "N", "CN", "n_step", "G", "Lo", "K", "Lc", "Lp", "pre_mid",
             "token_bytes", "pad_id", "strategy", "her_on", "m")],
         ("ratio", _D),
         ("cum", _P), ("base", _P), ("total_f", _D), ("total_m1", _I),

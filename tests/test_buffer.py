@@ -319,7 +319,7 @@ def test_bytes_per_transition_int16_halves_tokens() -> None:
     kw = dict(capacity=64, max_obs_tokens=128, max_cands=16, max_cand_tokens=8, device="cpu")
     b32 = ReplayBuffer(BufferConfig(**kw), 4, pad_id=0, prompt=PIECES)  # type: ignore[arg-type]
     b16 = ReplayBuffer(BufferConfig(token_dtype="int16", **kw), 4, pad_id=0, prompt=PIECES)  # type: ignore[arg-type]
-    tokens = 2 * 128 + 2 * 16 * 8  # obs, next_obs, cands, next_cands
+    tokens = 2 * 128 + 2 * 16 * 8 + 2 * 16  # obs, next_obs, cands, next_cands and the candidate lengths (one record)
     assert b32.bytes_per_transition() - b16.bytes_per_transition() == pytest.approx(tokens * 2, abs=1e-6)
 
 

@@ -33,13 +33,15 @@ typedef struct {
     const int64_t *goal_limit;    /* [max_goals] */
     const int32_t *goal_len;      /* [max_goals] */
     const int64_t *heads;         /* [max_goals, head_w]: [bos?] + pre + goal + mid, right padded */
-    const void *obs, *next_obs;   /* [CN, Lo] tokens (int16 or int32) */
-    const void *cands, *next_cands;          /* [CN, K * Lc] tokens */
-    const int16_t *cand_len, *next_cand_len; /* [CN, K] */
+    /* a row's tokens are one record [obs | cands | cand_len | next_obs | next_cands | next_cand_len] of tok_w
+     * entries (int16 or int32, candidate lengths included); these point at each field's first row */
+    const void *obs, *next_obs;   /* [Lo] */
+    const void *cands, *next_cands;          /* [K * Lc] */
+    const void *cand_len, *next_cand_len;    /* [K] */
     const int64_t *policy_version;           /* [CN] */
     const int64_t *post;          /* [n_post] */
     const float *powers;          /* [n_step + 1]: gamma ** j in float32, as torch computes it */
-    int64_t row_w, rank_w, head_w, n_post;
+    int64_t row_w, rank_w, head_w, n_post, tok_w;
     int64_t N, CN, n_step, G, Lo, K, Lc, Lp, pre_mid, token_bytes, pad_id;
     int64_t strategy;             /* 0 future, 1 episode, 2 final */
     int64_t her_on, m;            /* relabelling on (ratio > 0); m = rarity_draws */
@@ -107,14 +109,20 @@ static inline void prefetch_span(const void *p, int64_t bytes) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off);
 }
 
-static inline void widen(int64_t *dst, const void *src, int64_t row, int64_t width, int64_t count, int64_t tb) {
-    if (tb == 2) {
-        const int16_t *s = (const int16_t *)src + row * width;
+/* dst[j] = field[row][j] for j < count, widened to int64 (a field of the token record, row stride tok_w). */
+static inline void widen(const SampleArgs *a, int64_t *dst, const void *field, int64_t row, int64_t count) {
+    if (a->token_bytes == 2) {
+        const int16_t *s = (const int16_t *)field + row * a->tok_w;
         for (int64_t j = 0; j < count; j++) dst[j] = s[j];
     } else {
-        const int32_t *s = (const int32_t *)src + row * width;
+        const int32_t *s = (const int32_t *)field + row * a->tok_w;
         for (int64_t j = 0; j < count; j++) dst[j] = s[j];
     }
+}
+
+static inline int64_t token_at(const SampleArgs *a, const void *field, int64_t row, int64_t j) {
+    return a->token_bytes == 2 ? ((const int16_t *)field)[row * a->tok_w + j]
+                               : ((const int32_t *)field)[row * a->tok_w + j];
 }
 
 /* One prompt: head[:pre_mid + gl] | obs[:ol] | post | pad, and its mask. */
@@ -123,7 +131,7 @@ static inline void write_prompt(const SampleArgs *a, int64_t *ids, uint8_t *mask
     int64_t h = a->pre_mid + gl, p = 0;
     memcpy(ids, a->heads + g * a->head_w, (size_t)h * sizeof(int64_t));
     p = h;
-    widen(ids + p, obs, row, a->Lo, ol, a->token_bytes);
+    widen(a, ids + p, obs, row, ol);
     p += ol;
     memcpy(ids + p, a->post, (size_t)a->n_post * sizeof(int64_t));
     p += a->n_post;
@@ -133,20 +141,20 @@ static inline void write_prompt(const SampleArgs *a, int64_t *ids, uint8_t *mask
 }
 
 static inline void write_cands(const SampleArgs *a, int64_t *ids, uint8_t *mask, const void *cands,
-                               const int16_t *lens, int64_t row) {
-    int64_t KL = a->K * a->Lc;
-    widen(ids, cands, row, KL, KL, a->token_bytes);
-    const int16_t *len = lens + row * a->K;
+                               const void *lens, int64_t row) {
+    widen(a, ids, cands, row, a->K * a->Lc);
     const int64_t Lc = a->Lc;
     if (Lc <= 8) {  /* a candidate's mask as one word: bytes [0, len) are 1 (little-endian byte order) */
         for (int64_t k = 0; k < a->K; k++) {
-            const uint64_t v = len[k] >= 8 ? ONES : ONES & ((UINT64_C(1) << (8 * len[k])) - 1);
+            const int64_t len = token_at(a, lens, row, k);
+            const uint64_t v = len >= 8 ? ONES : ONES & ((UINT64_C(1) << (8 * len)) - 1);
             if (Lc == 8) memcpy(mask + k * 8, &v, 8); else memcpy(mask + k * Lc, &v, (size_t)Lc);
         }
     } else {
         for (int64_t k = 0; k < a->K; k++) {
-            memset(mask + k * Lc, 1, (size_t)len[k]);
-            memset(mask + k * Lc + len[k], 0, (size_t)(Lc - len[k]));
+            const int64_t len = token_at(a, lens, row, k);
+            memset(mask + k * Lc, 1, (size_t)len);
+            memset(mask + k * Lc + len, 0, (size_t)(Lc - len));
         }
     }
 }
@@ -271,16 +279,14 @@ static void sample_range(const SampleArgs *a, int64_t lo, int64_t hi) {
     }
 
     /* C. tokens */
-    const int64_t Lp = a->Lp, KL = a->K * a->Lc, tb = a->token_bytes;
+    const int64_t Lp = a->Lp, KL = a->K * a->Lc, tb = a->token_bytes, half = (a->Lo + KL + a->K) * tb;
     for (int64_t i = lo; i < hi; i++) {
         const int64_t ahead = i + PREFETCH_AHEAD;
         if (ahead < hi) {
-            prefetch_span((const char *)a->obs + flats[ahead] * a->Lo * tb, a->Lo * tb);
-            prefetch_span((const char *)a->next_obs + boots[ahead] * a->Lo * tb, a->Lo * tb);
-            prefetch_span((const char *)a->cands + flats[ahead] * KL * tb, KL * tb);
-            prefetch_span((const char *)a->next_cands + boots[ahead] * KL * tb, KL * tb);
-            __builtin_prefetch(a->cand_len + flats[ahead] * a->K);
-            __builtin_prefetch(a->next_cand_len + boots[ahead] * a->K);
+            /* the two halves of the token record: [obs | cands | cand_len] at the sampled row, the next-state half
+             * at the bootstrap row (the same row when n_step = 1: one contiguous block) */
+            prefetch_span((const char *)a->obs + flats[ahead] * a->tok_w * tb, half);
+            prefetch_span((const char *)a->next_obs + boots[ahead] * a->tok_w * tb, half);
         }
         const int64_t g = a->goal[i];
         write_prompt(a, a->prompt_ids + i * Lp, a->prompt_mask + i * Lp, g, gls[i], a->obs, flats[i], ols[i]);
