@@ -6,7 +6,7 @@
  *   B. per transition, the scalars: HER relabelling (plain or rarest-of-m), the reward and termination recomputed for
  *      the new goal (the equality reward), the n-step window, the bootstrap row;
  *   C. the token copies: both prompts ([bos?] + pre + goal + mid | obs | post | pad) and both candidate sets, with
- *      software prefetch of the rows a few transitions ahead.
+ *      software prefetch of the rows a few transitions ahead (pass A already asked for the sampled rows' records).
  * On CPU the batch is bound by random reads of ~2 KB of token rows per transition; pass C keeps several rows in flight
  * instead of waiting for each, and the ~100 op dispatches of the torch path become one call.
  *
@@ -120,50 +120,60 @@ static inline void widen(const SampleArgs *a, int64_t *dst, const void *field, i
     }
 }
 
-static inline int64_t token_at(const SampleArgs *a, const void *field, int64_t row, int64_t j) {
-    return a->token_bytes == 2 ? ((const int16_t *)field)[row * a->tok_w + j]
-                               : ((const int32_t *)field)[row * a->tok_w + j];
-}
-
 /* One prompt: head[:pre_mid + gl] | obs[:ol] | post | pad, and its mask. */
 static inline void write_prompt(const SampleArgs *a, int64_t *ids, uint8_t *mask, int64_t g, int64_t gl,
                                 const void *obs, int64_t row, int64_t ol) {
-    int64_t h = a->pre_mid + gl, p = 0;
-    memcpy(ids, a->heads + g * a->head_w, (size_t)h * sizeof(int64_t));
-    p = h;
-    widen(a, ids + p, obs, row, ol);
-    p += ol;
-    memcpy(ids + p, a->post, (size_t)a->n_post * sizeof(int64_t));
+    const int64_t h = a->pre_mid + gl, *head = a->heads + g * a->head_w, Lp = a->Lp;
+    for (int64_t j = 0; j < h; j++) ids[j] = head[j];
+    widen(a, ids + h, obs, row, ol);
+    int64_t p = h + ol;
+    for (int64_t j = 0; j < a->n_post; j++) ids[p + j] = a->post[j];
     p += a->n_post;
     memset(mask, 1, (size_t)p);
-    memset(mask + p, 0, (size_t)(a->Lp - p));
-    for (; p < a->Lp; p++) ids[p] = a->pad_id;
+    memset(mask + p, 0, (size_t)(Lp - p));
+    for (; p < Lp; p++) ids[p] = a->pad_id;
 }
+
+/* MASK_WORDS[len]: the mask of a candidate of len tokens (len <= 8) as one little-endian word, bytes [0, len) = 1. */
+static const uint64_t MASK_WORDS[9] = {
+    0, ONES >> 56, ONES >> 48, ONES >> 40, ONES >> 32, ONES >> 24, ONES >> 16, ONES >> 8, ONES};
+
+/* Candidate masks from the K stored lengths (add stores 0 <= len <= Lc): one table word per candidate when Lc = 8,
+ * the common width; else a byte comparison. T is the token type, so the loop has no per-candidate branch. */
+#define CAND_MASKS(T)                                                                                               \
+    do {                                                                                                            \
+        const T *len = (const T *)lens + row * a->tok_w;                                                            \
+        if (Lc == 8) {                                                                                              \
+            for (int64_t k = 0; k < K; k++) {                                                                       \
+                const uint64_t l = (uint64_t)len[k];                                                                \
+                memcpy(mask + k * 8, &MASK_WORDS[l > 8 ? 8 : l], 8);                                                \
+            }                                                                                                       \
+        } else {                                                                                                    \
+            for (int64_t k = 0; k < K; k++)                                                                         \
+                for (int64_t j = 0; j < Lc; j++) mask[k * Lc + j] = (uint8_t)(j < len[k]);                          \
+        }                                                                                                           \
+    } while (0)
 
 static inline void write_cands(const SampleArgs *a, int64_t *ids, uint8_t *mask, const void *cands,
                                const void *lens, int64_t row) {
-    widen(a, ids, cands, row, a->K * a->Lc);
-    const int64_t Lc = a->Lc;
-    if (Lc <= 8) {  /* a candidate's mask as one word: bytes [0, len) are 1 (little-endian byte order) */
-        for (int64_t k = 0; k < a->K; k++) {
-            const int64_t len = token_at(a, lens, row, k);
-            const uint64_t v = len >= 8 ? ONES : ONES & ((UINT64_C(1) << (8 * len)) - 1);
-            if (Lc == 8) memcpy(mask + k * 8, &v, 8); else memcpy(mask + k * Lc, &v, (size_t)Lc);
-        }
-    } else {
-        for (int64_t k = 0; k < a->K; k++) {
-            const int64_t len = token_at(a, lens, row, k);
-            memset(mask + k * Lc, 1, (size_t)len);
-            memset(mask + k * Lc + len, 0, (size_t)(Lc - len));
-        }
-    }
+    const int64_t K = a->K, Lc = a->Lc;
+    widen(a, ids, cands, row, K * Lc);
+    if (a->token_bytes == 2) CAND_MASKS(int16_t); else CAND_MASKS(int32_t);
 }
 
-/* Transitions [lo, hi) of the batch: every pass reads and writes only its own rows of the outputs and scratch. */
+/* Transitions [lo, hi) of the batch: every pass reads and writes only its own rows of the outputs and scratch.
+ * On x86-64 with glibc it is compiled three times (x86-64-v4 = AVX-512, v3 = AVX2, baseline) and the loader picks
+ * the one the CPU runs: the token widening (int16/int32 -> int64) is most of its instructions, and AVX2 widens 4 ids
+ * per instruction where the baseline needs several per id. The library stays portable across a cluster's machines.
+ * A compiler without these target names (GCC < 12) builds it once, with -DSACGLAM_NO_CLONES (sacglam/native.py). */
+#if defined(__x86_64__) && defined(__GLIBC__) && !defined(SACGLAM_NO_CLONES)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
 static void sample_range(const SampleArgs *a, int64_t lo, int64_t hi) {
     const int64_t B = a->B, N = a->N, CN = a->CN, n = a->n_step, G = a->G;
     int64_t *zs = a->scratch, *flats = a->scratch + B, *boots = a->scratch + 2 * B, *nols = a->scratch + 3 * B;
     int64_t *ols = a->scratch + 4 * B, *gls = a->scratch + 5 * B;
+    const int64_t rec = a->tok_w * a->token_bytes, half = (a->Lo + a->K * a->Lc + a->K) * a->token_bytes;
 
     /* A. sampled rows */
     for (int64_t i = lo; i < hi; i++) {
@@ -197,6 +207,13 @@ static void sample_range(const SampleArgs *a, int64_t lo, int64_t hi) {
             for (int64_t k = 0; k < a->m; k++) __builtin_prefetch(her_source(a, d, k, zs[i], row[T_], first, span));
         }
     }
+
+    /* A2. the token records pass C reads (the whole record when the bootstrap row is the sampled row, n_step = 1;
+     * else its first half), asked for after the scalar rows above so that those do not queue behind them. Issuing
+     * them all here, before pass C's stores compete for the same miss buffers, fetches them about twice as fast as
+     * prefetching a few transitions ahead inside pass C does alone (measured on a 2-core KVM guest). */
+    for (int64_t i = lo; i < hi; i++)
+        prefetch_span((const char *)a->obs + flats[i] * a->tok_w * a->token_bytes, n == 1 ? rec : half);
 
     /* B. scalars */
     float rew[MAX_NSTEP];
@@ -279,7 +296,7 @@ static void sample_range(const SampleArgs *a, int64_t lo, int64_t hi) {
     }
 
     /* C. tokens */
-    const int64_t Lp = a->Lp, KL = a->K * a->Lc, tb = a->token_bytes, half = (a->Lo + KL + a->K) * tb;
+    const int64_t Lp = a->Lp, KL = a->K * a->Lc, tb = a->token_bytes;
     for (int64_t i = lo; i < hi; i++) {
         const int64_t ahead = i + PREFETCH_AHEAD;
         if (ahead < hi) {
