@@ -167,6 +167,7 @@ def main(dcfg: DictConfig) -> float:
 
     start, metrics_truncated_warned = time.monotonic(), False
     updates_per_vector_step = cfg.replay_ratio * cfg.env.num_envs / cfg.batch_size
+    batch = None  # the last sampled batch, overwritten by the next sample once its update is done
     while collector.env_steps < cfg.total_env_steps:
         if cfg.time_limit_min and time.monotonic() - start > 60 * cfg.time_limit_min:
             print(f"time limit of {cfg.time_limit_min} min reached at env step {collector.env_steps}")
@@ -180,7 +181,8 @@ def main(dcfg: DictConfig) -> float:
             update_credit += updates_per_vector_step
             while update_credit >= 1.0:
                 try:
-                    metrics.update(updater.update(buffer.sample(cfg.batch_size, sample_gen).to(device)))
+                    batch = buffer.sample(cfg.batch_size, sample_gen, out=batch)
+                    metrics.update(updater.update(batch.to(device)))
                 except NonFiniteLossError as exc:
                     last = find_latest_checkpoint(run_dir)
                     raise RuntimeError(f"stopped at env step {collector.env_steps}: {exc} Last good checkpoint: "

@@ -282,6 +282,7 @@ def bench_model(
     counts = {k: zero.clone() for k in ("on_p", "on_c", "on_k", "tg_p", "tg_c", "tg_k")}
     act_tokens0 = actor.tokens.clone()
     credit = 0.0
+    batch = None  # as in train.py: each sample overwrites the last batch once its update is done
 
     def timed(phase: str, fn: Any, *args: Any) -> Any:
         _sync(device)
@@ -299,7 +300,7 @@ def bench_model(
         t.episode_steps += sum(e.length for e in episodes)
         credit += updates_per_vector_step
         while credit >= 1.0:
-            batch = timed("sample", buffer.sample, cfg.batch_size, sample_gen)
+            batch = timed("sample", lambda b: buffer.sample(cfg.batch_size, sample_gen, out=b), batch)
             timed("update", updater.update, batch)
             counts["on_p"] += batch.prompt_mask.sum()
             counts["on_c"] += batch.cand_mask.sum()

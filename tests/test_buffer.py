@@ -271,6 +271,48 @@ def test_state_dict_round_trip_same_samples() -> None:
         Sim(n_envs=1, capacity=16).buf.load_state_dict(state)
 
 
+@pytest.mark.parametrize("native", ["on", "off"])
+def test_sample_into_out_writes_the_same_batch_in_place(native: str) -> None:
+    """``sample(out=b)`` returns b with the batch a fresh call returns for the same draws, written into b's tensors."""
+    sim = Sim(n_envs=2, capacity=16, n_step=2, her=HERConfig("future", 0.5))
+    sim.buf = ReplayBuffer(BufferConfig(**{**sim.buf.cfg.__dict__, "native": native}), 2, pad_id=0, prompt=PIECES)
+    for g in range(sim.n_goals):
+        sim.buf.register_goal(goal_tokens(g), limit=sim.limits[g])
+    for P in range(11):
+        sim.add([P % 4, (P + 1) % 4], [[P % 3], []], [1.0, 0.0], [P % 5 == 4, False], [False, P % 3 == 2])
+    reused = sim.buf.sample(32, torch.Generator().manual_seed(1))
+    ptrs = {name: getattr(reused, name).data_ptr() for name in Batch.__dataclass_fields__}
+    for seed in (2, 3):
+        if seed == 3:  # an add between the calls (the sampling window moves), and a field the caller replaced
+            sim.add([0, 1], [[1], [2]], [0.0, 1.0], [True, False], [False, True])
+            reused.reward = torch.full_like(reused.reward, float("nan"))
+            ptrs["reward"] = reused.reward.data_ptr()
+        want = sim.buf.sample(32, torch.Generator().manual_seed(seed))
+        got = sim.buf.sample(32, torch.Generator().manual_seed(seed), out=reused)
+        assert got is reused
+        for name in Batch.__dataclass_fields__:
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+            assert getattr(got, name).data_ptr() == ptrs[name], name  # written in place, nothing allocated
+        for i in range(len(got)):
+            check_row(sim, got, i)
+
+
+def test_sample_into_out_rejects_a_batch_of_another_layout() -> None:
+    sim = Sim(n_envs=1, capacity=8)
+    fill_layout(sim, list("..T."))
+    gen = torch.Generator().manual_seed(0)
+    small = sim.buf.sample(4, gen)
+    with pytest.raises(ValueError, match=r"out\.prompt_ids is \(4, 6\).*a batch of 8"):
+        sim.buf.sample(8, gen, out=small)
+    ok = sim.buf.sample(4, gen, out=small)  # the same object still works for its own size
+    ok.cand_mask = ok.cand_mask.long()
+    with pytest.raises(ValueError, match="out.cand_mask is .*torch.int64.*torch.bool"):
+        sim.buf.sample(4, gen, out=ok)
+    ok.cand_mask = torch.zeros(K, LC, 4, dtype=torch.bool).permute(2, 0, 1)  # right shape, not contiguous
+    with pytest.raises(ValueError, match="out.cand_mask .*contiguous"):
+        sim.buf.sample(4, gen, out=ok)
+
+
 def test_errors_name_the_limit() -> None:
     sim = Sim(n_envs=2, capacity=8)
     with pytest.raises(ValueError, match="no completed episode"):
