@@ -3,28 +3,32 @@
 Both buffers get the same goal-conditioned dataset: N envs, episodes of ``--episode-len`` steps, 128-token
 observations, 16 candidates of 8 tokens (for SB3: one flat observation vector holding the observation and candidate
 tokens), a goal achieved with probability 0.2 per step out of 64 goals. HER: strategy ``future``, ratio 0.8 (SB3:
-``n_sampled_goal=4``). Prints a markdown table, the ratio against SB3, and bytes per transition.
+``n_sampled_goal=4``). Prints a markdown table, the ratios against SB3, and bytes per transition.
 
-    python scripts/bench_buffer.py                 # capacity 500k, batch 256
+    python scripts/bench_buffer.py                 # capacity 500k, batch 256, int16 tokens, 1 thread and all threads
     python scripts/bench_buffer.py --quick         # small capacity, seconds
     python scripts/bench_buffer.py --device cuda   # our buffer on the GPU (SB3 samples to the GPU too)
-    python scripts/bench_buffer.py --threads 1 --token-dtype int16   # the fastest single-thread CPU configuration
-    python scripts/bench_buffer.py --threads 1 --all-configs   # int32/int16 x native/torch sampler, one table
-    python scripts/bench_buffer.py --sampler torch              # the torch-op sampling path (buffer.native=off)
-    python scripts/bench_buffer.py --threads 1 --rarity-draws 4 --rare-fraction 0.25   # the training default HER
+    python scripts/bench_buffer.py --all-configs   # int32/int16 x native/torch sampler, one table
+    python scripts/bench_buffer.py --sampler torch --threads 1   # the torch-op sampling path (buffer.native=off)
+    python scripts/bench_buffer.py --rarity-draws 4 --rare-fraction 0.25   # the training default HER
 
-Sampling rates are the median over chunks of ``--chunk`` calls (the same statistic for both buffers), so that other
-processes on a shared machine disturb the ratio less than a plain mean would. On a CPU our buffer samples with the
-native C sampler (``buffer.native``, sacglam/csrc/sample.c; ``--sampler torch`` measures the ~100-op torch path it
-replaces). At capacity 500k both are then bound by random reads of ~1-2 KB of token rows per transition and by
-writing ~4.6 KB of int64 ids and masks per transition; int16 tokens halve the bytes read. The C sampler splits a
-batch over torch's intra-op threads (``--threads``); SB3 samples on one. ``--sampler compiled``
-(BufferConfig.compile) is slower than eager on CPU: its generated kernel gathers token by token.
+All buffers are built first; then every sampler (each configuration of ours, with a new batch per call and with
+``out=`` reusing the last one, at each ``--threads`` count, and SB3) is timed in ``--rounds`` interleaved rounds of
+chunks of ``--chunk`` calls, and a rate is the median over its chunks. A drift of a shared machine then hits every
+row alike, and the ratios against SB3 compare like with like. SB3 samples on one thread (numpy) whatever
+``--threads`` says; our native sampler splits a batch over torch's intra-op threads.
+
+On a CPU our buffer samples with the native C sampler (``buffer.native``, sacglam/csrc/sample.c; ``--sampler torch``
+measures the ~100-op torch path it replaces). At capacity 500k both buffers are then bound by random reads of ~1-2 KB
+of token rows per transition, and ours also by writing ~4.8 KB of int64 ids and masks per transition; int16 tokens
+halve the bytes read. ``--sampler compiled`` (BufferConfig.compile) is slower than eager on CPU: its generated
+kernel gathers token by token.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,20 +58,18 @@ def make_batches(n_envs: int, n_pool: int, seed: int) -> list[dict[str, np.ndarr
     return pool
 
 
-def sample_rate(sample: Callable[[], object], iters: int, batch: int, chunk: int, dev: torch.device) -> float:
-    """Sampled transitions per second: the median over chunks of ``chunk`` calls (``iters`` calls in all)."""
-    rates = []
-    for _ in range(max(1, iters // chunk)):
-        t0 = time.perf_counter()
-        for _ in range(chunk):
-            sample()
-        _sync(dev)
-        rates.append(chunk * batch / (time.perf_counter() - t0))
-    return float(np.median(rates))
+def chunk_rate(sample: Callable[[], object], batch: int, chunk: int, dev: torch.device) -> float:
+    """Sampled transitions per second over ``chunk`` calls."""
+    t0 = time.perf_counter()
+    for _ in range(chunk):
+        sample()
+    _sync(dev)
+    return chunk * batch / (time.perf_counter() - t0)
 
 
-def bench_ours(args: argparse.Namespace, pool: list[dict[str, np.ndarray]], token_dtype: str,
-               sampler: str) -> dict[str, float]:
+def build_ours(args: argparse.Namespace, pool: list[dict[str, np.ndarray]], token_dtype: str,
+               sampler: str) -> tuple[ReplayBuffer, dict[str, float]]:
+    """Our buffer filled to capacity from ``pool``, and its add rate and bytes per transition."""
     dev = torch.device(args.device)
     compile = sampler == "compiled"
     native = "on" if sampler == "native" else "off"
@@ -104,15 +106,7 @@ def bench_ours(args: argparse.Namespace, pool: list[dict[str, np.ndarray]], toke
         buf.add(tb)
     _sync(dev)
     t_add = time.perf_counter() - t0
-    gen = torch.Generator(device=dev).manual_seed(0)
-    t0 = time.perf_counter()
-    for _ in range(3):  # warm-up (and the one-off compile with --sampler compiled)
-        buf.sample(args.batch, gen)
-    _sync(dev)
-    print(f"warm-up ({token_dtype}, {sampler}, 3 samples{', compile included' if compile else ''}): "
-          f"{time.perf_counter() - t0:.1f} s")
-    rate = sample_rate(lambda: buf.sample(args.batch, gen), args.sample_iters, args.batch, args.chunk, dev)
-    return {"add": n_adds * N / t_add, "sample": rate, "bytes": buf.bytes_per_transition()}
+    return buf, {"add": n_adds * N / t_add, "bytes": buf.bytes_per_transition()}
 
 
 def _sync(dev: torch.device) -> None:
@@ -120,7 +114,8 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_sb3(args: argparse.Namespace, pool: list[dict[str, np.ndarray]]) -> dict[str, float]:
+def build_sb3(args: argparse.Namespace, pool: list[dict[str, np.ndarray]]) -> tuple[Any, dict[str, float]]:
+    """SB3's HerReplayBuffer filled with the same data, and its add rate and bytes per transition."""
     import gymnasium as gym
     from gymnasium import spaces
     from stable_baselines3 import HerReplayBuffer
@@ -161,13 +156,16 @@ def bench_sb3(args: argparse.Namespace, pool: list[dict[str, np.ndarray]]) -> di
         end = i % args.episode_len == args.episode_len - 1
         buf.add(obs, nxt, act, reward, np.full(N, end), infos_end if end else infos_mid)
     t_add = time.perf_counter() - t0
-    for _ in range(3):
-        buf.sample(args.batch)
-    rate = sample_rate(lambda: buf.sample(args.batch), args.sample_iters, args.batch, args.chunk,
-                       torch.device(args.device))
     per = sum(v.nbytes for v in buf.observations.values()) + sum(v.nbytes for v in buf.next_observations.values())
     per += buf.actions.nbytes + buf.rewards.nbytes + buf.dones.nbytes + buf.timeouts.nbytes
-    return {"add": n_adds * N / t_add, "sample": rate, "bytes": per / args.capacity}
+    return buf, {"add": n_adds * N / t_add, "bytes": per / args.capacity}
+
+
+def thread_counts(spec: str) -> list[int]:
+    """``--threads``: a comma list of counts, ``all`` = torch's default (the machine's cores)."""
+    default = torch.get_num_threads()
+    counts = [default if x.strip() == "all" else int(x) for x in spec.split(",")]
+    return list(dict.fromkeys(c for c in counts if c > 0))
 
 
 def main() -> None:
@@ -177,12 +175,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--n-step", type=int, default=1)
     ap.add_argument("--episode-len", type=int, default=50)
-    ap.add_argument("--sample-iters", type=int, default=200, help="sample calls per buffer (in chunks)")
-    ap.add_argument("--chunk", type=int, default=10, help="calls per timed chunk (the rate is the chunks' median)")
-    ap.add_argument("--token-dtype", default="int32", choices=["int16", "int32"])
+    ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds; each times one chunk of every sampler")
+    ap.add_argument("--chunk", type=int, default=10, help="calls per timed chunk (a rate is its chunks' median)")
+    ap.add_argument("--token-dtype", default="int16", choices=["int16", "int32"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--quick", action="store_true", help="capacity 4096, 20 sample iterations")
+    ap.add_argument("--threads", default="1,all",
+                    help="torch thread counts to time our sampler at, comma separated ('all' = torch's default)")
+    ap.add_argument("--quick", action="store_true", help="capacity 4096, 3 rounds")
     ap.add_argument("--skip-sb3", action="store_true")
     ap.add_argument("--sampler", default="auto", choices=["auto", "native", "torch", "compiled"],
                     help="our sampling path: native C (CPU), torch ops, or torch.compile'd ops; auto = native on CPU")
@@ -192,41 +191,67 @@ def main() -> None:
                     help="our buffer with int32/int16 tokens and native/torch samplers, against SB3, in one table")
     args = ap.parse_args()
     if args.quick:
-        args.capacity, args.sample_iters = 4096, 20
-    if args.threads:
-        torch.set_num_threads(args.threads)
+        args.capacity, args.rounds = 4096, 3
+    threads = thread_counts(args.threads)
+    default_threads = torch.get_num_threads()
+    dev = torch.device(args.device)
     pool = make_batches(args.n_envs, 32, seed=0)
     sampler = args.sampler if args.sampler != "auto" else ("native" if args.device == "cpu" else "torch")
     configs = ([(dt, c) for c in ("native", "torch") for dt in ("int32", "int16")] if args.all_configs
                else [(args.token_dtype, sampler)])
-    ours = [(dt, c, bench_ours(args, pool, dt, c)) for dt, c in configs]
-    ref = None if args.skip_sb3 else bench_sb3(args, pool)
-    samplers = "native and torch" if args.all_configs else sampler
-    tokens = "int32 and int16" if args.all_configs else args.token_dtype
-    print(f"\ncapacity {args.capacity}, {args.n_envs} envs, sampler {samplers}, batch {args.batch}, "
-          f"n_step {args.n_step}, obs {LO} tokens, {K} candidates x {LC} tokens, device {args.device}, "
-          f"tokens {tokens}, HER future 0.8 (rarity draws {args.rarity_draws}, rare fraction {args.rare_fraction}), "
-          f"torch threads {torch.get_num_threads()}\n")
-    if args.all_configs:
-        print("| buffer | add (transitions/s) | sample (transitions/s) | sample vs SB3 | bytes/transition | "
-              "total for capacity |")
-        print("|---|---:|---:|---:|---:|---:|")
-        rows = [(f"sacglam ReplayBuffer ({dt}, {c} sampler)", r) for dt, c, r in ours]
-        for name, r in rows + ([("SB3 HerReplayBuffer", ref)] if ref else []):
-            vs = f"{r['sample'] / ref['sample']:.1f}x" if ref else ""
-            print(f"| {name} | {r['add']:,.0f} | {r['sample']:,.0f} | {vs} | {r['bytes']:,.0f} | "
-                  f"{r['bytes'] * args.capacity / 2**30:.2f} GiB |")
-        return
-    mine = ours[0][2]
-    print("| buffer | add (transitions/s) | sample (transitions/s) | bytes/transition | total for capacity |")
-    print("|---|---:|---:|---:|---:|")
-    rows = [(f"sacglam ReplayBuffer ({sampler} sampler)", mine)] + ([("SB3 HerReplayBuffer", ref)] if ref else [])
-    for name, r in rows:
-        print(f"| {name} | {r['add']:,.0f} | {r['sample']:,.0f} | {r['bytes']:,.0f} | "
-              f"{r['bytes'] * args.capacity / 2**30:.2f} GiB |")
+
+    # Build everything first (adds timed on torch's default threads), then time every sampler interleaved.
+    rows: list[tuple[str, int, dict[str, float]]] = []
+    timed: list[tuple[dict[str, float], str, int, Callable[[], object]]] = []
+    for dt, c in configs:
+        buf, stats = build_ours(args, pool, dt, c)
+        gen = torch.Generator(device=dev).manual_seed(0)
+        t0 = time.perf_counter()
+        batch = buf.sample(args.batch, gen)  # warm-up: the native library's first load, the one-off compile
+        for _ in range(2):
+            buf.sample(args.batch, gen)
+        _sync(dev)
+        print(f"built {dt}/{c}: add {stats['add']:,.0f}/s, warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+        for t in threads:
+            r = dict(stats)
+            rows.append((f"sacglam ReplayBuffer ({dt}, {c} sampler)", t, r))
+            timed.append((r, "sample", t, functools.partial(buf.sample, args.batch, gen)))
+            timed.append((r, "sample_out", t, functools.partial(buf.sample, args.batch, gen, out=batch)))
+    ref = None
+    if not args.skip_sb3:
+        sb3, ref = build_sb3(args, pool)
+        for _ in range(3):
+            sb3.sample(args.batch)
+        print(f"built SB3: add {ref['add']:,.0f}/s", flush=True)
+        timed.append((ref, "sample", 1, functools.partial(sb3.sample, args.batch)))
+    rates: dict[tuple[int, str], list[float]] = {}
+    for _ in range(args.rounds):
+        for r, key, t, fn in timed:
+            torch.set_num_threads(t)
+            rates.setdefault((id(r), key), []).append(chunk_rate(fn, args.batch, args.chunk, dev))
+    torch.set_num_threads(default_threads)
+    for r, key, _, _ in timed:
+        r[key] = float(np.median(rates[(id(r), key)]))
+
+    print(f"\ncapacity {args.capacity}, {args.n_envs} envs, batch {args.batch}, n_step {args.n_step}, "
+          f"obs {LO} tokens, {K} candidates x {LC} tokens, device {args.device}, HER future 0.8 "
+          f"(rarity draws {args.rarity_draws}, rare fraction {args.rare_fraction}); {args.rounds} interleaved rounds "
+          f"of {args.chunk} calls; rates are medians over chunks; SB3 samples on 1 thread\n")
+    print("| buffer | threads | add (transitions/s) | sample (transitions/s) | vs SB3 | sample into `out=` | vs SB3 | "
+          "bytes/transition | total for capacity |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    def vs(rate: float) -> str:
+        return f"{rate / ref['sample']:.1f}x" if ref else ""
+
+    for name, t, r in rows + ([("SB3 HerReplayBuffer", 1, ref)] if ref else []):
+        reused = f"{r['sample_out']:,.0f} | {vs(r['sample_out'])}" if "sample_out" in r else " | "
+        print(f"| {name} | {t} | {r['add']:,.0f} | {r['sample']:,.0f} | {vs(r['sample'])} | {reused} | "
+              f"{r['bytes']:,.0f} | {r['bytes'] * args.capacity / 2**30:.2f} GiB |")
     if ref:
-        print(f"| ratio (sacglam / SB3) | {mine['add'] / ref['add']:.2f}x | {mine['sample'] / ref['sample']:.1f}x | "
-              f"{mine['bytes'] / ref['bytes']:.2f}x | |")
+        mine = rows[0][2]
+        print(f"\nratio (first row / SB3): add {mine['add'] / ref['add']:.2f}x, "
+              f"sample {mine['sample'] / ref['sample']:.1f}x, "
+              f"sample into out= {mine['sample_out'] / ref['sample']:.1f}x, bytes {mine['bytes'] / ref['bytes']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -395,12 +395,16 @@ def test_bench_script_quick_runs_and_prints_table() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "scripts" / "bench_buffer.py"), "--quick", "--threads", "1",
-                          "--sample-iters", "5"], capture_output=True, text=True, timeout=240, cwd=root, check=True)
+    out = subprocess.run([sys.executable, str(root / "scripts" / "bench_buffer.py"), "--quick", "--threads", "1,2",
+                          "--rounds", "2"], capture_output=True, text=True, timeout=240, cwd=root, check=True)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("| ")]
-    assert lines[0].startswith("| buffer | add") and len(lines) == 4, out.stdout  # header, ours, SB3, ratio
-    assert lines[1].startswith("| sacglam ReplayBuffer") and lines[2].startswith("| SB3 HerReplayBuffer")
-    assert lines[3].startswith("| ratio (sacglam / SB3)")
+    assert lines[0].startswith("| buffer | threads | add") and len(lines) == 4, out.stdout  # header, ours x 2, SB3
+    assert lines[1].startswith("| sacglam ReplayBuffer (int16, native sampler) | 1 |")
+    assert lines[2].startswith("| sacglam ReplayBuffer (int16, native sampler) | 2 |")
+    assert lines[3].startswith("| SB3 HerReplayBuffer | 1 |")
+    cells = [c.strip() for c in lines[1].strip("|").split("|")]
+    assert len(cells) == 9 and all(c.endswith("x") for c in (cells[4], cells[6])), cells  # both ratios printed
+    assert "ratio (first row / SB3): add" in out.stdout
 
 
 def test_int16_tokens_reject_large_ids() -> None:
