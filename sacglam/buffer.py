@@ -24,8 +24,10 @@ section 9) must select ``relabelled & (goal_gap >= 0)``.
 
 On a CPU buffer ``sample`` is one C call (``sacglam/csrc/sample.c``, built on first use by ``sacglam.native``;
 ``BufferConfig.native``) that computes the torch path below from the same draws and tables, equal field for field
-(tests/test_native_sampler.py), 2.5-3x faster than it (scripts/bench_buffer.py). On a GPU, and wherever the C sampler
-does not apply (a custom reward function, int64 tokens, ``compile``), the torch path samples.
+(tests/test_native_sampler.py), 3-4x faster than it (scripts/bench_buffer.py); ``sample(out=batch)`` writes into an
+earlier batch instead of allocating one. ``add`` is one C call too (``sacglam/csrc/add.c``: the same storage and
+tables after it as the torch path's ~80 ops, about 10x faster). On a GPU, and wherever the C code does not apply (int64
+tokens; for sampling also a custom reward function or ``compile``), the torch path runs.
 
 Torch path cost (B = 256, CPU): about 100 tensor ops, most of them on [B] vectors, plus the random row reads of the
 token fields. What makes it cheap:
@@ -74,6 +76,18 @@ _STRATEGY_CODES = {"future": 0, "episode": 1, "final": 2}  # as sacglam/csrc/sam
 _BATCH_FIELDS = tuple(f.name for f in fields(Batch))
 _NATIVE_OUTPUTS = tuple(f"{name}_out" if name in ("goal_limit", "policy_version") else name for name in _BATCH_FIELDS)
 
+# TransitionBatch fields the native add reads: the dtype it reads each in and the AddArgs field it goes through.
+_ADD_INPUTS = (
+    ("obs", torch.int64, "obs"), ("obs_len", torch.int64, "obs_len_in"), ("next_obs", torch.int64, "next_obs"),
+    ("next_obs_len", torch.int64, "next_obs_len_in"), ("cands", torch.int64, "cands"),
+    ("cand_len", torch.int64, "cand_len_in"), ("next_cands", torch.int64, "next_cands"),
+    ("next_cand_len", torch.int64, "next_cand_len_in"), ("goal", torch.int64, "goal"),
+    ("action", torch.int64, "action"), ("achieved", torch.int64, "achieved"),
+    ("policy_version", torch.int64, "policy_version_in"), ("reward", torch.float32, "reward_in"),
+    ("logp", torch.float32, "logp_in"), ("terminated", torch.uint8, "terminated_in"),
+    ("truncated", torch.uint8, "truncated_in"),
+)  # fmt: skip
+
 # Columns of the derived per-row table ReplayBuffer._rows (int32; floats stored as their bits), then G achieved ids.
 _T, _EPK, _GOAL, _ACHB, _TERM, _ACT, _OL, _NOL, _REW, _LOGP = range(10)
 _F = 10
@@ -96,8 +110,9 @@ class BufferConfig:
     token_dtype: str = "int32"  # int16 halves token memory and is exact when the vocabulary has < 32768 ids
     her: HERConfig = field(default_factory=HERConfig)  # hindsight relabelling (ratio 0 disables it)
     compile: bool = False  # torch.compile the sampling path (one-off compile per batch size; slower than eager on CPU)
-    # CPU buffers sample with one C call (sacglam/native.py) instead of ~100 torch ops; same batch, several times
-    # faster. auto: when it builds (else torch, with a warning); on: required (an error says why not); off: torch.
+    # CPU buffers add and sample with one C call each (sacglam/native.py) instead of ~80 / ~100 torch ops; same
+    # result, several times faster. auto: when it builds (else torch, with a warning); on: required (an error says why
+    # not); off: torch.
     native: str = "auto"
 
     def __post_init__(self) -> None:
@@ -250,9 +265,13 @@ class ReplayBuffer:
         self._steps = torch.arange(cfg.n_step, device=dev)
         self._window_pos = -1  # self.pos when the column window below was computed (-1: stale)
         self._cum = self._base = self._total_f = self._total_m1 = torch.zeros((), device=dev)
-        # The native CPU sampler (None: the torch path samples) and what it reads besides the storage.
+        # The native CPU sampler and add (None: the torch path samples / adds) and what they read besides the storage.
         self._native = self._pick_native(reward_fn)
-        self._nargs = native.SampleArgs()
+        self._native_add = (native.load() if cfg.native != "off" and dev.type == "cpu"
+                            and cfg.token_dtype in ("int16", "int32") else None)
+        self._nargs, self._aargs = native.SampleArgs(), native.AddArgs()
+        self._add_stats = torch.zeros(11, dtype=torch.int64)  # what sacglam_add reports (see csrc/add.c)
+        self._add_scratch = torch.zeros(2 * N, dtype=torch.int64)
         if self._native is not None:
             self._heads64 = z(cfg.max_goals, self._asm.head_width, dtype=torch.int64)
             self._post64 = self.pieces.post.to(torch.int64).contiguous()
@@ -327,12 +346,38 @@ class ReplayBuffer:
         if have > width:
             need = int(lens.max())
             if need > width:
-                raise ValueError(f"{what} has {need} tokens > {limit_name}={width}; set buffer {limit_name} >= {need}")
+                raise self._width_error(what, need, width, limit_name)
             return x[..., :width]
         if have < width:
             pad = x.new_full((*x.shape[:-1], width - have), self.pad_id)
             return torch.cat([x, pad], dim=-1)
         return x
+
+    @staticmethod
+    def _width_error(what: str, need: int, width: int, limit_name: str) -> ValueError:
+        return ValueError(f"{what} has {need} tokens > {limit_name}={width}; set buffer {limit_name} >= {need}")
+
+    def _check_step(self, stats: list[int], goal: torch.Tensor, achieved: torch.Tensor, action: torch.Tensor) -> None:
+        """Raise for the first failed check of an add, from ``stats`` = [max token id (or none), max cur_step, goal
+        min, goal max, achieved min, achieved max, action min, action max] (the ids in the messages: the step's)."""
+        cfg, N, C = self.cfg, self.n_envs, self.capacity_per_env
+        tok_max, ep_steps, g_min, g_max, a_min, a_max, act_min, act_max = stats
+        if tok_max > self._token_max:
+            raise ValueError(f"a token id exceeds token_dtype={cfg.token_dtype}'s maximum {self._token_max}; "
+                             f"set buffer token_dtype='int32' (int16 only fits vocabularies below 32768)")
+        if ep_steps >= C:
+            raise ValueError(f"an episode reached {ep_steps + 1} steps > capacity_per_env={C} (capacity "
+                             f"{cfg.capacity} // n_envs {N}); an episode must fit in its env's rows: set capacity "
+                             f">= {(ep_steps + 1) * N}")
+        if g_min < 0 or g_max >= self.n_goals:
+            raise ValueError(f"TransitionBatch.goal holds an id outside the goal table [0, {self.n_goals}): "
+                             f"{goal.tolist()}; register goals with register_goal(tokens) first")
+        if a_min < -1 or a_max >= self.n_goals:
+            raise ValueError(f"TransitionBatch.achieved holds an id outside [-1, {self.n_goals}) (padding is -1): "
+                             f"{achieved.tolist()}; register achieved goals with register_goal(tokens) first")
+        if act_min < 0 or act_max >= cfg.max_cands:
+            raise ValueError(f"TransitionBatch.action holds an index outside [0, max_cands={cfg.max_cands}): "
+                             f"{action.tolist()}")
 
     def _check_shapes(self, t: TransitionBatch) -> None:
         N, cfg = self.n_envs, self.cfg
@@ -361,9 +406,40 @@ class ReplayBuffer:
 
         Raises:
             ValueError: wrong number of envs, a transition wider than a configured limit (names the limit and the value
-                needed), an unregistered goal id, or an episode longer than ``capacity // n_envs``.
+                needed), an unregistered goal id, or an episode longer than ``capacity // n_envs``. A refused step
+                leaves the buffer unchanged.
         """
         self._check_shapes(t)
+        if self._native_add is not None:
+            self._add_native(t)
+        else:
+            self._add_torch(t)
+
+    def _add_native(self, t: TransitionBatch) -> None:
+        """``_add_torch`` in one C call (``sacglam/csrc/add.c``): the same storage and tables after it."""
+        lib, a, cpu = self._native_add, self._aargs, torch.device("cpu")
+        assert lib is not None
+        x = {name: getattr(t, name).to(cpu, dtype).contiguous() for name, dtype, _ in _ADD_INPUTS}
+        for name, _, arg in _ADD_INPUTS:
+            setattr(a, arg, x[name].data_ptr())
+        a.Lo_in, (a.K_in, a.Lc_in), a.G_in = x["obs"].shape[1], x["cands"].shape[1:], x["achieved"].shape[1]
+        a.P, a.n_goals, a.max_limit = self.pos, self.n_goals, self._max_limit
+        for name in ("cur_start", "cur_k", "cur_step", "cur_ach", "lo"):  # [N] bookkeeping, updated in place
+            setattr(a, name, getattr(self, name).data_ptr())
+        code = lib.sacglam_add(ctypes.byref(a))
+        if code:
+            stats = self._add_stats.tolist()
+            if code == 1:
+                what = ("observation", "next observation", "candidate action", "candidate action")[stats[0]]
+                name = "max_obs_tokens" if stats[0] < 2 else "max_cand_tokens"
+                raise self._width_error(what, stats[1], getattr(self.cfg, name), name)
+            self._check_step(stats[2:10], x["goal"], x["achieved"], x["action"])
+            raise AssertionError(f"sacglam_add refused a step with code {code} that no check explains: {stats}")
+        self.pos += 1
+        self._n_sampleable = int(self._add_stats[10])
+
+    def _add_torch(self, t: TransitionBatch) -> None:
+        """``add`` with torch ops on the buffer's device (one host synchronisation, for the checks)."""
         cfg, dev, N, C = self.cfg, self.device, self.n_envs, self.capacity_per_env
         S = C + 1
         P = self.pos
@@ -404,22 +480,8 @@ class ReplayBuffer:
         if self._token_max < torch.iinfo(torch.int64).max:
             stats += [obs.max(), next_obs.max(), cands.max(), next_cands.max()]
         ep_steps, g_min, g_max, a_min, a_max, act_min, act_max, n_sampleable, *tok_max = torch.stack(stats).tolist()
-        if tok_max and max(tok_max) > self._token_max:
-            raise ValueError(f"a token id exceeds token_dtype={cfg.token_dtype}'s maximum {self._token_max}; "
-                             f"set buffer token_dtype='int32' (int16 only fits vocabularies below 32768)")
-        if ep_steps >= C:
-            raise ValueError(f"an episode reached {ep_steps + 1} steps > capacity_per_env={C} (capacity "
-                             f"{cfg.capacity} // n_envs {N}); an episode must fit in its env's rows: set capacity "
-                             f">= {(ep_steps + 1) * N}")
-        if g_min < 0 or g_max >= self.n_goals:
-            raise ValueError(f"TransitionBatch.goal holds an id outside the goal table [0, {self.n_goals}): "
-                             f"{goal.tolist()}; register goals with register_goal(tokens) first")
-        if a_min < -1 or a_max >= self.n_goals:
-            raise ValueError(f"TransitionBatch.achieved holds an id outside [-1, {self.n_goals}) (padding is -1): "
-                             f"{achieved.tolist()}; register achieved goals with register_goal(tokens) first")
-        if act_min < 0 or act_max >= cfg.max_cands:
-            raise ValueError(f"TransitionBatch.action holds an index outside [0, max_cands={cfg.max_cands}): "
-                             f"{action.tolist()}")
+        self._check_step([max(tok_max, default=-1), ep_steps, g_min, g_max, a_min, a_max, act_min, act_max], goal,
+                         achieved, action)
 
         # Row writes (copies convert to the storage dtypes).
         self.obs[row] = obs
@@ -804,6 +866,21 @@ class ReplayBuffer:
         a.strategy, a.her_on, a.m = _STRATEGY_CODES[cfg.her.strategy], int(cfg.her.ratio > 0), cfg.her.rarity_draws
         a.ratio = cfg.her.ratio
 
+    def _set_add_tables(self) -> None:
+        """Point the native add's arguments at the storage (after each rebuild); the [N] bookkeeping is set per add."""
+        cfg, a = self.cfg, self._aargs
+        for name in ("obs_len", "next_obs_len", "terminated", "truncated", "episode", "policy_version", "reward",
+                     "logp", "rare_goal", "goal_count", "goal_limit"):
+            setattr(a, name, getattr(self, name).data_ptr())
+        a.tok, a.rows, a.ranks, a.eps = self._tok.data_ptr(), self._rows.data_ptr(), self._ranks.data_ptr(), \
+            self._eps.data_ptr()
+        a.tok_w, a.token_bytes, a.row_w, a.rank_w = self._tok.shape[-1], self._tok.element_size(), \
+            self._rows.shape[-1], self._ranks.shape[-1]
+        a.N, a.C, a.G, a.Lo, a.K, a.Lc = self.n_envs, self.capacity_per_env, cfg.max_achieved, cfg.max_obs_tokens, \
+            cfg.max_cands, cfg.max_cand_tokens
+        a.pad_id, a.token_max, a.counts_goals = self.pad_id, self._token_max, int(cfg.her.counts_goals)
+        a.scratch, a.stats = self._add_scratch.data_ptr(), self._add_stats.data_ptr()
+
     def _sample_native(self, draws: torch.Tensor, rare_rows: torch.Tensor | None, out: Batch | None) -> Batch:
         """``_sample_from_draws`` in one C call (``sacglam/csrc/sample.c``): the same batch from the same draws,
         written into ``out`` (checked by ``_check_out``) or into a new ``Batch`` (one plain allocation per field)."""
@@ -879,6 +956,8 @@ class ReplayBuffer:
         self._policy_version_flat = self.policy_version.view(C * N)
         if self._native is not None:
             self._set_native_tables()
+        if self._native_add is not None:
+            self._set_add_tables()
 
     def _pad_past(self, ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """``ids`` [..., L] with ``pad_id`` written past ``lens`` [...] (done once on add, not on every sample)."""

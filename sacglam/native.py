@@ -1,13 +1,13 @@
-"""The replay buffer's native CPU sampler: build ``csrc/sample.c`` with the system C compiler and load it.
+"""The replay buffer's native CPU code: build ``csrc/sample.c`` and ``csrc/add.c`` with the system C compiler.
 
-``ReplayBuffer.sample`` on a CPU buffer calls one C function (``sacglam_sample``) instead of ~100 small torch ops; the
-function reads the same derived tables and draws and returns the same batch (tested against the torch path in
-``tests/test_native_sampler.py``). See the C file for what it computes.
+On a CPU buffer ``ReplayBuffer.sample`` calls one C function (``sacglam_sample``) instead of ~100 small torch ops, and
+``ReplayBuffer.add`` one (``sacglam_add``) instead of ~80; each reads and writes the same tables as the torch path and
+gives the same result (tested against it in ``tests/test_native_sampler.py``). See the C files for what they compute.
 
-The shared library is compiled on first use (``cc -O3``, about a second) into a cache folder keyed by the source's
+The shared library is compiled on first use (``cc -O3``, a few seconds) into a cache folder keyed by the sources'
 hash (``$SACGLAM_CACHE`` or ``~/.cache/sacglam``), written atomically, so concurrent processes and later runs reuse it.
-Without a working compiler ``load()`` returns None and says why in ``load_error()``; the buffer then samples with
-torch (``buffer.native=auto``) or stops with that reason (``buffer.native=on``).
+Without a working compiler ``load()`` returns None and says why in ``load_error()``; the buffer then adds and samples
+with torch (``buffer.native=auto``) or stops with that reason (``buffer.native=on``).
 
 This module needs only the standard library (ctypes); it names torch for type hints only.
 """
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "sample.c"
+SOURCES = (Path(__file__).with_name("csrc") / "sample.c", Path(__file__).with_name("csrc") / "add.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11", "-pthread")
 
 _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
@@ -52,6 +52,26 @@ class SampleArgs(ctypes.Structure):
             "goal_limit_out", "policy_version_out", "reward", "discount", "logp", "terminated", "truncated",
             "relabelled")],
         ("threads", _I),
+    ]  # fmt: skip
+
+
+class AddArgs(ctypes.Structure):
+    """Mirror of the C struct ``AddArgs`` in ``csrc/add.c`` (same field order)."""
+
+    _fields_ = [
+        *[(name, _P) for name in (
+            "tok", "obs_len", "next_obs_len", "terminated", "truncated", "episode", "policy_version", "reward", "logp",
+            "rows", "ranks", "eps", "rare_goal", "goal_count", "goal_limit", "cur_start", "cur_k", "cur_step",
+            "cur_ach", "lo")],
+        *[(name, _I) for name in (
+            "tok_w", "token_bytes", "row_w", "rank_w", "N", "C", "G", "Lo", "K", "Lc", "pad_id", "token_max",
+            "n_goals", "counts_goals", "max_limit", "P")],
+        *[(name, _P) for name in (
+            "obs", "obs_len_in", "next_obs", "next_obs_len_in", "cands", "cand_len_in", "next_cands",
+            "next_cand_len_in", "goal", "action", "achieved", "policy_version_in", "reward_in", "logp_in",
+            "terminated_in", "truncated_in")],
+        *[(name, _I) for name in ("Lo_in", "K_in", "Lc_in", "G_in")],
+        ("scratch", _P), ("stats", _P),
     ]  # fmt: skip
 
 
@@ -95,7 +115,7 @@ def _compiler() -> str | None:
 
 
 def build(force: bool = False) -> Path:
-    """Compile ``sample.c`` into the cache (atomically) unless an identical build is there; return the library path.
+    """Compile the C sources into the cache (atomically) unless an identical build is there; return the library path.
 
     Raises:
         RuntimeError: no C compiler, or the compilation failed (with the compiler's message).
@@ -104,9 +124,9 @@ def build(force: bool = False) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang); install one (e.g. apt-get install gcc) "
                            "or set buffer.native=off")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
-    lib = cache_dir() / key / "libsacglam_sample.so"
+    sources = b"".join(path.read_bytes() for path in SOURCES)
+    key = hashlib.sha256(sources + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
+    lib = cache_dir() / key / "libsacglam_native.so"
     if lib.exists() and not force:
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
@@ -117,13 +137,13 @@ def build(force: bool = False) -> Path:
         # Per-CPU clones of the hot function first; a compiler that does not know their target names (GCC < 12)
         # builds the portable baseline instead.
         for extra in ((), ("-DSACGLAM_NO_CLONES",)):
-            run = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                                 timeout=120)
+            run = subprocess.run([cc, *FLAGS, *extra, *map(str, SOURCES), "-o", tmp], capture_output=True,
+                                 text=True, timeout=120)
             if run.returncode == 0:
                 break
             first_error = first_error or run.stderr
         else:
-            raise RuntimeError(f"compiling {SOURCE} with {cc} failed:\n{first_error[-2000:]}")
+            raise RuntimeError(f"compiling {' '.join(map(str, SOURCES))} with {cc} failed:\n{first_error[-2000:]}")
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
@@ -133,7 +153,7 @@ def build(force: bool = False) -> Path:
 
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
-    """The loaded library with ``sacglam_sample`` typed, or None when it cannot be built (see ``load_error``)."""
+    """The loaded library with ``sacglam_sample`` and ``sacglam_add`` typed, or None when it cannot be built."""
     try:
         lib = ctypes.CDLL(str(build()))
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
@@ -141,6 +161,8 @@ def load() -> ctypes.CDLL | None:
         return None
     lib.sacglam_sample.argtypes = [ctypes.POINTER(SampleArgs)]
     lib.sacglam_sample.restype = ctypes.c_int
+    lib.sacglam_add.argtypes = [ctypes.POINTER(AddArgs)]
+    lib.sacglam_add.restype = ctypes.c_int
     return lib
 
 
@@ -149,4 +171,4 @@ def load_error() -> str:
     return _error[-1] if _error else ""
 
 
-__all__ = ["SOURCE", "SampleArgs", "advise_huge_pages", "build", "cache_dir", "load", "load_error"]
+__all__ = ["SOURCES", "AddArgs", "SampleArgs", "advise_huge_pages", "build", "cache_dir", "load", "load_error"]

@@ -306,15 +306,21 @@ def test_sample_into_out_rejects_a_batch_of_another_layout() -> None:
         sim.buf.sample(8, gen, out=small)
     ok = sim.buf.sample(4, gen, out=small)  # the same object still works for its own size
     ok.cand_mask = ok.cand_mask.long()
-    with pytest.raises(ValueError, match="out.cand_mask is .*torch.int64.*torch.bool"):
+    with pytest.raises(ValueError, match=r"out\.cand_mask is .*torch\.int64.*torch\.bool"):
         sim.buf.sample(4, gen, out=ok)
     ok.cand_mask = torch.zeros(K, LC, 4, dtype=torch.bool).permute(2, 0, 1)  # right shape, not contiguous
-    with pytest.raises(ValueError, match="out.cand_mask .*contiguous"):
+    with pytest.raises(ValueError, match=r"out\.cand_mask .*contiguous"):
         sim.buf.sample(4, gen, out=ok)
 
 
-def test_errors_name_the_limit() -> None:
+@pytest.mark.parametrize("native", ["on", "off"])
+def test_errors_name_the_limit(native: str) -> None:
+    """Each refused add names what to change, on the native and the torch path, and leaves the buffer unchanged."""
     sim = Sim(n_envs=2, capacity=8)
+    sim.buf = ReplayBuffer(BufferConfig(**{**sim.buf.cfg.__dict__, "native": native}), 2, pad_id=0, prompt=PIECES)
+    for g in range(sim.n_goals):
+        sim.buf.register_goal(goal_tokens(g), limit=sim.limits[g])
+    sim.buf.add(_batch(2))
     with pytest.raises(ValueError, match="no completed episode"):
         sim.buf.sample(4, torch.Generator())
     with pytest.raises(ValueError, match="n_envs=2"):
@@ -334,12 +340,28 @@ def test_errors_name_the_limit() -> None:
         sim.buf.register_goal([g + 1000])
     with pytest.raises(ValueError, match="goal table overflow"):
         sim.buf.register_goal([999])
+    before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sim.buf.state_dict().items()}
     bad_goal = _batch(2)
     bad_goal.goal = torch.tensor([0, 8])
     with pytest.raises(ValueError, match="register_goal"):
         sim.buf.add(bad_goal)
-    assert sim.buf.pos == 0  # failed adds changed nothing
-    for _ in range(4):
+    bad_achieved = _batch(2)
+    bad_achieved.achieved = torch.tensor([[-1, 9], [-1, -1]])
+    with pytest.raises(ValueError, match=r"achieved holds an id outside \[-1, 8\)"):
+        sim.buf.add(bad_achieved)
+    bad_action = _batch(2)
+    bad_action.action = torch.tensor([0, K])
+    with pytest.raises(ValueError, match=f"action holds an index outside \\[0, max_cands={K}\\)"):
+        sim.buf.add(bad_action)
+    wide_cands = _batch(2)
+    wide_cands.cands, wide_cands.cand_len = torch.ones(2, K, LC + 2, dtype=torch.long), torch.full((2, K), LC + 1)
+    with pytest.raises(ValueError, match=f"max_cand_tokens={LC}; set buffer max_cand_tokens >= {LC + 1}"):
+        sim.buf.add(wide_cands)
+    assert sim.buf.pos == 1
+    after = sim.buf.state_dict()
+    for k, v in before.items():  # failed adds changed nothing
+        assert torch.equal(v, after[k]) if isinstance(v, torch.Tensor) else v == after[k], k
+    for _ in range(3):
         sim.buf.add(_batch(2))
     with pytest.raises(ValueError, match="capacity_per_env=4"):
         sim.buf.add(_batch(2))

@@ -1,8 +1,9 @@
-"""The native CPU sampler (sacglam/csrc/sample.c) returns the torch path's batch, field for field.
+"""The native CPU code (sacglam/csrc/): its add leaves the torch path's storage, its sampler returns its batch.
 
 Both buffers get the same adds (random episode layouts with wrap-around, achievements, terminations and truncations)
-and the same generator seed. Integer and boolean fields must be equal; float fields too, except the n-step return and
-discount for n > 1, where torch's float32 reduction order may differ from the C loop's by an ulp.
+and the same generator seed. After every add every saved field and derived table must be equal. Integer and boolean
+batch fields must be equal; float fields too, except the n-step return and discount for n > 1, where torch's float32
+reduction order may differ from the C loop's by an ulp.
 The rest of the suite (tests/test_buffer.py, test_her.py, test_rarity.py) runs on the native path as well, since it is
 the default for CPU buffers; this file pins it against the torch path and tests its selection rules.
 """
@@ -33,31 +34,52 @@ def _pair(cfg: BufferConfig, n_envs: int, pieces: PromptPieces, pad: int) -> tup
     fast = ReplayBuffer(BufferConfig(**{**cfg.__dict__, "native": "on"}), n_envs, pad_id=pad, prompt=pieces)
     slow = ReplayBuffer(BufferConfig(**{**cfg.__dict__, "native": "off"}), n_envs, pad_id=pad, prompt=pieces)
     assert fast._native is not None and slow._native is None
+    assert fast._native_add is not None and slow._native_add is None
     return fast, slow
 
 
 def _random_step(rng: random.Random, N: int, Lo: int, K: int, Lc: int, n_goals: int, G: int,  # noqa: N803
                  P: int, ends: list[bool], terms: list[bool]) -> TransitionBatch:  # noqa: N803 - shape letters
-    def ids(width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        lens = torch.tensor([rng.randint(0, width) for _ in range(N)])
-        return torch.randint(1, 3000, (N, width), generator=torch.Generator().manual_seed(rng.randrange(2**31))), lens
+    # Input widths vary around the buffer's (narrower is padded; wider holds only padding past the lengths), and the
+    # input dtypes too (the native add converts them as torch's copies do).
+    Lo_in, K_in, Lc_in, G_in = (max(1, x + rng.choice([-1, 0, 0, 2])) for x in (Lo, K, Lc, G))
+    K_in, G_in = min(K_in, K), min(G_in, G)  # more slots than the buffer has are a shape error
+    ids_dtype = rng.choice([torch.int64, torch.int32])
 
-    (obs, ol), (nobs, nol) = ids(Lo), ids(Lo)
+    def ids(width: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:  # a length may pass a narrow input's end
+        lens = torch.tensor([rng.randint(0, min(width + 1, limit)) for _ in range(N)])
+        gen = torch.Generator().manual_seed(rng.randrange(2**31))
+        return torch.randint(1, 3000, (N, width), generator=gen, dtype=ids_dtype), lens
+
+    (obs, ol), (nobs, nol) = ids(Lo_in, Lo), ids(Lo_in, Lo)
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
-    cands, next_cands = torch.randint(1, 3000, (N, K, Lc), generator=gen), torch.randint(1, 3000, (N, K, Lc),
-                                                                                         generator=gen)
-    cl = torch.tensor([[rng.randint(0, Lc) for _ in range(K)] for _ in range(N)])
-    ncl = torch.tensor([[rng.randint(0, Lc) for _ in range(K)] for _ in range(N)])
-    achieved = torch.tensor([[rng.choice([-1, -1, *range(n_goals)]) for _ in range(G)] for _ in range(N)])
+    cands, next_cands = (torch.randint(1, 3000, (N, K_in, Lc_in), generator=gen) for _ in range(2))
+    cl = torch.tensor([[rng.randint(0, min(Lc, Lc_in + 1)) for _ in range(K_in)] for _ in range(N)])
+    ncl = torch.tensor([[rng.randint(0, min(Lc, Lc_in + 1)) for _ in range(K_in)] for _ in range(N)])
+    achieved = torch.tensor([[rng.choice([-1, -1, *range(n_goals)]) for _ in range(G_in)] for _ in range(N)])
     return TransitionBatch(
         obs=obs, obs_len=ol, next_obs=nobs, next_obs_len=nol, cands=cands, cand_len=cl, next_cands=next_cands,
         next_cand_len=ncl, goal=torch.tensor([rng.randrange(n_goals) for _ in range(N)]),
         action=torch.tensor([rng.randrange(K) for _ in range(N)]),
-        reward=torch.tensor([rng.choice([0.0, 1.0, 0.25]) for _ in range(N)]),
+        reward=torch.tensor([rng.choice([0.0, 1.0, 0.25, 0.1]) for _ in range(N)], dtype=torch.float64),
         terminated=torch.tensor(terms),
         truncated=torch.tensor([e and not t for e, t in zip(ends, terms, strict=True)]),
         achieved=achieved, logp=torch.randn(N, generator=gen), policy_version=torch.full((N,), P),
     )
+
+
+def assert_same_storage(fast: ReplayBuffer, slow: ReplayBuffer) -> None:
+    """Every saved field, derived table and host counter of the two buffers is equal."""
+    a, b = fast.state_dict(), slow.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        if isinstance(a[name], torch.Tensor):
+            assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+        else:
+            assert a[name] == b[name], name
+    for name in ("_tok", "_rows", "_ranks", "_eps"):
+        assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+    assert (fast.pos, fast.num_sampleable, len(fast)) == (slow.pos, slow.num_sampleable, len(slow))
 
 
 def assert_same_batch(fast: Batch, slow: Batch, n_step: int) -> None:
@@ -110,6 +132,7 @@ def test_native_equals_torch_on_random_layouts(seed: int, n_envs: int, rows: int
         step = _random_step(rng, N, Lo, K, cand_tokens, n_goals, G, P, ends, terms)
         fast.add(step)
         slow.add(step)
+        assert_same_storage(fast, slow)
         if fast.num_sampleable and rng.random() < 0.3:  # sample between adds too (the window is refreshed lazily)
             assert_same_batch(fast.sample(batch, torch.Generator().manual_seed(P)),
                               slow.sample(batch, torch.Generator().manual_seed(P)), n_step)
