@@ -586,6 +586,9 @@ class ReplayBuffer:
         if generator.device.type != dev.type:
             raise ValueError(f"sample needs a torch.Generator on the buffer's device {dev}, got one on "
                              f"{generator.device}; use torch.Generator(device={str(dev)!r})")
+        if self._native is not None:
+            # The sampler's worker threads, if this batch is split over them, get ready while the draws are made.
+            self._native.sacglam_wake(torch.get_num_threads(), batch_size)
         if self._window_pos != self.pos:
             self._refresh_window()
         # All randomness is drawn here, so the rest is a pure function of the storage (and can be compiled).
@@ -596,14 +599,15 @@ class ReplayBuffer:
                                                           dtype=torch.float64)
         torch.rand(draws.shape, generator=generator, device=dev, dtype=torch.float64, out=draws)
         n_rare = round(batch_size * her.rare_fraction)
-        rare_rows = None
-        if n_rare:  # inverse-CDF draws: O(R log(C N)) per call, the cumulative sum is built once per add
-            u = torch.rand(n_rare, generator=generator, device=dev, dtype=torch.float64) * self._rare_total
-            rare_rows = torch.searchsorted(self._rare_cdf, u, right=True).clamp_(max=self._rare_cdf.shape[0] - 1)
+        rare_u = torch.rand(n_rare, generator=generator, device=dev, dtype=torch.float64) if n_rare else None
         if out is not None:
             self._check_out(out, batch_size)
         if self._native is not None:
-            return self._sample_native(draws, rare_rows, out)
+            return self._sample_native(draws, rare_u, out)
+        rare_rows = None
+        if rare_u is not None:  # inverse-CDF draws: O(R log(C N)) per call, the cumulative sum is built once per add
+            rare_rows = torch.searchsorted(self._rare_cdf, rare_u * self._rare_total, right=True)
+            rare_rows = rare_rows.clamp_(max=self._rare_cdf.shape[0] - 1)
         result = self._sample_core(draws, rare_rows)
         if out is None:
             return Batch(**result)
@@ -672,6 +676,8 @@ class ReplayBuffer:
             # just below 1 keeps u < cdf[-1] despite rounding.
             self._rare_cdf = torch.cumsum(self._rare_w, 0)
             self._rare_total = self._rare_cdf[-1] * (1 - 1e-9)
+            if self._native is not None:
+                self._nargs.rare_cdf, self._nargs.rare_total = self._rare_cdf.data_ptr(), float(self._rare_total)
         self._window_pos = self.pos
 
     def _sample_from_draws(
@@ -881,7 +887,7 @@ class ReplayBuffer:
         a.pad_id, a.token_max, a.counts_goals = self.pad_id, self._token_max, int(cfg.her.counts_goals)
         a.scratch, a.stats = self._add_scratch.data_ptr(), self._add_stats.data_ptr()
 
-    def _sample_native(self, draws: torch.Tensor, rare_rows: torch.Tensor | None, out: Batch | None) -> Batch:
+    def _sample_native(self, draws: torch.Tensor, rare_u: torch.Tensor | None, out: Batch | None) -> Batch:
         """``_sample_from_draws`` in one C call (``sacglam/csrc/sample.c``): the same batch from the same draws,
         written into ``out`` (checked by ``_check_out``) or into a new ``Batch`` (one plain allocation per field)."""
         a, lib = self._nargs, self._native
@@ -893,7 +899,7 @@ class ReplayBuffer:
         if scratch is None:
             scratch = self._scratch[B] = torch.empty((6, B), dtype=torch.int64)
         a.draws, a.draw_w, a.B = draws.data_ptr(), draws.shape[1], B
-        a.rare_rows, a.R = (0, 0) if rare_rows is None else (rare_rows.data_ptr(), rare_rows.shape[0])
+        a.rare_u, a.R = (0, 0) if rare_u is None else (rare_u.data_ptr(), rare_u.shape[0])
         a.scratch, a.threads = scratch.data_ptr(), torch.get_num_threads()  # torch's intra-op threads, as its ops
         for arg, name in zip(_NATIVE_OUTPUTS, _BATCH_FIELDS, strict=True):
             setattr(a, arg, getattr(out, name).data_ptr())

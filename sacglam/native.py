@@ -45,7 +45,8 @@ class SampleArgs(ctypes.Structure):
             "token_bytes", "pad_id", "strategy", "her_on", "m")],
         ("ratio", _D),
         ("cum", _P), ("base", _P), ("total_f", _D), ("total_m1", _I),
-        ("draws", _P), ("draw_w", _I), ("B", _I), ("rare_rows", _P), ("R", _I), ("scratch", _P),
+        ("rare_cdf", _P), ("rare_total", _D),
+        ("draws", _P), ("draw_w", _I), ("B", _I), ("rare_u", _P), ("R", _I), ("scratch", _P),
         *[(name, _P) for name in (
             "prompt_ids", "next_prompt_ids", "prompt_mask", "next_prompt_mask", "cand_ids", "next_cand_ids",
             "cand_mask", "next_cand_mask", "action", "n_steps", "goal", "goal_gap",
@@ -163,6 +164,8 @@ def load() -> ctypes.CDLL | None:
     lib.sacglam_sample.restype = ctypes.c_int
     lib.sacglam_add.argtypes = [ctypes.POINTER(AddArgs)]
     lib.sacglam_add.restype = ctypes.c_int
+    lib.sacglam_wake.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    lib.sacglam_wake.restype = None
     return lib
 
 

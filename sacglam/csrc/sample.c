@@ -50,10 +50,13 @@ typedef struct {
     const int64_t *cum, *base;    /* [N] */
     double total_f;
     int64_t total_m1;
+    /* rarity weights (refreshed after each add): row r is drawn for u in [rare_cdf[r - 1], rare_cdf[r]) */
+    const double *rare_cdf;       /* [CN] */
+    double rare_total;            /* just below rare_cdf[CN - 1] */
     /* per call */
     const double *draws;          /* [B, draw_w] */
     int64_t draw_w, B;
-    const int64_t *rare_rows;     /* [R] flat rows drawn by rarity; they replace the last R picks */
+    const double *rare_u;         /* [R] uniforms of the rows drawn by rarity; they replace the last R picks */
     int64_t R;
     int64_t *scratch;             /* [6, B]: z, flat row, bootstrap row, next obs length, obs length, goal length */
     /* outputs */
@@ -84,6 +87,16 @@ static inline int64_t upper_bound(const int64_t *cum, int64_t n, int64_t x) {
     while (lo < hi) {
         int64_t mid = (lo + hi) >> 1;
         if (cum[mid] <= x) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+/* Index of the first cdf[i] > u (torch.searchsorted(cdf, u, right=True) on float64). */
+static inline int64_t upper_bound_f64(const double *cdf, int64_t n, double u) {
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        int64_t mid = (lo + hi) >> 1;
+        if (cdf[mid] <= u) lo = mid + 1; else hi = mid;
     }
     return lo;
 }
@@ -183,7 +196,9 @@ static void sample_range(const SampleArgs *a, int64_t lo, int64_t hi) {
             int64_t col = upper_bound(a->cum, N, x);
             z = a->base[col] + x * N;
         } else {
-            z = a->rare_rows[i - (B - a->R)];
+            /* a flat row r * N + col is z modulo C * N, and z is only used modulo C * N */
+            const double u = a->rare_u[i - (B - a->R)] * a->rare_total;
+            z = min64(upper_bound_f64(a->rare_cdf, CN, u), CN - 1);
         }
         zs[i] = z;
         flats[i] = fmod64(z, CN);
@@ -326,11 +341,12 @@ static struct {
     int64_t workers;              /* workers started */
     atomic_long gen;              /* job counter: a worker runs a job when it sees a new value */
     atomic_long pending;          /* workers that have not finished the current job */
+    long alarms;                  /* sacglam_wake calls (under mu): a sleeping worker wakes to spin for a job */
     const SampleArgs *a;          /* the current job: T ranges of `chunk` transitions */
     int64_t chunk, T;
     long start_gen[MAX_THREADS];  /* gen when worker w was created: it waits for the job after that one */
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, NULL, 0, 0, {0}};
-#define SPINS 4000  /* polls (each a pause instruction, tens of ns) before a waiting thread sleeps */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL, 0, 0, {0}};
+#define SPINS 4000  /* polls (each a pause instruction, ~25 ns here: ~100 us) before a waiting thread sleeps */
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -351,8 +367,11 @@ static void *worker(void *p) {
         }
         if (g == seen) {
             pthread_mutex_lock(&pool.mu);
-            while ((g = atomic_load(&pool.gen)) == seen) pthread_cond_wait(&pool.wake, &pool.mu);
+            const long alarms = pool.alarms;
+            while ((g = atomic_load(&pool.gen)) == seen && pool.alarms == alarms)
+                pthread_cond_wait(&pool.wake, &pool.mu);
             pthread_mutex_unlock(&pool.mu);
+            if (g == seen) continue;  /* woken ahead of a job (sacglam_wake): spin for it */
         }
         seen = g;
         if (w + 1 >= pool.T) continue;  /* this job uses fewer threads */
@@ -393,14 +412,31 @@ static int64_t pool_grow(int64_t want) {
     return pool.workers;
 }
 
+/* Threads a batch of B is split over: at most `threads`, with at least 64 transitions each. */
+static int64_t split_threads(int64_t threads, int64_t B) {
+    int64_t T = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    if (B < 64 * T) T = B / 64 > 1 ? B / 64 : 1;
+    return T;
+}
+
+/* Wakes sleeping workers to spin for the next job: the caller calls it at the start of a sample, so that the
+ * microseconds it spends on its side (drawing the uniforms, allocating the outputs) hide the wake-up, which costs tens
+ * of microseconds under a hypervisor. Nothing happens while no pool runs or the batch will not be split. */
+void sacglam_wake(int64_t threads, int64_t B) {
+    if (pool.workers == 0 || split_threads(threads, B) == 1) return;
+    pthread_mutex_lock(&pool.mu);
+    pool.alarms++;
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
+}
+
 /* Returns 0 on success, 1 when m or n_step exceed the compiled limits (the caller falls back to torch).
  * With threads > 1 and a batch of at least 64 transitions per thread, the batch is split into contiguous ranges, one
  * per thread (the caller's thread takes the first); the result does not depend on the split. Calls must not overlap
  * (the buffer calls it from one thread; a second caller would wait on the pool's lock). */
 int sacglam_sample(const SampleArgs *a) {
     if (a->m > MAX_DRAWS || a->n_step > MAX_NSTEP) return 1;
-    int64_t T = a->threads < 1 ? 1 : a->threads > MAX_THREADS ? MAX_THREADS : a->threads;
-    if (a->B < 64 * T) T = a->B / 64 > 1 ? a->B / 64 : 1;
+    int64_t T = split_threads(a->threads, a->B);
     if (T > 1) T = 1 + pool_grow(T - 1);  /* no more threads to be had: the caller's share grows */
     if (T == 1) {
         sample_range(a, 0, a->B);
