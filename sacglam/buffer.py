@@ -57,6 +57,7 @@ This module imports torch only (never transformers, peft, accelerate or the agen
 from __future__ import annotations
 
 import ctypes
+import operator
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -75,6 +76,7 @@ _STRATEGY_CODES = {"future": 0, "episode": 1, "final": 2}  # as sacglam/csrc/sam
 # policy_version end in _out there, since the inputs of those names are the buffer's tables).
 _BATCH_FIELDS = tuple(f.name for f in fields(Batch))
 _NATIVE_OUTPUTS = tuple(f"{name}_out" if name in ("goal_limit", "policy_version") else name for name in _BATCH_FIELDS)
+_batch_tensors = operator.attrgetter(*_BATCH_FIELDS)  # Batch -> its tensors in field order, as one tuple
 
 # TransitionBatch fields the native add reads: the dtype it reads each in and the AddArgs field it goes through.
 _ADD_INPUTS = (
@@ -281,7 +283,7 @@ class ReplayBuffer:
                             (cfg.gamma ** torch.arange(width, dtype=torch.float32))[: cfg.n_step + 1].contiguous())
             self._scratch: dict[int, torch.Tensor] = {}
         self._draws: dict[int, torch.Tensor] = {}  # per batch size: the uniforms of a call, drawn into in place
-        self._out_ok: dict[int, list[torch.Tensor]] = {}  # per batch size: the tensors of the last `out` checked
+        self._out_ok: dict[int, tuple[torch.Tensor, ...]] = {}  # per batch size: the last `out` checked
         self._layouts: dict[int, list[tuple[str, tuple[int, ...], torch.dtype]]] = {}  # per batch size
         self._rebuild_derived()
         # torch.compile fuses the sampling path's small ops: meant for GPUs, where each op is a kernel launch.
@@ -634,7 +636,7 @@ class ReplayBuffer:
         """Raise unless every tensor of ``out`` has the shape and dtype ``sample(batch_size)`` returns, contiguous, on
         this buffer's device: what may be written in place (the native sampler writes through raw pointers)."""
         ok = self._out_ok.get(batch_size)  # the tensors checked last time (held, so `is` cannot match a new object)
-        if ok is not None and all(getattr(out, name) is t for name, t in zip(_BATCH_FIELDS, ok, strict=True)):
+        if ok is not None and all(map(operator.is_, _batch_tensors(out), ok)):
             return
         for name, shape, dtype in self._batch_layout(batch_size):
             t = getattr(out, name)
@@ -644,7 +646,7 @@ class ReplayBuffer:
                 raise ValueError(f"sample(out=...): out.{name} is {got}, but a batch of {batch_size} from this buffer "
                                  f"has {shape} {dtype} on {self.device}, contiguous; pass a Batch that sample("
                                  f"{batch_size}, ...) returned, or out=None")
-        self._out_ok[batch_size] = [getattr(out, name) for name in _BATCH_FIELDS]
+        self._out_ok[batch_size] = _batch_tensors(out)
 
     def _refresh_window(self) -> None:
         """Per-column sampling window, recomputed once per ``add`` (lazily, on the device, no synchronisation).
@@ -901,8 +903,8 @@ class ReplayBuffer:
         a.draws, a.draw_w, a.B = draws.data_ptr(), draws.shape[1], B
         a.rare_u, a.R = (0, 0) if rare_u is None else (rare_u.data_ptr(), rare_u.shape[0])
         a.scratch, a.threads = scratch.data_ptr(), torch.get_num_threads()  # torch's intra-op threads, as its ops
-        for arg, name in zip(_NATIVE_OUTPUTS, _BATCH_FIELDS, strict=True):
-            setattr(a, arg, getattr(out, name).data_ptr())
+        for arg, t in zip(_NATIVE_OUTPUTS, _batch_tensors(out), strict=True):
+            setattr(a, arg, t.data_ptr())
         if lib.sacglam_sample(ctypes.byref(a)) != 0:
             raise RuntimeError("the native sampler refused its arguments (n_step or rarity_draws above its limits)")
         return out

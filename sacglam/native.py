@@ -115,8 +115,11 @@ def _compiler() -> str | None:
     return None
 
 
-def build(force: bool = False) -> Path:
+def build(force: bool = False, timing: bool = False) -> Path:
     """Compile the C sources into the cache (atomically) unless an identical build is there; return the library path.
+
+    ``timing`` builds the variant that sums each sampler pass's time into ``sacglam_pass_us`` (a few clock reads per
+    call; ``scripts/bench_buffer.py --passes`` reads it).
 
     Raises:
         RuntimeError: no C compiler, or the compilation failed (with the compiler's message).
@@ -125,8 +128,9 @@ def build(force: bool = False) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang); install one (e.g. apt-get install gcc) "
                            "or set buffer.native=off")
+    flags = (*FLAGS, "-DSACGLAM_TIMING") if timing else FLAGS
     sources = b"".join(path.read_bytes() for path in SOURCES)
-    key = hashlib.sha256(sources + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(sources + " ".join((cc, *flags)).encode()).hexdigest()[:16]
     lib = cache_dir() / key / "libsacglam_native.so"
     if lib.exists() and not force:
         return lib
@@ -138,7 +142,7 @@ def build(force: bool = False) -> Path:
         # Per-CPU clones of the hot function first; a compiler that does not know their target names (GCC < 12)
         # builds the portable baseline instead.
         for extra in ((), ("-DSACGLAM_NO_CLONES",)):
-            run = subprocess.run([cc, *FLAGS, *extra, *map(str, SOURCES), "-o", tmp], capture_output=True,
+            run = subprocess.run([cc, *flags, *extra, *map(str, SOURCES), "-o", tmp], capture_output=True,
                                  text=True, timeout=120)
             if run.returncode == 0:
                 break
@@ -152,11 +156,12 @@ def build(force: bool = False) -> Path:
     return lib
 
 
-@lru_cache(maxsize=1)
-def load() -> ctypes.CDLL | None:
-    """The loaded library with ``sacglam_sample`` and ``sacglam_add`` typed, or None when it cannot be built."""
+@lru_cache(maxsize=2)
+def load(timing: bool = False) -> ctypes.CDLL | None:
+    """The loaded library with ``sacglam_sample`` and ``sacglam_add`` typed, or None when it cannot be built (see
+    ``load_error``); ``timing``: the variant of ``build(timing=True)``."""
     try:
-        lib = ctypes.CDLL(str(build()))
+        lib = ctypes.CDLL(str(build(timing=timing)))
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
         _error.append(str(exc))
         return None

@@ -11,6 +11,7 @@ tokens), a goal achieved with probability 0.2 per step out of 64 goals. HER: str
     python scripts/bench_buffer.py --all-configs   # int32/int16 x native/torch sampler, one table
     python scripts/bench_buffer.py --sampler torch --threads 1   # the torch-op sampling path (buffer.native=off)
     python scripts/bench_buffer.py --rarity-draws 4 --rare-fraction 0.25   # the training default HER
+    python scripts/bench_buffer.py --passes        # also: where a native sample call goes, pass by pass
 
 All buffers are built first; then every sampler (each configuration of ours, with a new batch per call and with
 ``out=`` reusing the last one, at each ``--threads`` count, and SB3) is timed in ``--rounds`` interleaved rounds of
@@ -28,6 +29,7 @@ kernel gathers token by token.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import time
 from collections.abc import Callable
@@ -36,10 +38,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from sacglam import native
 from sacglam.buffer import BufferConfig, ReplayBuffer
 from sacglam.her import HERConfig
 from sacglam.prompting import PromptPieces
-from sacglam.types import TransitionBatch
+from sacglam.types import Batch, TransitionBatch
 
 LO, K, LC, G, N_GOALS, VOCAB = 128, 16, 8, 2, 64, 30000
 
@@ -161,6 +164,43 @@ def build_sb3(args: argparse.Namespace, pool: list[dict[str, np.ndarray]]) -> tu
     return buf, {"add": n_adds * N / t_add, "bytes": per / args.capacity}
 
 
+def pass_table(args: argparse.Namespace, buf: ReplayBuffer, batch: Batch) -> None:
+    """Where one ``sample(out=)`` call of the native sampler goes, on 1 thread: its passes from a timing build of the C
+    file (clock reads between passes, ``-DSACGLAM_TIMING``) and the Python around the call; medians over chunks."""
+    lib = native.load(timing=True)
+    if lib is None or buf._native is None:
+        print(f"\n(no pass table: the native sampler is not in use here {native.load_error()})")
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    buf._native = lib  # the same arguments; this build also sums the time of each pass
+    acc = (ctypes.c_double * 5).in_dll(lib, "sacglam_pass_us")
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(args.chunk):
+        buf.sample(args.batch, gen, out=batch)
+    parts: list[list[float]] = []
+    for _ in range(args.rounds):
+        for i in range(5):
+            acc[i] = 0.0
+        t0 = time.perf_counter()
+        for _ in range(args.chunk):
+            buf.sample(args.batch, gen, out=batch)
+        call = (time.perf_counter() - t0) * 1e6 / args.chunk
+        passes = [acc[i] / acc[4] for i in range(4)]
+        parts.append([*passes, call - sum(passes), call])
+    torch.set_num_threads(threads)
+    med = np.median(np.array(parts), 0)
+    names = ["A: sampled rows (column search; their scalar rows prefetched)",
+             "B0 + A2: prefetch episode, window, HER source and token rows", "B: scalars (HER, rewards, n-step)",
+             "C: token copies (both prompts and candidate sets, masks)",
+             "Python around the C call (uniform draws, out= check, pointers)", "whole sample(out=) call"]
+    print(f"\nOne sample(out=) call of {args.batch} on 1 thread, {buf.cfg.token_dtype} buffer above, timing build; "
+          f"medians over {args.rounds} chunks of {args.chunk} calls\n")
+    print("| part | us per call | share |\n|---|---:|---:|")
+    for name, us in zip(names, med, strict=True):
+        print(f"| {name} | {us:.1f} | {us / med[-1]:.0%} |")
+
+
 def thread_counts(spec: str) -> list[int]:
     """``--threads``: a comma list of counts, ``all`` = torch's default (the machine's cores)."""
     default = torch.get_num_threads()
@@ -187,6 +227,8 @@ def main() -> None:
                     help="our sampling path: native C (CPU), torch ops, or torch.compile'd ops; auto = native on CPU")
     ap.add_argument("--rarity-draws", type=int, default=1, help="her.rarity_draws (the training default is 4)")
     ap.add_argument("--rare-fraction", type=float, default=0.0, help="her.rare_fraction (the training default: 0.25)")
+    ap.add_argument("--passes", action="store_true",
+                    help="also time the native sampler's passes (a timing build of sample.c) and the Python around it")
     ap.add_argument("--all-configs", action="store_true",
                     help="our buffer with int32/int16 tokens and native/torch samplers, against SB3, in one table")
     args = ap.parse_args()
@@ -202,12 +244,14 @@ def main() -> None:
 
     # Build everything first (adds timed on torch's default threads), then time every sampler interleaved.
     rows: list[tuple[str, int, dict[str, float]]] = []
+    first: tuple[ReplayBuffer, Batch] | None = None  # our first buffer and a batch of it, for --passes
     timed: list[tuple[dict[str, float], str, int, Callable[[], object]]] = []
     for dt, c in configs:
         buf, stats = build_ours(args, pool, dt, c)
         gen = torch.Generator(device=dev).manual_seed(0)
         t0 = time.perf_counter()
         batch = buf.sample(args.batch, gen)  # warm-up: the native library's first load, the one-off compile
+        first = first or (buf, batch)
         for _ in range(2):
             buf.sample(args.batch, gen)
         _sync(dev)
@@ -247,6 +291,8 @@ def main() -> None:
         reused = f"{r['sample_out']:,.0f} | {vs(r['sample_out'])}" if "sample_out" in r else " | "
         print(f"| {name} | {t} | {r['add']:,.0f} | {r['sample']:,.0f} | {vs(r['sample'])} | {reused} | "
               f"{r['bytes']:,.0f} | {r['bytes'] * args.capacity / 2**30:.2f} GiB |")
+    if args.passes and first is not None:
+        pass_table(args, *first)
     if ref:
         mine = rows[0][2]
         print(f"\nratio (first row / SB3): add {mine['add'] / ref['add']:.2f}x, "

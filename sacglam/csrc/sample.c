@@ -81,6 +81,28 @@ static inline int64_t fmod64(int64_t a, int64_t b) { int64_t r = a % b; return r
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline float bits_to_float(int32_t bits) { float f; memcpy(&f, &bits, sizeof f); return f; }
 
+/* A timing build (-DSACGLAM_TIMING, scripts/bench_buffer.py --passes) sums the wall time of each pass of the range
+ * that starts the batch (the caller's thread) into sacglam_pass_us: A, B0 + A2, B, C, then the number of calls. */
+#ifdef SACGLAM_TIMING
+#include <time.h>
+double sacglam_pass_us[5];
+static double now_us(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec * 1e6 + (double)t.tv_nsec * 1e-3;
+}
+#define PASS_START() double pass_t = now_us()
+#define PASS_END(k)                                        \
+    do {                                                   \
+        const double t_ = now_us();                        \
+        if (lo == 0) sacglam_pass_us[k] += t_ - pass_t;    \
+        pass_t = t_;                                       \
+    } while (0)
+#else
+#define PASS_START() ((void)0)
+#define PASS_END(k) ((void)0)
+#endif
+
 /* Index of the first cum[i] > x (torch.searchsorted(cum, x, right=True)). */
 static inline int64_t upper_bound(const int64_t *cum, int64_t n, int64_t x) {
     int64_t lo = 0, hi = n;
@@ -188,6 +210,7 @@ static void sample_range(const SampleArgs *a, int64_t lo, int64_t hi) {
     int64_t *ols = a->scratch + 4 * B, *gls = a->scratch + 5 * B;
     const int64_t rec = a->tok_w * a->token_bytes, half = (a->Lo + a->K * a->Lc + a->K) * a->token_bytes;
 
+    PASS_START();
     /* A. sampled rows */
     for (int64_t i = lo; i < hi; i++) {
         int64_t z;
@@ -206,6 +229,7 @@ static void sample_range(const SampleArgs *a, int64_t lo, int64_t hi) {
         __builtin_prefetch(a->policy_version + flats[i]);  /* read in pass B: a random miss in a C N * 8 byte table */
     }
 
+    PASS_END(0);
     /* B0. prefetch what B reads next: the episode row and the later window rows, then the HER source rows (their
      * index needs the episode's counts). Independent loads issued together, instead of one chain per transition. */
     for (int64_t i = lo; i < hi; i++) {
@@ -230,6 +254,7 @@ static void sample_range(const SampleArgs *a, int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; i++)
         prefetch_span((const char *)a->obs + flats[i] * a->tok_w * a->token_bytes, n == 1 ? rec : half);
 
+    PASS_END(1);
     /* B. scalars */
     float rew[MAX_NSTEP];
     uint8_t term[MAX_NSTEP];
@@ -310,6 +335,7 @@ static void sample_range(const SampleArgs *a, int64_t lo, int64_t hi) {
         gls[i] = a->goal_len[goal];
     }
 
+    PASS_END(2);
     /* C. tokens */
     const int64_t Lp = a->Lp, KL = a->K * a->Lc, tb = a->token_bytes;
     for (int64_t i = lo; i < hi; i++) {
@@ -328,6 +354,7 @@ static void sample_range(const SampleArgs *a, int64_t lo, int64_t hi) {
         write_cands(a, a->next_cand_ids + i * KL, a->next_cand_mask + i * KL, a->next_cands, a->next_cand_len,
                     boots[i]);
     }
+    PASS_END(3);
 }
 
 
@@ -436,6 +463,9 @@ void sacglam_wake(int64_t threads, int64_t B) {
  * (the buffer calls it from one thread; a second caller would wait on the pool's lock). */
 int sacglam_sample(const SampleArgs *a) {
     if (a->m > MAX_DRAWS || a->n_step > MAX_NSTEP) return 1;
+#ifdef SACGLAM_TIMING
+    sacglam_pass_us[4] += 1;
+#endif
     int64_t T = split_threads(a->threads, a->B);
     if (T > 1) T = 1 + pool_grow(T - 1);  /* no more threads to be had: the caller's share grows */
     if (T == 1) {
