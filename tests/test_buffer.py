@@ -418,8 +418,10 @@ def test_bench_script_quick_runs_and_prints_table() -> None:
 
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(root / "scripts" / "bench_buffer.py"), "--quick", "--threads", "1,2",
-                          "--rounds", "2"], capture_output=True, text=True, timeout=240, cwd=root, check=True)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("| ")]
+                          "--rounds", "2", "--passes"], capture_output=True, text=True, timeout=240, cwd=root,
+                         check=True)
+    table, passes = out.stdout.split("One sample(out=) call")
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
     assert lines[0].startswith("| buffer | threads | add") and len(lines) == 4, out.stdout  # header, ours x 2, SB3
     assert lines[1].startswith("| sacglam ReplayBuffer (int16, native sampler) | 1 |")
     assert lines[2].startswith("| sacglam ReplayBuffer (int16, native sampler) | 2 |")
@@ -427,6 +429,10 @@ def test_bench_script_quick_runs_and_prints_table() -> None:
     cells = [c.strip() for c in lines[1].strip("|").split("|")]
     assert len(cells) == 9 and all(c.endswith("x") for c in (cells[4], cells[6])), cells  # both ratios printed
     assert "ratio (first row / SB3): add" in out.stdout
+    parts = [ln.strip("|").split("|") for ln in passes.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert [p[0].split(":")[0].strip() for p in parts[:4]] == ["A", "B0 + A2", "B", "C"], passes
+    us = [float(p[1]) for p in parts]
+    assert len(us) == 6 and all(u > 0 for u in us), passes  # the Python share is the call minus its passes
 
 
 def test_int16_tokens_reject_large_ids() -> None:
