@@ -1,14 +1,17 @@
 /* The replay buffer's CPU sampling path as one C function (sacglam/native.py builds and loads it).
  *
  * It computes exactly what ReplayBuffer._sample_from_draws computes with ~100 torch ops, from the same draws and the
- * same derived tables (see sacglam/buffer.py for their layout), in three passes over the batch:
+ * same derived tables (see sacglam/buffer.py for their layout), in passes over the batch:
  *   A. the sampled storage row of each transition (column window + uniform offset, or a rarity row);
+ *   B0, A2. prefetches: the rows pass B reads (episode, n-step window, HER sources), then the token records;
  *   B. per transition, the scalars: HER relabelling (plain or rarest-of-m), the reward and termination recomputed for
  *      the new goal (the equality reward), the n-step window, the bootstrap row;
- *   C. the token copies: both prompts ([bos?] + pre + goal + mid | obs | post | pad) and both candidate sets, with
- *      software prefetch of the rows a few transitions ahead (pass A already asked for the sampled rows' records).
- * On CPU the batch is bound by random reads of ~2 KB of token rows per transition; pass C keeps several rows in flight
- * instead of waiting for each, and the ~100 op dispatches of the torch path become one call.
+ *   C. the token copies: both prompts ([bos?] + pre + goal + mid | obs | post | pad) and both candidate sets (pass A2
+ *      asked for the sampled rows' token records before pass B; for n_step > 1 pass C asks for the bootstrap rows'
+ *      next-state halves a few transitions ahead).
+ * On CPU the batch is bound by random reads of ~1-2 KB of token rows per transition and by writing ~4.8 KB of int64
+ * ids and masks; the prefetch passes keep many rows in flight instead of waiting for each, and the ~100 op dispatches
+ * of the torch path become one call. `scripts/bench_buffer.py --passes` times each pass.
  *
  * Integer arithmetic follows torch's: float -> int64 conversions truncate (all operands are >= 0), `%` is a floor
  * modulo, argmin takes the first minimum. Floats: draws are float64 as torch draws them; rewards, discounts and
@@ -340,10 +343,7 @@ static void sample_range(const SampleArgs *a, int64_t lo, int64_t hi) {
     const int64_t Lp = a->Lp, KL = a->K * a->Lc, tb = a->token_bytes;
     for (int64_t i = lo; i < hi; i++) {
         const int64_t ahead = i + PREFETCH_AHEAD;
-        if (ahead < hi) {
-            /* the two halves of the token record: [obs | cands | cand_len] at the sampled row, the next-state half
-             * at the bootstrap row (the same row when n_step = 1: one contiguous block) */
-            prefetch_span((const char *)a->obs + flats[ahead] * a->tok_w * tb, half);
+        if (n > 1 && ahead < hi) {  /* the next-state half at the bootstrap row (pass A2 fetched the rest) */
             prefetch_span((const char *)a->next_obs + boots[ahead] * a->tok_w * tb, half);
         }
         const int64_t g = a->goal[i];
