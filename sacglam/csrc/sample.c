@@ -6,9 +6,8 @@
  *   B0, A2. prefetches: the rows pass B reads (episode, n-step window, HER sources), then the token records;
  *   B. per transition, the scalars: HER relabelling (plain or rarest-of-m), the reward and termination recomputed for
  *      the new goal (the equality reward), the n-step window, the bootstrap row;
- *   C. the token copies: both prompts ([bos?] + pre + goal + mid | obs | post | pad) and both candidate sets (pass A2
- *      asked for the sampled rows' token records before pass B; for n_step > 1 pass C asks for the bootstrap rows'
- *      next-state halves a few transitions ahead).
+ *   C. the token copies: both prompts ([bos?] + pre + goal + mid | obs | post | pad) and both candidate sets, with
+ *      software prefetch of the rows a few transitions ahead (again: see there).
  * On CPU the batch is bound by random reads of ~1-2 KB of token rows per transition and by writing ~4.8 KB of int64
  * ids and masks; the prefetch passes keep many rows in flight instead of waiting for each, and the ~100 op dispatches
  * of the torch path become one call. `scripts/bench_buffer.py --passes` times each pass.
@@ -343,7 +342,12 @@ static void sample_range(const SampleArgs *a, int64_t lo, int64_t hi) {
     const int64_t Lp = a->Lp, KL = a->K * a->Lc, tb = a->token_bytes;
     for (int64_t i = lo; i < hi; i++) {
         const int64_t ahead = i + PREFETCH_AHEAD;
-        if (n > 1 && ahead < hi) {  /* the next-state half at the bootstrap row (pass A2 fetched the rest) */
+        if (ahead < hi) {
+            /* the two halves of the token record: [obs | cands | cand_len] at the sampled row, the next-state half
+             * at the bootstrap row (the same row when n_step = 1: one contiguous block). Pass A2 asked for the
+             * sampled rows already, but the ~1.2 MB this pass writes evicts much of that from L2 before it is read:
+             * without asking again here the pass took twice as long (93 against 48 us a call of 256). */
+            prefetch_span((const char *)a->obs + flats[ahead] * a->tok_w * tb, half);
             prefetch_span((const char *)a->next_obs + boots[ahead] * a->tok_w * tb, half);
         }
         const int64_t g = a->goal[i];
