@@ -105,25 +105,19 @@ static double now_us(void) {
 #define PASS_END(k) ((void)0)
 #endif
 
-/* Index of the first cum[i] > x (torch.searchsorted(cum, x, right=True)). */
-static inline int64_t upper_bound(const int64_t *cum, int64_t n, int64_t x) {
-    int64_t lo = 0, hi = n;
-    while (lo < hi) {
-        int64_t mid = (lo + hi) >> 1;
-        if (cum[mid] <= x) lo = mid + 1; else hi = mid;
+/* Index of the first v[i] > x in a sorted v[0, n) (torch.searchsorted(v, x, right=True)): for the int64 column sizes
+ * and the float64 rarity weights. */
+#define UPPER_BOUND(name, T)                                         \
+    static inline int64_t name(const T *v, int64_t n, T x) {         \
+        int64_t lo = 0, hi = n;                                      \
+        while (lo < hi) {                                            \
+            const int64_t mid = (lo + hi) >> 1;                      \
+            if (v[mid] <= x) lo = mid + 1; else hi = mid;            \
+        }                                                            \
+        return lo;                                                   \
     }
-    return lo;
-}
-
-/* Index of the first cdf[i] > u (torch.searchsorted(cdf, u, right=True) on float64). */
-static inline int64_t upper_bound_f64(const double *cdf, int64_t n, double u) {
-    int64_t lo = 0, hi = n;
-    while (lo < hi) {
-        int64_t mid = (lo + hi) >> 1;
-        if (cdf[mid] <= u) lo = mid + 1; else hi = mid;
-    }
-    return lo;
-}
+UPPER_BOUND(upper_bound, int64_t)
+UPPER_BOUND(upper_bound_f64, double)
 
 /* The achieving ranks the strategy may pick, [first, first + span) (span >= 1), for a row with ach_before achieving
  * steps before it in an episode of ep_ach; returns whether the range is non-empty (pick_achieving_rank in her.py). */
