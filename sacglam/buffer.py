@@ -24,7 +24,7 @@ section 9) must select ``relabelled & (goal_gap >= 0)``.
 
 On a CPU buffer ``sample`` is one C call (``sacglam/csrc/sample.c``, built on first use by ``sacglam.native``;
 ``BufferConfig.native``) that computes the torch path below from the same draws and tables, equal field for field
-(tests/test_native_sampler.py), 3-4x faster than it (scripts/bench_buffer.py); ``sample(out=batch)`` writes into an
+(tests/test_native_sampler.py), 2.5-4x faster than it (scripts/bench_buffer.py); ``sample(out=batch)`` writes into an
 earlier batch instead of allocating one. ``add`` is one C call too (``sacglam/csrc/add.c``: the same storage and
 tables after it as the torch path's ~80 ops, about 10x faster). On a GPU, and wherever the C code does not apply (int64
 tokens; for sampling also a custom reward function or ``compile``), the torch path runs.
