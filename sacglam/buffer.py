@@ -268,9 +268,7 @@ class ReplayBuffer:
         self._window_pos = -1  # self.pos when the column window below was computed (-1: stale)
         self._cum = self._base = self._total_f = self._total_m1 = torch.zeros((), device=dev)
         # The native CPU sampler and add (None: the torch path samples / adds) and what they read besides the storage.
-        self._native = self._pick_native(reward_fn)
-        self._native_add = (native.load() if cfg.native != "off" and dev.type == "cpu"
-                            and cfg.token_dtype in ("int16", "int32") else None)
+        self._native, self._native_add = self._pick_native(reward_fn)
         self._nargs, self._aargs = native.SampleArgs(), native.AddArgs()
         self._add_stats = torch.zeros(11, dtype=torch.int64)  # what sacglam_add reports (see csrc/add.c)
         self._add_scratch = torch.zeros(2 * N, dtype=torch.int64)
@@ -419,9 +417,9 @@ class ReplayBuffer:
 
     def _add_native(self, t: TransitionBatch) -> None:
         """``_add_torch`` in one C call (``sacglam/csrc/add.c``): the same storage and tables after it."""
-        lib, a, cpu = self._native_add, self._aargs, torch.device("cpu")
+        lib, a = self._native_add, self._aargs
         assert lib is not None
-        x = {name: getattr(t, name).to(cpu, dtype).contiguous() for name, dtype, _ in _ADD_INPUTS}
+        x = {name: getattr(t, name).to("cpu", dtype).contiguous() for name, dtype, _ in _ADD_INPUTS}
         for name, _, arg in _ADD_INPUTS:
             setattr(a, arg, x[name].data_ptr())
         a.Lo_in, (a.K_in, a.Lc_in), a.G_in = x["obs"].shape[1], x["cands"].shape[1:], x["achieved"].shape[1]
@@ -821,37 +819,38 @@ class ReplayBuffer:
 
     # ------------------------------------------------------------------ native CPU sampler
 
-    def _pick_native(self, reward_fn: RewardFn) -> ctypes.CDLL | None:
-        """The native sampler's library when ``cfg.native`` and this buffer allow it, else None (torch samples).
+    def _pick_native(self, reward_fn: RewardFn) -> tuple[ctypes.CDLL | None, ctypes.CDLL | None]:
+        """The native library for sampling and for adding when ``cfg.native`` and this buffer allow each, else None
+        (torch runs). Adding needs a CPU buffer of int16 or int32 tokens; sampling needs more (see below).
 
         Raises:
-            ValueError: ``native="on"`` and it cannot be used (says why).
+            ValueError: ``native="on"`` and the sampler cannot be used (says why).
         """
         cfg = self.cfg
         if cfg.native == "off":
-            return None
-        why = ""
+            return None, None
+        why_add = ""
         if self.device.type != "cpu":
-            why = f"the buffer is on {self.device} (the native sampler is for CPU buffers)"
-        elif reward_fn is not equality_reward:
-            why = "a custom reward_fn is set (the native sampler computes the equality reward only)"
+            why_add = f"the buffer is on {self.device} (the native code is for CPU buffers)"
         elif cfg.token_dtype not in ("int16", "int32"):
-            why = f"token_dtype={cfg.token_dtype!r} (the native sampler reads int16 or int32 tokens)"
-        elif cfg.compile:
-            why = "buffer.compile=true asks for the torch.compile path"
-        elif cfg.n_step > 256 or cfg.her.rarity_draws > 64:
-            why = "n_step > 256 or her.rarity_draws > 64 (the native sampler's fixed limits)"
-        else:
-            lib = native.load()
-            if lib is not None:
-                return lib
-            why = f"it could not be built: {native.load_error()}"
+            why_add = f"token_dtype={cfg.token_dtype!r} (the native code reads int16 or int32 tokens)"
+        why = why_add
+        if not why:
+            if reward_fn is not equality_reward:
+                why = "a custom reward_fn is set (the native sampler computes the equality reward only)"
+            elif cfg.compile:
+                why = "buffer.compile=true asks for the torch.compile path"
+            elif cfg.n_step > 256 or cfg.her.rarity_draws > 64:
+                why = "n_step > 256 or her.rarity_draws > 64 (the native sampler's fixed limits)"
+        lib = None if why_add else native.load()
+        if not why_add and lib is None:
+            why = why_add = f"it could not be built: {native.load_error()}"
             if cfg.native == "auto":
-                warnings.warn(f"the native CPU sampler is off ({why}); sampling with torch ops instead (same "
-                              f"batches, several times slower)", RuntimeWarning, stacklevel=3)
-        if cfg.native == "on":
+                warnings.warn(f"the native CPU code is off ({why}); adding and sampling with torch ops instead (same "
+                              f"results, several times slower)", RuntimeWarning, stacklevel=3)
+        if why and cfg.native == "on":
             raise ValueError(f"buffer.native=on, but the native sampler cannot be used: {why}")
-        return None
+        return (None if why else lib), (None if why_add else lib)
 
     def _set_native_tables(self) -> None:
         """Point the native sampler's arguments at the storage and derived tables (after each rebuild)."""

@@ -226,7 +226,7 @@ def test_a_forked_child_samples_with_its_own_pool() -> None:
 
 
 def test_selection_rules() -> None:
-    """auto picks the native sampler on CPU; off never does; on refuses what it cannot do, saying why."""
+    """auto picks the native code on CPU; off never does; on refuses what it cannot do, saying why."""
     pieces = PromptPieces(torch.tensor([7]), torch.tensor([6]), torch.tensor([9]), pad_id=0)
     base = dict(capacity=8, device="cpu", max_obs_tokens=2, max_goal_tokens=2, max_cands=2, max_cand_tokens=2,
                 max_goals=4, max_achieved=1)
@@ -237,7 +237,13 @@ def test_selection_rules() -> None:
     with pytest.raises(ValueError, match="custom reward_fn"):
         ReplayBuffer(BufferConfig(**base, native="on"), 2, pad_id=0, prompt=pieces,
                      reward_fn=lambda a, g: ((a == g.unsqueeze(-1)).any(-1).float(), (a == g.unsqueeze(-1)).any(-1)))
-    assert ReplayBuffer(BufferConfig(**base, token_dtype="int64"), 2, pad_id=0, prompt=pieces)._native is None
+    wide = ReplayBuffer(BufferConfig(**base, token_dtype="int64"), 2, pad_id=0, prompt=pieces)
+    assert wide._native is None and wide._native_add is None
+    def hit(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (a == g.unsqueeze(-1)).any(-1).float(), (a == g.unsqueeze(-1)).any(-1)
+
+    custom = ReplayBuffer(BufferConfig(**base), 2, pad_id=0, prompt=pieces, reward_fn=hit)
+    assert custom._native is None and custom._native_add is not None  # adding does not need the reward
     with pytest.raises(ValueError, match="native must be one of"):
         BufferConfig(**base, native="yes")
 
