@@ -1,10 +1,13 @@
-"""Train an LLM agent in a text environment with discrete soft actor-critic and hindsight relabelling.
+"""Train an LLM agent in a text environment: discrete soft actor-critic with hindsight relabelling, or PPO-GLAM.
 
     python train.py                                   # Playground-Text, tiny model, SAC + HER (the default)
+    python train.py algo=ppo                          # the same with PPO-GLAM (on-policy rollouts)
     python train.py experiment=bitflip_her seed=3     # any preset in conf/experiment, any field as key=value
     python train.py resume=auto hydra.run.dir=outputs/run1
 
-The loop: collect one vector step -> add it to the replay buffer -> sample and update -> log / evaluate / checkpoint.
+The loop: collect one vector step -> the algorithm observes it (SAC: replay buffer + sampled updates; PPO: rollout
+storage + an update per full rollout) -> log / evaluate / checkpoint. Envs, model, codec, evaluation, logging and
+checkpoints are shared by both algorithms.
 """
 
 from __future__ import annotations
@@ -42,13 +45,14 @@ from sacglam.checkpoint import (
     save_checkpoint,
 )
 from sacglam.collector import Collector, episode_metrics
-from sacglam.config import TrainConfig, register_configs
+from sacglam.config import ALGOS, TrainConfig, register_configs
 from sacglam.evaluate import evaluate
 from sacglam.logging import RunLogger
 from sacglam.models import load_model
 from sacglam.pipeline import StepEncoder, check_context, make_act_fn, tokenizer_corpus
+from sacglam.ppo import PPOAgent, PPOLearner
 from sacglam.prompting import PromptCodec, PromptTemplate
-from sacglam.sac import NonFiniteLossError, SACUpdater
+from sacglam.sac import NonFiniteLossError, SACLearner
 
 register_configs()
 
@@ -88,6 +92,50 @@ def env_state(vec: Any) -> Any:
         return None
 
 
+# Options only a replay buffer reads: with algo=ppo, setting one on the command line is an error that names it.
+REPLAY_ONLY = ("replay_ratio", "learning_starts", "batch_size", "buffer.capacity", "buffer.n_step", "buffer.gamma",
+               "buffer.her", "buffer.device", "buffer.native", "buffer.compile", "buffer.token_dtype",
+               "buffer.max_goals", "buffer.max_achieved")
+
+
+def check_on_policy(cfg: TrainConfig, overrides: list[str]) -> None:
+    """Refuse replay options with an on-policy algorithm rather than silently ignore them."""
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if any(key == k or key.startswith(k + ".") for k in REPLAY_ONLY):
+            raise ValueError(
+                f"{key} is a replay-buffer option, but algo={cfg.algo.name} is on-policy and never reads it; drop it. "
+                "PPO's options: algo.minibatch_size (per optimizer step), algo.rollout_steps (a rollout is "
+                "env.num_envs x algo.rollout_steps transitions), algo.gamma / algo.gae_lambda (discounting)."
+            )
+    her = cfg.buffer.her
+    for key, value in (("buffer.her.ratio", her.ratio), ("buffer.her.rare_fraction", her.rare_fraction)):
+        if value > 0:
+            raise ValueError(f"{key}={value}: hindsight relabelling and rarity replay need a replay buffer, but "
+                             f"algo={cfg.algo.name} is on-policy; use buffer=on_policy (the algo's default)")
+
+
+def make_learner(cfg: TrainConfig, model: Any, codec: PromptCodec, probe: Any,
+                 device: torch.device) -> tuple[Any, SACLearner | PPOLearner]:
+    """The agent and the part of the loop that differs per algorithm: ``learner.act`` acts for the collector and
+    ``learner.observe(step)`` stores the step and updates when it is time."""
+    act_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
+    if cfg.algo.name == "ppo":
+        check_on_policy(cfg, list(HydraConfig.get().overrides.task))
+        ppo_agent = PPOAgent(model, cfg.algo, temperature=cfg.agent.temperature,
+                             length_norm=cfg.agent.length_norm).to(device)
+        shuffle_gen = torch.Generator().manual_seed(cfg.seed + 2)
+        return ppo_agent, PPOLearner(ppo_agent, cfg.algo, codec, cfg.env.num_envs, device, act_gen, shuffle_gen)
+    agent = Agent(model, cfg.agent).to(device)
+    buffer_device = device if cfg.buffer.device == "auto" else cfg.buffer.device  # e.g. keep the buffer on the CPU
+    buffer = ReplayBuffer(cfg.buffer, cfg.env.num_envs, pad_id=codec.pad_id, device=buffer_device, prompt=codec)
+    encoder = StepEncoder(codec, buffer, probe.goal_step_limit, cfg.buffer.max_achieved)
+    sample_gen = torch.Generator(buffer.device).manual_seed(cfg.seed + 2)
+    return agent, SACLearner(agent, cfg.algo, buffer, encoder, codec, batch_size=cfg.batch_size,
+                             replay_ratio=cfg.replay_ratio, learning_starts=cfg.learning_starts, device=device,
+                             act_generator=act_gen, sample_generator=sample_gen)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -97,6 +145,8 @@ def seed_everything(seed: int) -> None:
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(dcfg: DictConfig) -> float:
     cfg: TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
+    if not isinstance(cfg.algo, tuple(ALGOS.values())):
+        raise ValueError(f"algo must be one of the conf/algo presets ({', '.join(ALGOS)}); got {cfg.algo!r}")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
@@ -104,7 +154,7 @@ def main(dcfg: DictConfig) -> float:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
 
-    # Environments, model, agent, buffer.
+    # Environments, model, agent and the algorithm's own part of the loop.
     env_fn = make_env_fn(cfg)
     probe = env_fn()
     vec = make_vector_env(cfg.env.id, cfg.env.num_envs, env_kwargs=dict(cfg.env.kwargs), mode=cfg.env.vector)
@@ -112,15 +162,8 @@ def main(dcfg: DictConfig) -> float:
     model, tokenizer = load_model(cfg.model, corpus=corpus, device=device)
     codec = make_codec(cfg, tokenizer)
     check_context(codec, getattr(getattr(model, "config", None), "max_position_embeddings", None))
-    agent = Agent(model, cfg.agent).to(device)
-    updater = SACUpdater(agent, cfg.algo)
-    buffer_device = device if cfg.buffer.device == "auto" else cfg.buffer.device  # e.g. keep the buffer on the CPU
-    buffer = ReplayBuffer(cfg.buffer, cfg.env.num_envs, pad_id=codec.pad_id, device=buffer_device, prompt=codec)
-    encoder = StepEncoder(codec, buffer, probe.goal_step_limit, cfg.buffer.max_achieved)
-    act_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
-    sample_gen = torch.Generator(buffer.device).manual_seed(cfg.seed + 2)
-    act_sample = make_act_fn(agent, codec, greedy=False, device=device, generator=act_gen)
-    collector = Collector(vec, act_sample, seed=cfg.seed)
+    agent, learner = make_learner(cfg, model, codec, probe, device)
+    collector = Collector(vec, learner.act, seed=cfg.seed)
     act_greedy = make_act_fn(agent, codec, greedy=True, device=device)
     eval_gen = torch.Generator(device)  # reseeded at every evaluation, so sampled evaluations are reproducible
     act_eval_sample = make_act_fn(agent, codec, greedy=False, device=device, generator=eval_gen)
@@ -130,18 +173,19 @@ def main(dcfg: DictConfig) -> float:
 
     # Resume: the newest complete checkpoint of the run folder (a corrupt one is skipped with a warning).
     ckpt_path = resolve_resume(cfg.resume, run_dir)
-    updates, update_credit, next_eval, next_ckpt = 0, 0.0, cfg.eval.every, cfg.checkpoint.every
+    next_eval, next_ckpt = cfg.eval.every, cfg.checkpoint.every
     if ckpt_path is not None:
         state = load_checkpoint(ckpt_path, map_location=device, weights_only=False)  # our own file
+        if state.get("algo") != cfg.algo.name:
+            raise ValueError(f"{ckpt_path} was written by algo={state.get('algo')}, this run is "
+                             f"algo={cfg.algo.name}; resume with the same algo")
         agent.load_state_dict(state["agent"])
-        updater.load_state_dict(state["updater"])
-        buffer.load_state_dict(state["buffer"])
-        encoder.load_state_dict(state["encoder"])
+        learner.load_state_dict(state["learner"])
         if state["envs"] is not None:
             vec.set_state(state["envs"])
         collector.load_state_dict(state["collector"], envs_restored=state["envs"] is not None)
-        restore_rng_state(state["rng"], generators={"act": act_gen, "sample": sample_gen})
-        updates, update_credit, next_eval, next_ckpt = state["loop"]
+        restore_rng_state(state["rng"], generators=learner.generators)
+        next_eval, next_ckpt = state["loop"]
         print(f"resumed from {ckpt_path} at env step {collector.env_steps}")
     logger = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(dcfg, resolve=True), cfg.total_env_steps,  # type: ignore[arg-type]
                        resume_from_step=collector.env_steps if ckpt_path is not None else None)
@@ -159,41 +203,30 @@ def main(dcfg: DictConfig) -> float:
         return metrics
 
     def checkpoint() -> None:
-        state = {"agent": agent.state_dict(), "updater": updater.state_dict(), "buffer": buffer.state_dict(),
-                 "encoder": encoder.state_dict(), "collector": collector.state_dict(), "envs": env_state(vec),
-                 "rng": capture_rng_state(generators={"act": act_gen, "sample": sample_gen}),
-                 "loop": (updates, update_credit, next_eval, next_ckpt)}
+        state = {"algo": cfg.algo.name, "agent": agent.state_dict(), "learner": learner.state_dict(),
+                 "collector": collector.state_dict(), "envs": env_state(vec),
+                 "rng": capture_rng_state(generators=learner.generators), "loop": (next_eval, next_ckpt)}
         save_checkpoint(run_dir, collector.env_steps, state, keep=cfg.checkpoint.keep)
 
     start, metrics_truncated_warned = time.monotonic(), False
-    updates_per_vector_step = cfg.replay_ratio * cfg.env.num_envs / cfg.batch_size
-    batch = None  # the last sampled batch, overwritten by the next sample once its update is done
     while collector.env_steps < cfg.total_env_steps:
         if cfg.time_limit_min and time.monotonic() - start > 60 * cfg.time_limit_min:
             print(f"time limit of {cfg.time_limit_min} min reached at env step {collector.env_steps}")
             break
-        # Collect one step of every env and store it.
+        # Collect one step of every env; the algorithm stores it and updates when it is time.
         step, episodes = collector.step()
-        buffer.add(encoder(step, policy_version=updates))
         metrics: dict[str, Any] = episode_metrics(episodes) if episodes else {}
-        # Update: `replay_ratio` sampled transitions per env step, once the buffer holds enough finished episodes.
-        if buffer.num_sampleable >= cfg.learning_starts:
-            update_credit += updates_per_vector_step
-            while update_credit >= 1.0:
-                try:
-                    batch = buffer.sample(cfg.batch_size, sample_gen, out=batch)
-                    metrics.update(updater.update(batch.to(device)))
-                except NonFiniteLossError as exc:
-                    last = find_latest_checkpoint(run_dir)
-                    raise RuntimeError(f"stopped at env step {collector.env_steps}: {exc} Last good checkpoint: "
-                                       f"{last or 'none'} (continue with resume=auto).") from exc
-                updates += 1
-                update_credit -= 1.0
+        try:
+            metrics.update(learner.observe(step))
+        except NonFiniteLossError as exc:
+            last = find_latest_checkpoint(run_dir)
+            raise RuntimeError(f"stopped at env step {collector.env_steps}: {exc} Last good checkpoint: "
+                               f"{last or 'none'} (continue with resume=auto).") from exc
         if codec.truncated_count and not metrics_truncated_warned:
             metrics_truncated_warned = True
             warnings.warn(f"observations longer than buffer.max_obs_tokens={codec.max_obs_tokens} are being cut "
                           f"({cfg.prompt.obs_truncation}); counted in charts/obs_truncated", stacklevel=1)
-        metrics.update({"charts/updates": updates, "charts/obs_truncated": codec.truncated_count})
+        metrics.update({"charts/updates": learner.updates, "charts/obs_truncated": codec.truncated_count})
         if cfg.eval.every and collector.env_steps >= next_eval:
             metrics.update(run_eval())
             next_eval += cfg.eval.every
@@ -208,7 +241,7 @@ def main(dcfg: DictConfig) -> float:
     logger.close()
     vec.close()
     success = final.get("eval/greedy/success", 0.0)
-    print(f"final greedy success {success:.3f} after {collector.env_steps} env steps and {updates} updates; "
+    print(f"final greedy success {success:.3f} after {collector.env_steps} env steps and {learner.updates} updates; "
           f"run folder {run_dir}")
     return success
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from omegaconf import MISSING
+
 from hydra.core.config_store import ConfigStore
 
 from sacglam.agent import AgentConfig
@@ -17,7 +19,11 @@ from sacglam.buffer import BufferConfig
 from sacglam.checkpoint import CheckpointConfig
 from sacglam.logging import LoggerConfig
 from sacglam.models import ModelConfig
+from sacglam.ppo import PPOConfig
 from sacglam.sac import SACConfig
+
+ALGOS: dict[str, type] = {"sac": SACConfig, "ppo": PPOConfig}
+"""``algo.name`` -> the schema of the ``algo`` group (each ``conf/algo/*.yaml`` extends ``<name>_schema``)."""
 
 
 @dataclass
@@ -59,7 +65,7 @@ class TrainConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
-    algo: SACConfig = field(default_factory=SACConfig)
+    algo: Any = MISSING  # SACConfig | PPOConfig: chosen by the algo group (conf/algo/*.yaml), validated by its schema
     buffer: BufferConfig = field(default_factory=BufferConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -84,3 +90,5 @@ def register_configs() -> None:
     """Register the schema so that ``conf/config.yaml`` (defaults: base_config) is validated against it."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=TrainConfig)
+    for name, schema in ALGOS.items():
+        cs.store(group="algo", name=f"{name}_schema", node=schema)

@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from sacglam.agent import Agent
+from sacglam.buffer import ReplayBuffer
 from sacglam.losses import (
     actor_loss,
     alpha_loss,
@@ -32,7 +33,9 @@ from sacglam.losses import (
     soft_value,
     target_entropy,
 )
-from sacglam.types import Batch, UpdateStats
+from sacglam.pipeline import StepEncoder, make_act_fn
+from sacglam.prompting import PromptCodec
+from sacglam.types import ActFn, Batch, TextStep, UpdateStats
 
 
 @dataclass
@@ -43,6 +46,7 @@ class SACConfig:
     1e-3 (alpha), alpha 0.05 and no hindsight term (``hindsight_bc_coef = 0``).
     """
 
+    name: str = "sac"  # which algorithm train.py runs (sac | ppo)
     lr_actor: float = 1e-3  # Adam lr of the policy trunk (LoRA actor adapter, or the whole model)
     lr_critic: float = 1e-3  # Adam lr of the critic-only parameters (Q heads, critic adapter)
     lr_alpha: float = 3e-3  # Adam lr of log_alpha (alpha_mode=auto)
@@ -336,4 +340,62 @@ class SACUpdater:
             self.alpha_opt.load_state_dict(state["alpha_opt"])
 
 
-__all__ = ["NonFiniteLossError", "SACConfig", "SACUpdater"]
+class SACLearner:
+    """The part of the loop that is SAC's, for ``train.py``: every vector step goes into the replay buffer (HER
+    relabels at sampling time), and once the buffer holds ``learning_starts`` sampleable transitions,
+    ``replay_ratio`` sampled transitions per env step are spent on updates (``replay_ratio * N / batch_size``
+    updates per vector step, the fraction carried over).
+
+    Args:
+        agent: the :class:`~sacglam.agent.Agent`; cfg: :class:`SACConfig`.
+        buffer: the replay buffer; encoder: text steps -> buffer transitions.
+        codec: the prompt codec of the act function.
+        batch_size, replay_ratio, learning_starts: the loop's replay options (``TrainConfig``).
+        device: where the model runs; act_generator: samples actions; sample_generator: samples the buffer.
+    """
+
+    def __init__(self, agent: Agent, cfg: SACConfig, buffer: ReplayBuffer, encoder: StepEncoder, codec: PromptCodec,
+                 *, batch_size: int, replay_ratio: float, learning_starts: int, device: torch.device | str,
+                 act_generator: torch.Generator, sample_generator: torch.Generator) -> None:
+        self.updater = SACUpdater(agent, cfg)
+        self.buffer, self.encoder = buffer, encoder
+        self.batch_size, self.learning_starts = batch_size, learning_starts
+        self.updates_per_vector_step = replay_ratio * buffer.n_envs / batch_size
+        self.update_credit = 0.0
+        self.device = device
+        self.act: ActFn = make_act_fn(agent, codec, greedy=False, device=device, generator=act_generator)
+        self.generators = {"act": act_generator, "sample": sample_generator}
+        self._batch: Batch | None = None  # the last sampled batch, overwritten by the next sample once used
+
+    @property
+    def updates(self) -> int:
+        return self.updater.step
+
+    def observe(self, step: TextStep) -> UpdateStats:
+        """Store the vector step and run the updates it pays for; the last update's stats ({} when none ran).
+
+        Raises:
+            NonFiniteLossError: from :meth:`SACUpdater.update` (no optimizer step was taken).
+        """
+        self.buffer.add(self.encoder(step, policy_version=self.updates))
+        stats: UpdateStats = {}
+        if self.buffer.num_sampleable >= self.learning_starts:
+            self.update_credit += self.updates_per_vector_step
+            while self.update_credit >= 1.0:
+                self._batch = self.buffer.sample(self.batch_size, self.generators["sample"], out=self._batch)
+                stats = self.updater.update(self._batch.to(self.device))
+                self.update_credit -= 1.0
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updater": self.updater.state_dict(), "buffer": self.buffer.state_dict(),
+                "encoder": self.encoder.state_dict(), "update_credit": self.update_credit}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updater.load_state_dict(state["updater"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.encoder.load_state_dict(state["encoder"])
+        self.update_credit = float(state["update_credit"])
+
+
+__all__ = ["NonFiniteLossError", "SACConfig", "SACLearner", "SACUpdater"]

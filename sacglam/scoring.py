@@ -47,11 +47,16 @@ class ScoreOutput:
             the input; seq2seq: the decoder's hidden state where that token is the decoder input); zeros for absent
             candidates. Same dtype as the model.
         valid: [B, K] bool, ``cand_mask.any(-1)``.
+        prompt_hidden: [B, H] last-layer hidden state of the state itself, for a value head ``V(s)``
+            (PPO-GLAM, ALGORITHM.md section 7): decoder-only, at the prompt's last real token (it sees the prompt
+            only, so it does not depend on the candidates); seq2seq, the decoder's first position (the start token,
+            which sees the encoded prompt only). Same dtype as the model.
     """
 
     logp: torch.Tensor
     hidden: torch.Tensor
     valid: torch.Tensor
+    prompt_hidden: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -105,7 +110,11 @@ def _token_logp(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) 
 
 
 def _finish(
-    tok_logp: torch.Tensor, last_hidden: torch.Tensor, cand_mask: torch.Tensor, length_norm: bool
+    tok_logp: torch.Tensor,
+    last_hidden: torch.Tensor,
+    cand_mask: torch.Tensor,
+    length_norm: bool,
+    prompt_hidden: torch.Tensor,
 ) -> ScoreOutput:
     """Sum token log-probs per candidate, normalise if asked, zero absent slots.
 
@@ -114,6 +123,7 @@ def _finish(
         last_hidden: [B, K, H] hidden state at each candidate's last token (garbage for absent slots).
         cand_mask: [B, K, Lc] bool.
         length_norm: divide the sum by the candidate's token count.
+        prompt_hidden: [B, H] the state's own hidden state (see :class:`ScoreOutput`).
     """
     n_tok = cand_mask.sum(-1)  # [B, K]
     valid = n_tok > 0
@@ -122,7 +132,7 @@ def _finish(
         logp = logp / n_tok.clamp(min=1).to(logp.dtype)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     hidden = torch.where(valid.unsqueeze(-1), last_hidden, torch.zeros_like(last_hidden))
-    return ScoreOutput(logp=logp, hidden=hidden, valid=valid)
+    return ScoreOutput(logp=logp, hidden=hidden, valid=valid, prompt_hidden=prompt_hidden)
 
 
 def _lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -237,7 +247,8 @@ def _score_decoder_shared(
     clen = cand_mask.sum(-1)  # [B, K]
     last_pos = (block_start.view(1, K) + (clen - 1).clamp(min=0)).view(B, K)
     last_hidden = torch.gather(h, 1, last_pos.unsqueeze(-1).expand(B, K, H))
-    return _finish(tok_logp, last_hidden, cand_mask, length_norm)
+    prompt_hidden = torch.gather(h, 1, (plen - 1).clamp(min=0).view(B, 1, 1).expand(B, 1, H)).squeeze(1)
+    return _finish(tok_logp, last_hidden, cand_mask, length_norm, prompt_hidden)
 
 
 def _score_decoder_cache(
@@ -275,7 +286,7 @@ def _score_decoder_cache(
     tok_logp = _token_logp(logits, cand_ids, cand_mask)
     clen = cand_mask.sum(-1)  # [B, K]
     last_hidden = torch.gather(h_cand, 2, (clen - 1).clamp(min=0).view(B, K, 1, 1).expand(B, K, 1, H)).squeeze(2)
-    return _finish(tok_logp, last_hidden, cand_mask, length_norm)
+    return _finish(tok_logp, last_hidden, cand_mask, length_norm, h_last_prompt.squeeze(1))
 
 
 def _decoder_inputs(model: nn.Module, cand_ids: torch.Tensor, cand_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -336,7 +347,8 @@ def _score_seq2seq(
     dh = out.decoder_hidden_states[-1]  # [B*K, Lc + 1, H]
     clen = flat_mask.sum(-1)  # [B*K]
     last_hidden = torch.gather(dh, 1, clen.view(-1, 1, 1).expand(-1, 1, dh.shape[-1])).view(B, K, -1)
-    return _finish(tok_logp, last_hidden, cand_mask, length_norm)
+    prompt_hidden = dh[:, 0].view(B, K, -1)[:, 0]  # the start token: the same for every candidate of a state
+    return _finish(tok_logp, last_hidden, cand_mask, length_norm, prompt_hidden)
 
 
 def _sanitise(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -378,6 +390,7 @@ def _trimmed(
         logp=torch.nn.functional.pad(out.logp, (0, pad)),
         hidden=torch.nn.functional.pad(out.hidden, (0, 0, 0, pad)),
         valid=torch.nn.functional.pad(out.valid, (0, pad), value=False),
+        prompt_hidden=out.prompt_hidden,
     )
 
 
@@ -474,4 +487,6 @@ def score_candidates_naive(
     h = out.hidden_states[-1]  # [N, L, H]
     last_pos = plen + (flat_mask.sum(-1) - 1).clamp(min=0)
     last_hidden = torch.gather(h, 1, last_pos.view(N, 1, 1).expand(N, 1, h.shape[-1])).view(B, K, -1)
-    return _finish(tok_logp, last_hidden, cand_mask, length_norm)
+    prompt_last = (plen - 1).clamp(min=0).view(N, 1, 1).expand(N, 1, h.shape[-1])
+    prompt_hidden = torch.gather(h, 1, prompt_last).view(B, K, -1)[:, 0]  # the first candidate's copy of the prompt
+    return _finish(tok_logp, last_hidden, cand_mask, length_norm, prompt_hidden)

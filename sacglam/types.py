@@ -135,10 +135,12 @@ UpdateStats = dict[str, torch.Tensor]
 
 @dataclass
 class ActOutput:
-    """What an act function returns for N states: action [N] long, logp [N] float (on CPU)."""
+    """What an act function returns for N states: action [N] long, logp [N] float (on CPU), and for actors with a
+    value head (PPO) value [N] float, V(s) recorded at acting time."""
 
     action: torch.Tensor
     logp: torch.Tensor
+    value: torch.Tensor | None = None
 
 
 class ActFn(Protocol):
