@@ -1,6 +1,8 @@
-"""Reproduce the SAC-GLAM comparison: seeds x {SAC, SAC + HER} on Playground-Text and BitFlip-Text, then aggregate.
+"""Reproduce the SAC-GLAM comparison: seeds x {SAC + HER, SAC, PPO-GLAM} on Playground-Text (all four goal
+categories) and {SAC + HER, SAC} on BitFlip-Text, under one env-step budget, then aggregate.
 
     python scripts/reproduce.py                                   # 5 seeds, both envs, the presets' step budgets
+    python scripts/reproduce.py --envs playground --algos sac_her,sac,ppo --steps 60000 --jobs 2
     python scripts/reproduce.py --seeds 10 --steps 200000 --jobs 2
     python scripts/reproduce.py --quick --out /tmp/q              # minutes: tiny budget, 2 seeds (the tests)
     python scripts/reproduce.py --aggregate-only runs/reproduce --out docs/
@@ -48,26 +50,33 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The two methods per env, as train.py overrides. BitFlip has no plain-SAC preset: HER and its hindsight term off.
+# The methods per env, as train.py overrides. BitFlip has no plain-SAC preset: HER and its hindsight term off.
 METHODS: dict[str, dict[str, list[str]]] = {
     "playground": {
         "sac": ["experiment=playground_sac"],
         "sac_her": ["experiment=playground_sac_her"],
+        "ppo": ["experiment=playground_ppo"],
     },
     "bitflip": {
         "sac": ["experiment=bitflip_her", "buffer.her.ratio=0", "algo.hindsight_bc_coef=0"],
         "sac_her": ["experiment=bitflip_her"],
     },
 }
-METHOD_LABELS = {"sac": "SAC", "sac_her": "SAC + HER"}
+METHOD_LABELS = {"sac_her": "SAC + HER", "sac": "SAC", "ppo": "PPO-GLAM"}
+ON_POLICY = {"ppo"}  # methods that refuse the replay options (train.py check_on_policy)
+# Playground-Text goal categories of every run (the preset's default is grasp + grow_plant): the comparison of the
+# SAC-GLAM paper covers all four.
+CATEGORIES = "grasp,grow_plant,grow_herbivore,grow_carnivore"
 THRESHOLDS = (0.5, 0.8, 0.9)
 # Every run: no wall-clock stop (seeds must reach the same step count), no progress bar in the log file.
 COMMON = ["time_limit_min=0", "logger.progress=false", "resume=auto"]
 # --quick: a bounded smoke reproduction (tiny budget; the curves mean nothing, the pipeline is what is checked).
 QUICK = [
-    "env.num_envs=4", "batch_size=16", "learning_starts=32", "eval.every=128", "eval.episodes_per_category=4",
-    "eval.num_envs=4", "env.corpus_episodes=10", "checkpoint.every=0", "buffer.capacity=2048", "threads=1",
+    "env.num_envs=4", "eval.every=128", "eval.episodes_per_category=4", "eval.num_envs=4", "env.corpus_episodes=10",
+    "checkpoint.every=0", "threads=1",
 ]  # fmt: skip
+QUICK_REPLAY = ["batch_size=16", "learning_starts=32", "buffer.capacity=2048"]  # off-policy methods only
+QUICK_ON_POLICY = ["algo.rollout_steps=8", "algo.minibatch_size=16"]  # PPO: rollouts of 4 envs x 8 steps
 QUICK_STEPS = 256
 DONE_FILE = "DONE"
 METRICS_FILE = "metrics.jsonl"
@@ -305,6 +314,34 @@ def _fmt_steps(steps: float | None, seeds: int, n: int) -> str:
     return f"{head} ({seeds}/{n})"
 
 
+def _method_order(methods: Sequence[str] | dict[str, object]) -> list[str]:
+    return sorted(methods, key=lambda m: list(METHOD_LABELS).index(m) if m in METHOD_LABELS else 99)
+
+
+def wall_minutes(runs_dir: str | Path) -> dict[tuple[str, str], list[float]]:
+    """(env, method) -> wall-clock minutes of each finished run (from its ``DONE`` file; runs without are left out)."""
+    out: dict[tuple[str, str], list[float]] = {}
+    for done in sorted(Path(runs_dir).glob(f"*/*/*/{DONE_FILE}")):
+        first = done.read_text().splitlines()[:2]
+        if len(first) == 2 and first[1].startswith("seconds "):
+            out.setdefault((done.parts[-4], done.parts[-3]), []).append(float(first[1].split()[1]) / 60)
+    return out
+
+
+def format_wall(runs_dir: str | Path) -> str:
+    """Markdown: wall-clock minutes per run (mean, min-max) per env and method."""
+    walls = wall_minutes(runs_dir)
+    if not walls:
+        return ""
+    lines = ["| env | method | runs | minutes per run: mean (min-max) |", "|---|---|---|---|"]
+    for env in sorted({e for e, _ in walls}):
+        for method in _method_order([m for e, m in walls if e == env]):
+            w = walls[(env, method)]
+            label = METHOD_LABELS.get(method, method)
+            lines.append(f"| {env} | {label} | {len(w)} | {np.mean(w):.1f} ({min(w):.1f}-{max(w):.1f}) |")
+    return "\n".join(lines)
+
+
 def format_table(results: dict[str, dict[str, dict[str, Summary]]], thresholds: Sequence[float] = THRESHOLDS) -> str:
     """Markdown: per env, category and method, the final success (mean [95% CI]) and the steps to each threshold."""
     cols = " | ".join(f"steps to {t:.0%}" for t in thresholds)
@@ -315,7 +352,7 @@ def format_table(results: dict[str, dict[str, dict[str, Summary]]], thresholds: 
     for env, methods in results.items():
         names = _series_order({n for m in methods.values() for n in m})
         for name in names:
-            for method in sorted(methods, key=lambda m: list(METHOD_LABELS).index(m) if m in METHOD_LABELS else 99):
+            for method in _method_order(methods):
                 s = methods[method].get(name)
                 if s is None:
                     continue
@@ -343,11 +380,11 @@ def plot(results: dict[str, dict[str, dict[str, Summary]]], out_png: str | Path)
     rows = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(4.5 * cols, 3.4 * rows))
     FigureCanvasAgg(fig)
-    colors = {"sac": "tab:blue", "sac_her": "tab:red"}
+    colors = {"sac": "tab:blue", "sac_her": "tab:red", "ppo": "tab:green"}
     for i, (env, name) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
-        for method, series in results[env].items():
-            s = series.get(name)
+        for method in _method_order(results[env]):
+            s = results[env][method].get(name)
             if s is None:
                 continue
             color = colors.get(method)
@@ -373,13 +410,15 @@ def write_report(runs_dir: Path, out_dir: Path, name: str, note: str = "") -> tu
     results = aggregate(runs_dir)
     png = plot(results, out_dir / f"{name}.png")
     table = format_table(results)
+    wall = format_wall(runs_dir)
+    wall = f"\n\nWall-clock time per run (this machine, `--jobs` runs sharing its cores):\n\n{wall}" if wall else ""
     md = out_dir / f"{name}.md"
     md.write_text(
         f"# {name}\n\n{note}Runs: `{runs_dir}`. Greedy evaluation success, mean over seeds with a Student-t 95% "
         f"interval; steps to a threshold: first crossing of the seed mean (linear interpolation), (seeds reaching "
-        f"it on their own / seeds).\n\n![success]({png.name})\n\n{table}\n"
+        f"it on their own / seeds).\n\n![success]({png.name})\n\n{table}{wall}\n"
     )
-    print(table)
+    print(table + wall)
     print(f"wrote {png} and {md}")
     return png, md
 
@@ -403,20 +442,37 @@ class Run:
                 f"hydra.run.dir={self.run_dir}"]  # fmt: skip
 
 
-def plan_runs(envs: Sequence[str], seeds: Sequence[int], runs_dir: Path, extra: Sequence[str]) -> list[Run]:
+def plan_runs(envs: Sequence[str], seeds: Sequence[int], runs_dir: Path, extra: Sequence[str],
+              algos: Sequence[str] | None = None, categories: str = CATEGORIES, quick: bool = False) -> list[Run]:
     """Every (env, method, seed) run with its overrides (method preset + common + ``extra``).
 
+    Args:
+        algos: the methods to run (default: every method of each env); a method an env has no preset for is
+            skipped with a note.
+        categories: Playground-Text goal categories (comma-separated) of every Playground run.
+        quick: add the quick overrides (replay or on-policy ones by method).
+
     Raises:
-        ValueError: an unknown env name (names the known ones).
+        ValueError: an unknown env or method name (names the known ones).
     """
+    known = {m for methods in METHODS.values() for m in methods}
+    for a in algos or []:
+        if a not in known:
+            raise ValueError(f"--algos: unknown method {a!r}; choose from {', '.join(sorted(known))}")
     runs = []
     for env in envs:
         if env not in METHODS:
             raise ValueError(f"--envs: unknown env {env!r}; choose from {', '.join(METHODS)}")
-        for method, preset in METHODS[env].items():
+        env_extra = [f"env.kwargs.goal_categories=[{categories}]"] if env == "playground" and categories else []
+        for method in algos or list(METHODS[env]):
+            if method not in METHODS[env]:
+                print(f"note: {env} has no {method} preset; skipped", flush=True)
+                continue
+            by_kind = (QUICK_ON_POLICY if method in ON_POLICY else QUICK_REPLAY) if quick else []
             for seed in seeds:
                 run_dir = runs_dir / env / method / f"seed{seed}"
-                runs.append(Run(env, method, seed, run_dir, [*preset, *COMMON, *extra]))
+                overrides = [*METHODS[env][method], *COMMON, *env_extra, *by_kind, *extra]
+                runs.append(Run(env, method, seed, run_dir, overrides))
     return runs
 
 
@@ -436,7 +492,7 @@ def execute(run: Run) -> tuple[Run, int, float]:
         rc = subprocess.run(run.command(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     seconds = time.perf_counter() - t0
     if rc == 0:
-        (run.run_dir / DONE_FILE).write_text(" ".join(run.command()) + "\n")
+        (run.run_dir / DONE_FILE).write_text(" ".join(run.command()) + f"\nseconds {seconds:.1f}\n")
     status = "ok" if rc == 0 else f"FAILED (exit {rc}; see {run.run_dir / 'train.log'})"
     print(f"{status}: {run.env} {run.method} seed {run.seed} in {seconds:.0f} s", flush=True)
     return run, rc, seconds
@@ -449,6 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="number of seeds, 0..N-1 (default 5; 2 with --quick)")
     p.add_argument("--steps", type=int, default=None, help="total_env_steps of every run (default: the preset's)")
     p.add_argument("--envs", default="playground,bitflip", help="comma-separated: playground, bitflip")
+    p.add_argument("--algos", default=None,
+                   help="comma-separated methods: sac_her, sac, ppo (default: every method of each env)")
+    p.add_argument("--categories", default=CATEGORIES,
+                   help=f"Playground-Text goal categories of every run (default {CATEGORIES}; '' keeps the preset's)")
     p.add_argument("--out", type=Path, default=ROOT / "docs", help="where the PNG and the markdown go")
     p.add_argument("--name", default=None, help="file stem of the outputs (default reproduce, reproduce_quick)")
     p.add_argument("--runs-dir", type=Path, default=None,
@@ -467,13 +527,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = list(range(opts.seeds if opts.seeds is not None else (2 if opts.quick else 5)))
     runs_dir = opts.runs_dir or ROOT / "runs" / name
     extra: list[str] = list(QUICK) if opts.quick else []
+    algos = [a.strip() for a in opts.algos.split(",") if a.strip()] if opts.algos else None
     steps = opts.steps or (QUICK_STEPS if opts.quick else None)
     if steps is not None:
         extra.append(f"total_env_steps={steps}")
     if opts.jobs > 1 and not opts.quick:
         extra.append(f"threads={max(1, (os.cpu_count() or 1) // opts.jobs)}")
     extra += opts.overrides
-    runs = plan_runs([e.strip() for e in opts.envs.split(",") if e.strip()], seeds, runs_dir, extra)
+    runs = plan_runs([e.strip() for e in opts.envs.split(",") if e.strip()], seeds, runs_dir, extra, algos,
+                     opts.categories, opts.quick)
     if opts.dry_run:
         for run in runs:
             print(" ".join(run.command()))

@@ -186,6 +186,32 @@ def test_plan_runs_pairs_methods_and_rejects_unknown_envs(tmp_path: Path) -> Non
         rep.plan_runs(["babyai"], [0], tmp_path, [])
 
 
+def test_plan_runs_with_algos_gives_ppo_its_on_policy_overrides_and_all_four_categories(tmp_path: Path) -> None:
+    runs = rep.plan_runs(["playground", "bitflip"], [0], tmp_path, [], ["ppo", "sac_her"], quick=True)
+    assert [(r.env, r.method) for r in runs] == [("playground", "ppo"), ("playground", "sac_her"),
+                                                 ("bitflip", "sac_her")]  # bitflip has no PPO preset
+    ppo, sac_her = runs[0].command(), runs[1].command()
+    assert "experiment=playground_ppo" in ppo and "algo.rollout_steps=8" in ppo
+    assert not any(o.startswith(("batch_size=", "learning_starts=", "buffer.")) for o in ppo)
+    assert "batch_size=16" in sac_her and "algo.rollout_steps=8" not in sac_her
+    cats = "env.kwargs.goal_categories=[grasp,grow_plant,grow_herbivore,grow_carnivore]"
+    assert cats in ppo and cats in sac_her and cats not in runs[2].command()
+    with pytest.raises(ValueError, match="unknown method 'dqn'"):
+        rep.plan_runs(["playground"], [0], tmp_path, [], ["dqn"])
+
+
+def test_wall_minutes_from_done_files(tmp_path: Path) -> None:
+    for method, secs in (("ppo", 60.0), ("ppo", 180.0), ("sac", 30.0)):
+        d = tmp_path / "playground" / method / f"seed{int(secs)}"
+        d.mkdir(parents=True)
+        (d / "DONE").write_text(f"python train.py\nseconds {secs}\n")
+    (tmp_path / "playground" / "sac" / "old").mkdir()
+    (tmp_path / "playground" / "sac" / "old" / "DONE").write_text("python train.py\n")  # before timings: left out
+    walls = {k: sorted(v) for k, v in rep.wall_minutes(tmp_path).items()}
+    assert walls == {("playground", "ppo"): [1.0, 3.0], ("playground", "sac"): [0.5]}
+    assert "| playground | PPO-GLAM | 2 | 2.0 (1.0-3.0) |" in rep.format_wall(tmp_path)
+
+
 # --------------------------------------------------------------------------------------------------- bench maths
 
 

@@ -123,6 +123,75 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert _comparable(read_metrics(killed)) == _comparable(read_metrics(reference))
 
 
+# PPO: the same small run without the replay options (algo=ppo refuses them); 4 envs x 8 steps per rollout.
+PPO_SMALL = [o for o in SMALL if not o.startswith(("batch_size=", "learning_starts="))] + [
+    "algo.rollout_steps=8", "algo.minibatch_size=16"]
+
+
+@pytest.mark.parametrize("preset", ["playground_ppo", "paper_ppoglam"])
+def test_ppo_presets_run(preset: str, tmp_path: Path) -> None:
+    extra = ["model.name=tiny", "algo.value_hidden=[16]"] if preset == "paper_ppoglam" else []
+    result = run_train([f"experiment={preset}", *PPO_SMALL, "total_env_steps=160", *extra], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    updates = [m for m in metrics if "losses/value" in m]
+    assert len(updates) == 160 // 32, "one PPO update per rollout of 4 envs x 8 steps"
+    for key in ("losses/policy", "losses/approx_kl", "charts/clip_fraction", "charts/entropy"):
+        assert key in updates[0], key
+    assert [m["step"] for m in updates] == [32, 64, 96, 128, 160]
+    assert any("eval/greedy/success" in m for m in metrics)
+    assert any((tmp_path / "checkpoints").glob("step_*.pt"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["batch_size=8"], "batch_size is a replay-buffer option, but algo=ppo is on-policy"),
+        (["buffer=her"], "buffer.her.ratio=0.8: hindsight relabelling and rarity replay need a replay buffer"),
+        (["algo.minibatch_size=24"], "algo.minibatch_size=24 does not divide the rollout of env.num_envs x "
+                                     "algo.rollout_steps = 32"),
+    ],
+)
+def test_ppo_bad_options_name_the_option(args: list[str], message: str, tmp_path: Path) -> None:
+    result = run_train(["algo=ppo", *PPO_SMALL, *args], tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+
+
+def test_ppo_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    # Checkpoints every 80 env steps fall inside rollouts (32 transitions each): the rollout storage is saved too.
+    args = ["algo=ppo", *PPO_SMALL, "total_env_steps=480", "checkpoint.every=80", "checkpoint.keep=2",
+            "eval.every=240", "seed=5"]
+    reference = tmp_path / "reference"
+    result = run_train(args, reference)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={killed}"], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not list((killed / "checkpoints").glob("step_0000000240.pt")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "success.png").exists(), "the run finished before the kill"
+
+    result = run_train([*args, "resume=auto"], killed)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    assert _comparable(read_metrics(killed)) == _comparable(read_metrics(reference))
+
+
+def test_resuming_with_another_algo_is_refused(tmp_path: Path) -> None:
+    result = run_train(["algo=ppo", *PPO_SMALL, "total_env_steps=64"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_train([*SMALL, "total_env_steps=128", "resume=auto"], tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "was written by algo=ppo, this run is algo=sac" in result.stderr
+
+
 def test_non_finite_loss_stops_naming_step_and_last_checkpoint(tmp_path: Path) -> None:
     """An infinite learning rate makes the weights non-finite after the first actor step; the run must stop."""
     result = run_train(["experiment=bitflip_her", *SMALL, "total_env_steps=800", "checkpoint.every=48",
