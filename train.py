@@ -50,9 +50,9 @@ from sacglam.evaluate import evaluate
 from sacglam.logging import RunLogger
 from sacglam.models import load_model
 from sacglam.pipeline import StepEncoder, check_context, make_act_fn, tokenizer_corpus
-from sacglam.ppo import PPOAgent, PPOLearner
+from sacglam.ppo import PPOAgent, PPOConfig, PPOLearner
 from sacglam.prompting import PromptCodec, PromptTemplate
-from sacglam.sac import NonFiniteLossError, SACLearner
+from sacglam.sac import NonFiniteLossError, SACConfig, SACLearner
 
 register_configs()
 
@@ -120,12 +120,13 @@ def make_learner(cfg: TrainConfig, model: Any, codec: PromptCodec, probe: Any,
     """The agent and the part of the loop that differs per algorithm: ``learner.act`` acts for the collector and
     ``learner.observe(step)`` stores the step and updates when it is time."""
     act_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
-    if cfg.algo.name == "ppo":
+    if isinstance(cfg.algo, PPOConfig):
         check_on_policy(cfg, list(HydraConfig.get().overrides.task))
         ppo_agent = PPOAgent(model, cfg.algo, temperature=cfg.agent.temperature,
                              length_norm=cfg.agent.length_norm).to(device)
         shuffle_gen = torch.Generator().manual_seed(cfg.seed + 2)
         return ppo_agent, PPOLearner(ppo_agent, cfg.algo, codec, cfg.env.num_envs, device, act_gen, shuffle_gen)
+    assert isinstance(cfg.algo, SACConfig)
     agent = Agent(model, cfg.agent).to(device)
     buffer_device = device if cfg.buffer.device == "auto" else cfg.buffer.device  # e.g. keep the buffer on the CPU
     buffer = ReplayBuffer(cfg.buffer, cfg.env.num_envs, pad_id=codec.pad_id, device=buffer_device, prompt=codec)
@@ -145,7 +146,7 @@ def seed_everything(seed: int) -> None:
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(dcfg: DictConfig) -> float:
     cfg: TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
-    if not isinstance(cfg.algo, tuple(ALGOS.values())):
+    if not isinstance(cfg.algo, (SACConfig, PPOConfig)):
         raise ValueError(f"algo must be one of the conf/algo presets ({', '.join(ALGOS)}); got {cfg.algo!r}")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else

@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import MISSING
-
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 from sacglam.agent import AgentConfig
 from sacglam.buffer import BufferConfig
@@ -65,7 +64,9 @@ class TrainConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
-    algo: Any = MISSING  # SACConfig | PPOConfig: chosen by the algo group (conf/algo/*.yaml), validated by its schema
+    # SACConfig | PPOConfig: chosen by the algo group (conf/algo/*.yaml, each extending <name>_schema), so a misspelt
+    # algo.* key is still an error naming it.
+    algo: Any = MISSING
     buffer: BufferConfig = field(default_factory=BufferConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -29,7 +29,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -144,7 +144,9 @@ def clipped_policy_loss(
     return PolicyLoss(loss=loss, ratio=ratio.detach(), clip_fraction=clip_fraction, approx_kl=approx_kl)
 
 
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float) -> torch.Tensor:
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float
+) -> torch.Tensor:
     """``mean(max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2))``; plain ``mean((V - R)^2)`` when ``clip`` is 0.
 
     Args:
@@ -169,7 +171,8 @@ def candidate_entropy(pi: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
 class ValueHead(nn.Module):
     """MLP ``H -> hidden... -> 1`` on the state's hidden state (GLAM: 1024, 1024 with sigmoid activations)."""
 
-    ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
+    ACTIVATIONS: ClassVar[dict[str, Callable[[], nn.Module]]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU,
+                                                                 "tanh": nn.Tanh}
 
     def __init__(self, in_dim: int, hidden: Sequence[int], activation: str) -> None:
         super().__init__()
@@ -459,7 +462,7 @@ class PPOUpdater:
         """
         cfg = self.cfg
         M = flat["action"].shape[0]
-        if M != self.batch_size:
+        if self.batch_size != M:
             raise ValueError(f"PPOUpdater.update: got {M} transitions, expected {self.batch_size}")
         adv = flat["advantages"]
         if cfg.norm_adv:

@@ -41,7 +41,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,7 +314,7 @@ def _fmt_steps(steps: float | None, seeds: int, n: int) -> str:
     return f"{head} ({seeds}/{n})"
 
 
-def _method_order(methods: Sequence[str] | dict[str, object]) -> list[str]:
+def _method_order(methods: Iterable[str]) -> list[str]:
     return sorted(methods, key=lambda m: list(METHOD_LABELS).index(m) if m in METHOD_LABELS else 99)
 
 

@@ -197,9 +197,9 @@ def test_gradient_norm_clipping_really_clips() -> None:
 
 def test_bad_minibatch_and_grad_accum_name_the_option() -> None:
     agent = _ppo_agent(lora=False)
-    with pytest.raises(ValueError, match="algo.minibatch_size=48 does not divide"):
+    with pytest.raises(ValueError, match=r"algo\.minibatch_size=48 does not divide"):
         PPOUpdater(agent, PPOConfig(minibatch_size=48), batch_size=64)
-    with pytest.raises(ValueError, match="algo.grad_accum=3 does not divide algo.minibatch_size=16"):
+    with pytest.raises(ValueError, match=r"algo\.grad_accum=3 does not divide algo\.minibatch_size=16"):
         PPOUpdater(agent, PPOConfig(minibatch_size=16, grad_accum=3), batch_size=64)
 
 
