@@ -50,7 +50,7 @@ from sacglam.evaluate import evaluate
 from sacglam.logging import RunLogger
 from sacglam.models import load_model
 from sacglam.pipeline import StepEncoder, check_context, make_act_fn, tokenizer_corpus
-from sacglam.ppo import PPOAgent, PPOConfig, PPOLearner
+from sacglam.ppo import PPOAgent, PPOConfig, PPOLearner, check_on_policy
 from sacglam.prompting import PromptCodec, PromptTemplate
 from sacglam.sac import NonFiniteLossError, SACConfig, SACLearner
 
@@ -92,36 +92,13 @@ def env_state(vec: Any) -> Any:
         return None
 
 
-# Options only a replay buffer reads: with algo=ppo, setting one on the command line is an error that names it.
-REPLAY_ONLY = ("replay_ratio", "learning_starts", "batch_size", "buffer.capacity", "buffer.n_step", "buffer.gamma",
-               "buffer.her", "buffer.device", "buffer.native", "buffer.compile", "buffer.token_dtype",
-               "buffer.max_goals", "buffer.max_achieved")
-
-
-def check_on_policy(cfg: TrainConfig, overrides: list[str]) -> None:
-    """Refuse replay options with an on-policy algorithm rather than silently ignore them."""
-    for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
-        if any(key == k or key.startswith(k + ".") for k in REPLAY_ONLY):
-            raise ValueError(
-                f"{key} is a replay-buffer option, but algo={cfg.algo.name} is on-policy and never reads it; drop it. "
-                "PPO's options: algo.minibatch_size (per optimizer step), algo.rollout_steps (a rollout is "
-                "env.num_envs x algo.rollout_steps transitions), algo.gamma / algo.gae_lambda (discounting)."
-            )
-    her = cfg.buffer.her
-    for key, value in (("buffer.her.ratio", her.ratio), ("buffer.her.rare_fraction", her.rare_fraction)):
-        if value > 0:
-            raise ValueError(f"{key}={value}: hindsight relabelling and rarity replay need a replay buffer, but "
-                             f"algo={cfg.algo.name} is on-policy; use buffer=on_policy (the algo's default)")
-
-
 def make_learner(cfg: TrainConfig, model: Any, codec: PromptCodec, probe: Any,
                  device: torch.device) -> tuple[Any, SACLearner | PPOLearner]:
     """The agent and the part of the loop that differs per algorithm: ``learner.act`` acts for the collector and
     ``learner.observe(step)`` stores the step and updates when it is time."""
     act_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
     if isinstance(cfg.algo, PPOConfig):
-        check_on_policy(cfg, list(HydraConfig.get().overrides.task))
+        check_on_policy(list(HydraConfig.get().overrides.task), cfg.buffer.her.ratio, cfg.buffer.her.rare_fraction)
         ppo_agent = PPOAgent(model, cfg.algo, temperature=cfg.agent.temperature,
                              length_norm=cfg.agent.length_norm).to(device)
         shuffle_gen = torch.Generator().manual_seed(cfg.seed + 2)

@@ -67,6 +67,37 @@ class PPOConfig:
     value_activation: str = "sigmoid"  # value head activation: sigmoid (GLAM) | relu | tanh
 
 
+# Options only a replay buffer reads (train.py's top level and the buffer group): with algo=ppo, setting one on the
+# command line is an error that names it, rather than an option silently ignored.
+REPLAY_ONLY = ("replay_ratio", "learning_starts", "batch_size", "buffer.capacity", "buffer.n_step", "buffer.gamma",
+               "buffer.her", "buffer.device", "buffer.native", "buffer.compile", "buffer.token_dtype",
+               "buffer.max_goals", "buffer.max_achieved")
+
+
+def check_on_policy(overrides: Sequence[str], her_ratio: float, rare_fraction: float) -> None:
+    """Refuse replay options with PPO.
+
+    Args:
+        overrides: the command line's ``key=value`` overrides (Hydra's ``overrides.task``).
+        her_ratio, rare_fraction: the composed ``buffer.her`` options (a preset may set them too).
+
+    Raises:
+        ValueError: naming the first replay-only option found and PPO's own options.
+    """
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if any(key == k or key.startswith(k + ".") for k in REPLAY_ONLY):
+            raise ValueError(
+                f"{key} is a replay-buffer option, but algo=ppo is on-policy and never reads it; drop it. "
+                "PPO's options: algo.minibatch_size (per optimizer step), algo.rollout_steps (a rollout is "
+                "env.num_envs x algo.rollout_steps transitions), algo.gamma / algo.gae_lambda (discounting)."
+            )
+    for key, value in (("buffer.her.ratio", her_ratio), ("buffer.her.rare_fraction", rare_fraction)):
+        if value > 0:
+            raise ValueError(f"{key}={value}: hindsight relabelling and rarity replay need a replay buffer, but "
+                             "algo=ppo is on-policy; use buffer=on_policy (the algo's default)")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the maths (tensors in, tensors out)
 
@@ -605,6 +636,18 @@ class PPOLearner:
 
 
 __all__ = [
-    "PPOAgent", "PPOConfig", "PPOLearner", "PPOUpdater", "PolicyLoss", "RolloutActor", "RolloutStorage", "ValueHead",
-    "candidate_entropy", "clipped_policy_loss", "clipped_value_loss", "compute_gae",
+    "REPLAY_ONLY",
+    "PPOAgent",
+    "PPOConfig",
+    "PPOLearner",
+    "PPOUpdater",
+    "PolicyLoss",
+    "RolloutActor",
+    "RolloutStorage",
+    "ValueHead",
+    "candidate_entropy",
+    "check_on_policy",
+    "clipped_policy_loss",
+    "clipped_value_loss",
+    "compute_gae",
 ]

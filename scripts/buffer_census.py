@@ -2,9 +2,11 @@
 
     python scripts/buffer_census.py outputs/2026-11-21/10-00-00            # the newest checkpoint of a run folder
     python scripts/buffer_census.py path/to/checkpoints/step_0000100000.pt --top 10
+    python scripts/buffer_census.py RUN --env sacglam/PlaygroundText-v0   # group by the env's goal categories
 
 HER can only teach goals that were achieved somewhere in the buffer, so this is the first thing to look at when a
-goal category does not learn. Goals are grouped by their first word (``Grasp``, ``Grow``, ``Make``, ...).
+goal category does not learn. Goals are grouped by their first word (``Grasp``, ``Grow``, ``Make``, ...), or with
+``--env`` by the env's own ``goal_category`` (Playground-Text's ``Grow`` goals are three categories).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def census(state: dict[str, Any]) -> dict[str, collections.Counter[str]]:
         ``achieved``: goal -> times newly achieved; ``pursued``: goal -> transitions with it as (stored) goal;
         ``rewarded``: goal -> transitions with it as goal and a positive reward.
     """
+    state = state.get("learner", state)  # train.py keeps the SAC learner's buffer and encoder under "learner"
     buffer, names = state["buffer"], {v: k for k, v in state["encoder"]["goal_ids"].items()}
     stored = min(int(buffer["pos"]), buffer["goal"].shape[0])  # rows written, per env column
     achieved = buffer["achieved"][:stored].reshape(-1, buffer["achieved"].shape[-1])
@@ -45,16 +48,34 @@ def by_first_word(counts: collections.Counter[str]) -> collections.Counter[str]:
     return grouped
 
 
+def by_category(counts: collections.Counter[str], category: Any) -> collections.Counter[str]:
+    """Group goals by ``category(goal)`` (an env's ``goal_category``)."""
+    grouped: collections.Counter[str] = collections.Counter()
+    for goal, n in counts.items():
+        grouped[str(category(goal))] += n
+    return grouped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path, help="a run folder (newest complete checkpoint) or a checkpoint file")
     parser.add_argument("--top", type=int, default=0, help="also list the N most achieved single goals")
+    parser.add_argument("--env", default=None, help="group by this env id's goal categories, e.g. "
+                        "sacglam/PlaygroundText-v0 (default: by first word)")
     opts = parser.parse_args()
     path = resolve_resume("auto", opts.path) if opts.path.is_dir() else opts.path
     if path is None:
         raise SystemExit(f"no complete checkpoint under {opts.path}")
     counts = census(load_checkpoint(path, map_location="cpu", weights_only=False))
-    groups = {k: by_first_word(v) for k, v in counts.items()}
+    if opts.env:
+        import gymnasium
+
+        import envs  # noqa: F401 - registers the envs
+
+        env = gymnasium.make(opts.env).unwrapped
+        groups = {k: by_category(v, env.goal_category) for k, v in counts.items()}  # type: ignore[attr-defined]
+    else:
+        groups = {k: by_first_word(v) for k, v in counts.items()}
     total = sum(groups["pursued"].values())
     print(f"{path}: {total} stored transitions\n")
     print("| goal group | achieved (events) | pursued (transitions) | rewarded (transitions) |")

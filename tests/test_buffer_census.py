@@ -29,3 +29,13 @@ def test_census_counts_only_written_rows() -> None:
     assert out["pursued"] == {"Grasp a": 1, "Grow b": 3}
     assert out["rewarded"] == {"Grasp a": 1, "Grow b": 1}
     assert census_mod.by_first_word(out["achieved"]) == {"Grasp": 2, "Grow": 1}
+
+
+def test_census_reads_the_sac_learner_layout_and_groups_by_category() -> None:
+    ids = {"Grasp a": 0, "Grow b": 1}
+    buffer = {"pos": 1, "goal": torch.tensor([[0, 1]]), "reward": torch.tensor([[1.0, 0.0]]),
+              "achieved": torch.tensor([[[0], [1]]])}
+    out = census_mod.census({"learner": {"buffer": buffer, "encoder": {"goal_ids": ids}}})
+    assert out["achieved"] == {"Grasp a": 1, "Grow b": 1}
+    category = {"Grasp a": "grasp", "Grow b": "grow_plant"}.__getitem__
+    assert census_mod.by_category(out["pursued"], category) == {"grasp": 1, "grow_plant": 1}
