@@ -342,6 +342,39 @@ def format_wall(runs_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
+def separation(a: Summary, b: Summary) -> tuple[float | None, int, int]:
+    """Where ``a``'s 95% band lies wholly above ``b``'s: (first such step, how many steps, steps compared).
+
+    Both are compared on the steps common to their grids (runs with the same ``eval.every`` share them); with one
+    seed there is no band and nothing separates.
+    """
+    common, ia, ib = np.intersect1d(a.grid, b.grid, return_indices=True)
+    above = a.lo[ia] > b.hi[ib]  # NaN (one seed) compares False
+    first = float(common[above][0]) if above.any() else None
+    return first, int(above.sum()), int(common.size)
+
+
+def format_separation(results: dict[str, dict[str, dict[str, Summary]]]) -> str:
+    """Markdown: for every pair of methods (in the order SAC + HER, SAC, PPO-GLAM, either way round), per series,
+    the first env step at which one's 95% band lies wholly above the other's."""
+    lines = ["| env | category | above | below | first step with separate bands | steps separate / compared |",
+             "|---|---|---|---|---|---|"]
+    for env, methods in results.items():
+        order = _method_order(methods)
+        for name in _series_order({n for m in methods.values() for n in m}):
+            for i, m1 in enumerate(order):
+                for m2 in order[i + 1 :]:
+                    s1, s2 = methods[m1].get(name), methods[m2].get(name)
+                    if s1 is None or s2 is None:
+                        continue
+                    for hi_m, lo_m, hi_s, lo_s in ((m1, m2, s1, s2), (m2, m1, s2, s1)):
+                        first, n, total = separation(hi_s, lo_s)
+                        if n:
+                            lines.append(f"| {env} | {name} | {METHOD_LABELS.get(hi_m, hi_m)} | "
+                                         f"{METHOD_LABELS.get(lo_m, lo_m)} | {first:,.0f} | {n} / {total} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def format_table(results: dict[str, dict[str, dict[str, Summary]]], thresholds: Sequence[float] = THRESHOLDS) -> str:
     """Markdown: per env, category and method, the final success (mean [95% CI]) and the steps to each threshold."""
     cols = " | ".join(f"steps to {t:.0%}" for t in thresholds)
@@ -412,6 +445,10 @@ def write_report(runs_dir: Path, out_dir: Path, name: str, note: str = "") -> tu
     table = format_table(results)
     wall = format_wall(runs_dir)
     wall = f"\n\nWall-clock time per run (this machine, `--jobs` runs sharing its cores):\n\n{wall}" if wall else ""
+    sep = format_separation(results)
+    sep = (f"\n\nWhere one method's 95% band lies wholly above another's (pairs with no such step are not "
+           f"listed):\n\n{sep}" if sep else "")
+    wall = sep + wall
     md = out_dir / f"{name}.md"
     md.write_text(
         f"# {name}\n\n{note}Runs: `{runs_dir}`. Greedy evaluation success, mean over seeds with a Student-t 95% "

@@ -200,6 +200,18 @@ def test_plan_runs_with_algos_gives_ppo_its_on_policy_overrides_and_all_four_cat
         rep.plan_runs(["playground"], [0], tmp_path, [], ["dqn"])
 
 
+def test_separation_of_bands_by_hand() -> None:
+    grid = np.array([0.0, 10.0, 20.0])
+    a = rep.Summary(grid, np.array([0.5, 0.9, 1.0]), np.array([0.1, 0.6, 0.95]), np.array([0.9, 1.0, 1.0]),
+                    np.zeros((2, 3)))
+    b = rep.Summary(grid, np.array([0.2, 0.3, 0.5]), np.array([0.0, 0.1, 0.3]), np.array([0.4, 0.5, 0.96]),
+                    np.zeros((2, 3)))
+    assert rep.separation(a, b) == (10.0, 1, 3)  # step 0 overlaps (0.1 < 0.4), 10 separates, 20 overlaps
+    assert rep.separation(b, a) == (None, 0, 3)
+    table = rep.format_separation({"playground": {"sac_her": {"grasp": a}, "ppo": {"grasp": b}}})
+    assert "| playground | grasp | SAC + HER | PPO-GLAM | 10 | 1 / 3 |" in table
+
+
 def test_wall_minutes_from_done_files(tmp_path: Path) -> None:
     for method, secs in (("ppo", 60.0), ("ppo", 180.0), ("sac", 30.0)):
         d = tmp_path / "playground" / method / f"seed{int(secs)}"
