@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sacglam.losses import candidate_policy
+from sacglam.losses import candidate_policy, choose_candidates
 from sacglam.types import ActOutput
 
 ScoreFn = Callable[..., Any]
@@ -367,18 +367,7 @@ class Agent(nn.Module):
         with self._eval_mode(self.model):
             out = self._score(self.actor_adapter, prompt_ids, prompt_mask, cand_ids, cand_mask)
         log_pi, pi = candidate_policy(out.logp, out.valid, self.cfg.temperature)
-        has_cand = out.valid.any(-1)
-        if not bool(has_cand.all()):  # one sync per act call; acting already ends in a host copy
-            rows = (~has_cand).nonzero().flatten().tolist()
-            raise ValueError(f"Agent.act: states {rows} have no candidate action; every state needs at least one.")
-        if greedy:
-            action = log_pi.masked_fill(~out.valid, float("-inf")).argmax(-1)
-        else:
-            probs = pi.float()
-            if generator is not None and generator.device != probs.device:
-                probs = probs.to(generator.device)
-            action = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(log_pi.device)
-        logp = log_pi.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+        action, logp = choose_candidates(log_pi, pi, out.valid, greedy=greedy, generator=generator, who="Agent.act")
         return ActOutput(action=action.cpu(), logp=logp.float().cpu())
 
     @torch.no_grad()

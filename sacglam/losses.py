@@ -95,6 +95,43 @@ def candidate_policy(
     return log_pi, pi
 
 
+def choose_candidates(
+    log_pi: torch.Tensor,
+    pi: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    greedy: bool,
+    generator: torch.Generator | None = None,
+    who: str = "act",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One candidate per state from a candidate policy: the argmax of pi, or a sample from it.
+
+    Args:
+        log_pi, pi: [N, K] (``candidate_policy``); valid: [N, K] bool.
+        greedy: argmax instead of sampling.
+        generator: random generator for sampling (its device may differ from the policy's).
+        who: the caller's name for the error message.
+
+    Returns:
+        action [N] long and its log pi [N], on the policy's device.
+
+    Raises:
+        ValueError: if a state has no candidate (one host sync per call; acting ends in a host copy anyway).
+    """
+    has_cand = valid.any(-1)
+    if not bool(has_cand.all()):
+        rows = (~has_cand).nonzero().flatten().tolist()
+        raise ValueError(f"{who}: states {rows} have no candidate action; every state needs at least one.")
+    if greedy:
+        action = log_pi.masked_fill(~valid, float("-inf")).argmax(-1)
+    else:
+        probs = pi.float()
+        if generator is not None and generator.device != probs.device:
+            probs = probs.to(generator.device)
+        action = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(log_pi.device)
+    return action, log_pi.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+
+
 def soft_value(
     pi: torch.Tensor, log_pi: torch.Tensor, q_min: torch.Tensor, alpha: torch.Tensor | float
 ) -> torch.Tensor:

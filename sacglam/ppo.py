@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from sacglam.agent import _hidden_size
-from sacglam.losses import candidate_policy
+from sacglam.losses import candidate_policy, choose_candidates
 from sacglam.prompting import PromptCodec
 from sacglam.sac import NonFiniteLossError
 from sacglam.types import ActOutput, TextStep, UpdateStats
@@ -305,18 +305,8 @@ class PPOAgent(nn.Module):
         """
         with self._eval_mode():
             out = self(prompt_ids, prompt_mask, cand_ids, cand_mask)
-        has_cand = out.valid.any(-1)
-        if not bool(has_cand.all()):
-            rows = (~has_cand).nonzero().flatten().tolist()
-            raise ValueError(f"PPOAgent.act: states {rows} have no candidate action; every state needs one.")
-        if greedy:
-            action = out.log_pi.masked_fill(~out.valid, float("-inf")).argmax(-1)
-        else:
-            probs = out.pi.float()
-            if generator is not None and generator.device != probs.device:
-                probs = probs.to(generator.device)
-            action = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(out.log_pi.device)
-        logp = out.log_pi.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+        action, logp = choose_candidates(out.log_pi, out.pi, out.valid, greedy=greedy, generator=generator,
+                                         who="PPOAgent.act")
         return ActOutput(action=action.cpu(), logp=logp.float().cpu(), value=out.value.float().cpu())
 
 

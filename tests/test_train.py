@@ -98,6 +98,20 @@ def _comparable(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in m.items() if not k.startswith("perf/")} for m in metrics]
 
 
+def kill_after_checkpoint(args: list[str], run_dir: Path, step: int) -> None:
+    """Start ``train.py args`` in ``run_dir`` and SIGKILL it as soon as its checkpoint of ``step`` exists."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not list((run_dir / "checkpoints").glob(f"step_{step:010d}.pt")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "success.png").exists(), "the run finished before the kill"
+
+
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     args = ["experiment=playground_sac_her", *SMALL, "total_env_steps=640", "checkpoint.every=160",
             "checkpoint.keep=2", "eval.every=320", "seed=3"]
@@ -106,16 +120,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={killed}"], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while not list((killed / "checkpoints").glob("step_0000000320.pt")) and time.monotonic() < deadline:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)  # in the middle: past the 2nd checkpoint, before the end
-    proc.wait()
-    assert not (killed / "success.png").exists(), "the run finished before the kill"
+    kill_after_checkpoint(args, killed, 320)  # in the middle: past the 2nd checkpoint, before the end
 
     result = run_train([*args, "resume=auto"], killed)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -167,16 +172,7 @@ def test_ppo_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr[-3000:]
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={killed}"], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while not list((killed / "checkpoints").glob("step_0000000240.pt")) and time.monotonic() < deadline:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "success.png").exists(), "the run finished before the kill"
+    kill_after_checkpoint(args, killed, 240)  # mid-rollout: 240 = 7.5 rollouts of 32
 
     result = run_train([*args, "resume=auto"], killed)
     assert result.returncode == 0, result.stderr[-3000:]
