@@ -573,6 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra += opts.overrides
     runs = plan_runs([e.strip() for e in opts.envs.split(",") if e.strip()], seeds, runs_dir, extra, algos,
                      opts.categories, opts.quick)
+    runs.sort(key=lambda r: r.seed)  # seed-major: a reproduction stopped early still has every method's first seeds
     if opts.dry_run:
         for run in runs:
             print(" ".join(run.command()))

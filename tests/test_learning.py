@@ -86,10 +86,11 @@ def test_bitflip_8_bits_solved_with_her_and_not_without(tmp_path: Path) -> None:
 @pytest.mark.ci
 def test_ppo_learns_grasp_goals(tmp_path: Path) -> None:
     """PPO-GLAM (experiment=playground_ppo, the swept preset) on grasp goals, 10k env steps. Measured
-    (docs/results.md): greedy grasp success PPO_MEASURED at 10k env steps over 3 seeds."""
+    (docs/results.md): greedy grasp success 0.83, 0.83 and 0.92 at 10k env steps for seeds 0, 1, 2 (64 episodes);
+    the threshold leaves a margin of 0.2 below the worst seed. About 3 minutes on 2 cores."""
     args = [o for o in GRASP_ONLY if not o.startswith(("total_env_steps=", "eval.every="))]
     run = run_train(["experiment=playground_ppo", *args, "total_env_steps=10000", "eval.every=5000"],
                     tmp_path / "ppo", timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     success = final_success(tmp_path / "ppo")
-    assert success >= PPO_THRESHOLD, f"PPO reached only {success:.2f} grasp success in 10k env steps"
+    assert success >= 0.6, f"PPO reached only {success:.2f} grasp success in 10k env steps"
