@@ -43,7 +43,7 @@ from sacglam.types import ActOutput, TextStep, UpdateStats
 
 @dataclass
 class PPOConfig:
-    """Options of PPO-GLAM. Defaults suit the tiny model on CPU (``conf/algo/ppo_tiny.yaml`` and the sweep in
+    """Options of PPO-GLAM. Defaults suit the tiny model on CPU (``conf/algo/ppo.yaml`` and the sweep in
     docs/results.md); GLAM's published values are in ``conf/algo/ppo_paper.yaml``."""
 
     name: str = "ppo"  # which algorithm train.py runs (sac | ppo)

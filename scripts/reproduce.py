@@ -554,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1; each gets cores/jobs threads)")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     p.add_argument("overrides", nargs="*", help="extra train.py overrides for every run, e.g. eval.every=10000")
-    opts = p.parse_args(argv)
+    opts = p.parse_intermixed_args(argv)  # overrides may come before and after the options
     name = opts.name or ("reproduce_quick" if opts.quick else "reproduce")
     if opts.aggregate_only is not None:
         write_report(opts.aggregate_only, opts.out, name)

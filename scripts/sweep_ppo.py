@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "sweep_ppo")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "sweep_ppo.md")
     p.add_argument("overrides", nargs="*", help="extra train.py overrides for every run")
-    opts = p.parse_args(argv)
+    opts = p.parse_intermixed_args(argv)
     grid = list(itertools.product(opts.lrs.split(","), opts.ent_coefs.split(",")))
     runs: list[rep.Run] = []
     threads = [f"threads={max(1, (os.cpu_count() or 1) // opts.jobs)}"] if opts.jobs > 1 else []

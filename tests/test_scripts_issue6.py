@@ -200,6 +200,16 @@ def test_plan_runs_with_algos_gives_ppo_its_on_policy_overrides_and_all_four_cat
         rep.plan_runs(["playground"], [0], tmp_path, [], ["dqn"])
 
 
+def test_overrides_may_come_between_the_options(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """``reproduce.py --envs playground a=1 --runs-dir R b=2`` keeps both overrides (plain parse_args refused b=2)."""
+    argv = ["--envs", "playground", "--algos", "sac_her", "--seeds", "1", "eval.every=5000", "--runs-dir",
+            str(tmp_path), "buffer.her.rare_fraction=0.5", "--dry-run"]
+    assert rep.main(argv) == 0
+    (command,) = capsys.readouterr().out.strip().splitlines()
+    assert "eval.every=5000" in command and "buffer.her.rare_fraction=0.5" in command
+    assert f"hydra.run.dir={tmp_path}/playground/sac_her/seed0" in command
+
+
 def test_separation_of_bands_by_hand() -> None:
     grid = np.array([0.0, 10.0, 20.0])
     a = rep.Summary(grid, np.array([0.5, 0.9, 1.0]), np.array([0.1, 0.6, 0.95]), np.array([0.9, 1.0, 1.0]),
