@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,8 @@ r = acc.process_index
 updater.update(make_batch(size=8).slice(4 * r, 4 * r + 4))
 if r == 0:
     torch.save({{"params": [p.detach() for p in agent.parameters()], "n": acc.num_processes}}, sys.argv[1])
+acc.wait_for_everyone()
+acc.end_training()  # destroys the process group: a rank exiting with it alive can abort ("terminate called ...")
 """
 
 
@@ -184,9 +187,14 @@ def test_data_parallel_2_processes_x_4_equals_batch_8(tmp_path: Path) -> None:
     worker = tmp_path / "worker.py"
     worker.write_text(_DP_WORKER.format(root=root))
     out = tmp_path / "out.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    with socket.socket() as sock:  # a free port: a fixed one fails when anything else holds it
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([*cmd, str(worker), str(out)], check=True, env=env, timeout=300, capture_output=True)
+    run = subprocess.run([*cmd, str(worker), str(out)], env=env, timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0, f"torch.distributed.run failed ({run.returncode}):\n{run.stderr[-4000:]}"
     result = torch.load(out)
     assert result["n"] == 2
     agent = tiny_agent(lora=True).double()
