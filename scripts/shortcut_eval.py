@@ -1,0 +1,123 @@
+"""Greedy success of a trained Playground-Text run on growth goals, split by whether the scene offers a shortcut.
+
+    python scripts/shortcut_eval.py outputs/2026-12-06/10-00-00                # newest checkpoint of a run folder
+    python scripts/shortcut_eval.py RUN --episodes 128 --categories grow_herbivore
+
+A distractor of a living kind is young or grown with equal odds, so a herbivore goal's scene may already hold a grown
+plant (48% of them) and a carnivore goal's a grown herbivore (40%): then the goal takes 4 actions (go to the food,
+grasp it, go to the baby, release) instead of the whole chain (water -> seed -> plant -> herbivore -> carnivore).
+Evaluation success mixes both kinds of scene; this script evaluates each kind apart (``reset`` is redrawn with
+derived seeds until the scene has, or lacks, the grown food), which tells whether a policy learned the chain or the
+shortcut. The run is rebuilt from its own ``.hydra/overrides.yaml`` and newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402  (the run's own builders)
+from envs.playground_text import OBJECTS  # noqa: E402
+from sacglam.checkpoint import load_checkpoint, resolve_resume  # noqa: E402
+from sacglam.config import TrainConfig  # noqa: E402
+from sacglam.evaluate import evaluate  # noqa: E402
+from sacglam.models import load_model  # noqa: E402
+from sacglam.pipeline import make_act_fn, tokenizer_corpus  # noqa: E402
+
+FOOD_STAGE = {"grow_herbivore": "plant", "grow_carnivore": "herbivore"}  # the grown food each goal category eats
+MAX_REDRAWS = 1000
+
+
+def has_shortcut(objects: Sequence[str], category: str) -> bool:
+    """Whether a scene already holds the grown food of a ``category`` goal (a grown plant for a herbivore)."""
+    return any(OBJECTS[o].stage == FOOD_STAGE[category] for o in objects)
+
+
+class SceneFilter:
+    """A Playground-Text env whose ``reset`` only returns scenes with (``shortcut=True``) or without the shortcut.
+
+    ``reset(seed=s)`` tries seeds ``s * MAX_REDRAWS + k`` for k = 0, 1, ... until the scene qualifies, so a seeded
+    evaluation stays reproducible. Everything else is the wrapped env's.
+    """
+
+    def __init__(self, env: Any, shortcut: bool) -> None:
+        self.env, self.shortcut = env, shortcut
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.env, name)
+
+    def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+        category = (options or {}).get("goal_category")
+        if category not in FOOD_STAGE:
+            raise ValueError(f"SceneFilter evaluates goal categories {list(FOOD_STAGE)}, got {category!r}")
+        for k in range(MAX_REDRAWS):
+            out = self.env.reset(seed=None if seed is None else seed * MAX_REDRAWS + k, options=options)
+            if has_shortcut(self.env.state.objects, category) == self.shortcut:
+                return out
+        raise RuntimeError(f"no {category} scene {'with' if self.shortcut else 'without'} the shortcut "
+                           f"in {MAX_REDRAWS} draws")
+
+
+def load_run(run_dir: Path) -> tuple[TrainConfig, Callable[[], Any], Any]:
+    """The run's config, env factory and greedy act function, with the newest checkpoint's agent weights."""
+    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        dcfg = compose("config", overrides=overrides)
+    cfg: TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
+    if cfg.env.id != "sacglam/PlaygroundText-v0":
+        raise ValueError(f"{run_dir} trained on {cfg.env.id}; this script is for Playground-Text runs")
+    ckpt = resolve_resume("auto", run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints")
+    device = torch.device("cpu")
+    env_fn = train.make_env_fn(cfg, **cfg.env.eval_kwargs)
+    probe = env_fn()
+    corpus = tokenizer_corpus(cfg.prompt.template, probe, cfg.env.corpus_episodes, seed=cfg.seed + 12345)
+    model, tokenizer = load_model(cfg.model, corpus=corpus, device=device)
+    codec = train.make_codec(cfg, tokenizer)
+    agent, _ = train.make_learner(cfg, model, codec, probe, device)
+    agent.load_state_dict(load_checkpoint(ckpt, map_location=device, weights_only=False)["agent"])
+    agent.eval()
+    print(f"{ckpt}", flush=True)
+    return cfg, env_fn, make_act_fn(agent, codec, greedy=True, device=device)
+
+
+def _filtered(env_fn: Callable[[], Any], shortcut: bool) -> Callable[[], SceneFilter]:
+    return lambda: SceneFilter(env_fn(), shortcut)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path, help="a train.py run folder (with .hydra/ and checkpoints/)")
+    p.add_argument("--episodes", type=int, default=64, help="greedy episodes per category and kind of scene")
+    p.add_argument("--categories", default="grow_herbivore,grow_carnivore")
+    p.add_argument("--seed", type=int, default=777, help="evaluation seed")
+    p.add_argument("--num-envs", type=int, default=8)
+    opts = p.parse_args(argv)
+    categories = [c.strip() for c in opts.categories.split(",") if c.strip()]
+    bad = [c for c in categories if c not in FOOD_STAGE]
+    if bad:
+        raise SystemExit(f"--categories: {bad} have no shortcut; choose from {list(FOOD_STAGE)}")
+    torch.set_num_threads(1)
+    _, env_fn, act = load_run(opts.run)
+    print("| scene | " + " | ".join(categories) + " |\n|---|" + "---|" * len(categories))
+    for shortcut in (True, False):
+        fns = [_filtered(env_fn, shortcut)] * opts.num_envs
+        result = evaluate(fns, act, None, categories=categories, episodes_per_category=opts.episodes, seed=opts.seed)
+        row = " | ".join(f"{result[f'eval/greedy/success/{c}']:.3f}" for c in categories)
+        print(f"| {'with' if shortcut else 'without'} the shortcut | {row} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
