@@ -31,8 +31,7 @@ from envs.playground_text import OBJECTS  # noqa: E402
 from sacglam.checkpoint import load_checkpoint, resolve_resume  # noqa: E402
 from sacglam.config import TrainConfig  # noqa: E402
 from sacglam.evaluate import evaluate  # noqa: E402
-from sacglam.models import load_model  # noqa: E402
-from sacglam.pipeline import make_act_fn, tokenizer_corpus  # noqa: E402
+from sacglam.pipeline import make_act_fn  # noqa: E402
 
 FOOD_STAGE = {"grow_herbivore": "plant", "grow_carnivore": "herbivore"}  # the grown food each goal category eats
 MAX_REDRAWS = 1000
@@ -80,12 +79,10 @@ def load_run(run_dir: Path) -> tuple[TrainConfig, Callable[[], Any], Any]:
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints")
     device = torch.device("cpu")
-    env_fn = train.make_env_fn(cfg, **cfg.env.eval_kwargs)
-    probe = env_fn()
-    corpus = tokenizer_corpus(cfg.prompt.template, probe, cfg.env.corpus_episodes, seed=cfg.seed + 12345)
-    model, tokenizer = load_model(cfg.model, corpus=corpus, device=device)
-    codec = train.make_codec(cfg, tokenizer)
+    probe = train.make_env_fn(cfg)()  # the training env, as train.py: the tokenizer corpus is drawn from it
+    model, codec = train.build_model(cfg, probe, device)
     agent, _ = train.make_learner(cfg, model, codec, probe, device)
+    env_fn = train.make_env_fn(cfg, **cfg.env.eval_kwargs)  # evaluation scenes, as train.py evaluates
     agent.load_state_dict(load_checkpoint(ckpt, map_location=device, weights_only=False)["agent"])
     agent.eval()
     print(f"{ckpt}", flush=True)
