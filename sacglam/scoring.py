@@ -14,14 +14,24 @@ Two scorers with one contract:
     ``method="cache"`` is the alternative with the same result: a prompt pass, then the ``B * K`` candidates on the
     prompt's key/value cache repeated K times (cheaper attention for many candidates, more memory). On the tiny CPU
     model ``packed`` was as fast or faster (scripts/bench_scoring.py), so it is the default.
-  * Encoder-decoder models (T5 / Flan-T5): the encoder runs once per state; its outputs are expanded over the K
-    candidates for the decoder.
+  * Encoder-decoder models (T5 / Flan-T5): the encoder runs once per state, and so does the decoder: the K
+    candidates are packed into one decoder sequence ``[start, c_1 ...] [start, c_2 ...] ...`` (each block with its
+    own start token) under a block-diagonal causal mask, so the cross-attention keys/values over the prompt are
+    projected once per state (batch B), not once per candidate over K copies of the encoder output (batch B * K).
+
+  Memory-lean log-probs (issue 15, the default ``lean=True``): the hidden states predicting *real* candidate tokens
+  are gathered first (their count comes from the one host sync that trimming already does), then the vocabulary
+  log-softmax is taken in chunks of rows, forward and backward, so that no ``[tokens, V]`` float32 tensor of the
+  whole batch ever exists (:class:`_ChunkedTokenLogp`). ``lean=False`` is the previous, memory-hungry path (all
+  candidate slots through the LM head at once; seq2seq with the encoder output repeated K times), kept as the
+  baseline of ``scripts/bench_memory.py``.
 
 - :func:`score_candidates_naive` repeats the prompt for every candidate and runs the model's own ``forward``: slow,
   but obviously right. Tests compare the two; keep it.
 
 Both are differentiable (the actor trains through them), accept a ``transformers.PreTrainedModel`` or a
-``peft.PeftModel`` wrapping one, and never synchronise with the device (no ``.item()`` / ``nonzero()``).
+``peft.PeftModel`` wrapping one, and never synchronise with the device (no ``.item()`` / ``nonzero()``) beyond the
+one small sync of ``trim=True``.
 """
 
 from __future__ import annotations
@@ -161,6 +171,180 @@ def _lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# memory-lean log-probs: real tokens only, vocabulary in chunks
+
+LOGIT_CHUNK_ELEMENTS = 1 << 25
+"""Default budget of one chunk of logits: 32M values (128 MiB in float32), i.e. about 1,000 rows of Flan-T5's 32k
+vocabulary or 220 of Qwen2.5's 152k. Small enough to be noise next to the model, large enough for full matmuls."""
+
+
+def _decoder_output_scale(model: nn.Module) -> float:
+    """The factor T5's ``forward`` multiplies the decoder output by before its LM head (1.0 for other families).
+
+    Original T5 (tied embeddings) rescales by ``d_model ** -0.5``; T5 v1.1 / Flan-T5 do not. transformers 5 stores
+    the choice as ``config.scale_decoder_outputs``; older versions read ``tie_word_embeddings``.
+    """
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return 1.0
+    scale = getattr(config, "scale_decoder_outputs", None)
+    if scale is None:
+        scale = getattr(config, "tie_word_embeddings", False)
+    return float(config.d_model) ** -0.5 if scale else 1.0  # type: ignore[union-attr]
+
+
+def _rows_logp(model: nn.Module, rows: torch.Tensor, tokens: torch.Tensor, scale: float) -> torch.Tensor:
+    """``log_softmax(head(scale * rows))[tokens]`` row by row.
+
+    Args:
+        rows: [N, H] hidden states (model dtype); tokens: [N] long.
+        scale: the decoder-output factor of :func:`_decoder_output_scale`.
+
+    Returns:
+        [N] float32 (the log-softmax is taken in float32, as in :func:`_token_logp`).
+    """
+    logits = _lm_logits(model, rows * scale if scale != 1.0 else rows).float()  # [N, V]
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+class _ChunkedTokenLogp(torch.autograd.Function):
+    """Token log-probs of N rows through the LM head, ``chunk`` rows at a time, forward *and* backward.
+
+    A row's log-prob depends on its own hidden state only, so ``d logp_i / d h_i`` (an [H] vector) is computed in
+    the forward pass, chunk by chunk, and backward just scales it by the incoming gradient: no [N, V] tensor is kept
+    or rebuilt for the gradient w.r.t. the hidden states, and the LM-head matmuls cost what the usual
+    forward + backward costs (a fused-linear-cross-entropy trick). Only if the head itself has trainable weights
+    (full fine-tuning; frozen under LoRA) does backward recompute each chunk's logits to get their gradient.
+    Memory either way: one chunk of ``[chunk, V]`` float32 logits at a time, plus [N, H].
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        h: torch.Tensor,
+        tokens: torch.Tensor,
+        model: nn.Module,
+        scale: float,
+        chunk: int,
+        need_h: bool,
+        *params: torch.Tensor,
+    ) -> torch.Tensor:
+        """Args: h [N, H]; tokens [N] long; params: the head's trainable weights (for autograd). Returns [N] f32."""
+        n = h.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=h.device)
+        grad_rows = torch.empty_like(h) if need_h else None
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            with torch.enable_grad():
+                x = h[s:e].detach().requires_grad_(need_h)
+                lp = _rows_logp(model, x, tokens[s:e], scale)
+                if grad_rows is not None:
+                    (g,) = torch.autograd.grad(lp.sum(), x)
+                    grad_rows[s:e] = g
+            out[s:e] = lp.detach()
+            del lp
+        ctx.model, ctx.scale, ctx.chunk, ctx.params = model, scale, chunk, params
+        empty = h.new_empty(0)
+        # h itself is kept only when the head's weights need a gradient (backward recomputes the logits then).
+        ctx.save_for_backward(tokens, grad_rows if grad_rows is not None else empty, h if params else empty)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        tokens, grad_rows, h = ctx.saved_tensors
+        grad_h = None
+        if ctx.needs_input_grad[0]:
+            grad_h = grad_rows * grad_out.unsqueeze(-1).to(grad_rows.dtype)
+        params = [p for p, need in zip(ctx.params, ctx.needs_input_grad[6:], strict=True) if need]
+        grads: list[torch.Tensor | None] = [None] * len(ctx.params)
+        if params:
+            acc: list[torch.Tensor | None] = [None] * len(params)
+            n = tokens.shape[0]
+            for s in range(0, n, ctx.chunk):
+                e = min(s + ctx.chunk, n)
+                with torch.enable_grad():
+                    lp = _rows_logp(ctx.model, h[s:e].detach(), tokens[s:e], ctx.scale)
+                    part = torch.autograd.grad(lp, params, grad_outputs=grad_out[s:e], allow_unused=True)
+                acc = [a if g is None else g if a is None else a + g for a, g in zip(acc, part, strict=True)]
+            it = iter(acc)
+            grads = [next(it) if need else None for need in ctx.needs_input_grad[6:]]
+        return (grad_h, None, None, None, None, None, *grads)
+
+
+def chunked_token_logp(
+    model: nn.Module, rows: torch.Tensor, tokens: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
+    """Log-probabilities of ``tokens`` under the LM head at ``rows``, never holding more than one chunk of logits.
+
+    Args:
+        model: the (unwrapped) LM whose ``get_output_embeddings()`` head, post-processing (:func:`_lm_logits`) and
+            T5 decoder-output scaling are applied.
+        rows: [N, H] final hidden states that predict ``tokens``.
+        tokens: [N] long.
+        chunk: rows per chunk (default: :data:`LOGIT_CHUNK_ELEMENTS` divided by the vocabulary size).
+
+    Returns:
+        [N] float32, differentiable w.r.t. ``rows`` and the head's weights.
+    """
+    head: Any = model.get_output_embeddings()  # type: ignore[operator]
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head): pass a *ForCausalLM model")
+    if chunk is None:
+        vocab = getattr(head, "out_features", None) or int(head.weight.shape[0])
+        chunk = max(1, LOGIT_CHUNK_ELEMENTS // int(vocab))
+    if chunk < 1:
+        raise ValueError(f"logit_chunk must be >= 1 row, got {chunk}")
+    scale = _decoder_output_scale(model)
+    params = [p for p in head.parameters() if p.requires_grad]
+    need_h = rows.requires_grad
+    if not torch.is_grad_enabled() or not (need_h or params):
+        n = rows.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=rows.device)
+        with torch.no_grad():
+            for s in range(0, n, chunk):
+                out[s : s + chunk] = _rows_logp(model, rows[s : s + chunk], tokens[s : s + chunk], scale)
+        return out
+    logp: torch.Tensor = _ChunkedTokenLogp.apply(rows, tokens, model, scale, chunk, need_h, *params)
+    return logp
+
+
+def _real_token_logp(
+    model: nn.Module,
+    table: torch.Tensor,
+    pred_index: torch.Tensor,
+    cand_ids: torch.Tensor,
+    cand_mask: torch.Tensor,
+    n_real: int | None,
+    chunk: int | None,
+) -> torch.Tensor:
+    """Per-token log-probs of the candidates, computed at real tokens only.
+
+    Args:
+        table: [M, H] hidden states (a flattened ``[B, T, H]`` trunk output, or a concatenation).
+        pred_index: [B, K, Lc] long, the row of ``table`` whose output predicts each candidate token.
+        cand_ids: [B, K, Lc] long (sanitised); cand_mask: [B, K, Lc] bool.
+        n_real: ``cand_mask.sum()`` as a Python int when known (trim=True counts it in its one host sync): only
+            those rows go through the LM head, gathered by ``torch.nonzero_static`` without a device sync. None
+            (trim=False): every slot goes through the head (still in chunks) and padding is masked afterwards.
+        chunk: rows per LM-head chunk (None: :data:`LOGIT_CHUNK_ELEMENTS` / V).
+
+    Returns:
+        [B, K, Lc] float32, zero at padded tokens.
+    """
+    flat_mask = cand_mask.reshape(-1)
+    flat_index = pred_index.reshape(-1)
+    flat_ids = cand_ids.reshape(-1)
+    if n_real is None:
+        lp = chunked_token_logp(model, table.index_select(0, flat_index), flat_ids, chunk)
+        lp = torch.where(flat_mask, lp, torch.zeros_like(lp))
+        return lp.view(cand_mask.shape)
+    sel = torch.nonzero_static(flat_mask, size=n_real).squeeze(1)  # [n_real], in order; no host sync
+    lp = chunked_token_logp(model, table.index_select(0, flat_index[sel]), flat_ids[sel], chunk)
+    full = torch.zeros(flat_mask.shape[0], dtype=lp.dtype, device=lp.device).scatter(0, sel, lp)
+    return full.view(cand_mask.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # shared-prefix scorers
 
 
@@ -210,7 +394,23 @@ def _score_decoder_shared(
     cand_ids: torch.Tensor,
     cand_mask: torch.Tensor,
     length_norm: bool,
+    lean: bool,
+    n_real: int | None,
+    chunk: int | None,
 ) -> ScoreOutput:
+    """One packed pass per state (see the module docstring).
+
+    Args:
+        model: the unwrapped causal LM; prompt_ids, prompt_mask [B, Lp]; cand_ids, cand_mask [B, K, Lc]
+            (sanitised, masks bool).
+        length_norm: as in :func:`score_candidates`.
+        lean: LM head at real tokens in chunks (:func:`_real_token_logp`); False: all slots at once (baseline).
+        n_real: the number of real candidate tokens when known (trim=True), else None.
+        chunk: rows per LM-head chunk (None: default).
+
+    Returns:
+        :class:`ScoreOutput`.
+    """
     B, Lp = prompt_ids.shape
     _, K, Lc = cand_ids.shape
     device = prompt_ids.device
@@ -240,9 +440,13 @@ def _score_decoder_shared(
     block_start = Lp + torch.arange(K, device=device).view(1, K, 1) * Lc  # [1, K, 1]
     pred_pos = torch.where(j.view(1, 1, Lc) == 0, (plen - 1).clamp(min=0).view(B, 1, 1), block_start + j - 1)
     pred_pos = pred_pos.expand(B, K, Lc).reshape(B, K * Lc)
-    h_pred = torch.gather(h, 1, pred_pos.unsqueeze(-1).expand(B, K * Lc, H))
-    logits = _lm_logits(model, h_pred).view(B, K, Lc, -1)
-    tok_logp = _token_logp(logits, cand_ids, cand_mask)
+    if lean:
+        rows = (torch.arange(B, device=device).view(B, 1) * h.shape[1] + pred_pos).view(B, K, Lc)
+        tok_logp = _real_token_logp(model, h.reshape(-1, H), rows, cand_ids, cand_mask, n_real, chunk)
+    else:  # the memory-hungry baseline: every slot's [V] logits at once
+        h_pred = torch.gather(h, 1, pred_pos.unsqueeze(-1).expand(B, K * Lc, H))
+        logits = _lm_logits(model, h_pred).view(B, K, Lc, -1)
+        tok_logp = _token_logp(logits, cand_ids, cand_mask)
 
     clen = cand_mask.sum(-1)  # [B, K]
     last_pos = (block_start.view(1, K) + (clen - 1).clamp(min=0)).view(B, K)
@@ -258,6 +462,9 @@ def _score_decoder_cache(
     cand_ids: torch.Tensor,
     cand_mask: torch.Tensor,
     length_norm: bool,
+    lean: bool,
+    n_real: int | None,
+    chunk: int | None,
 ) -> ScoreOutput:
     """Two passes: the prompts alone (keeping their key/value cache), then the ``B * K`` candidates on the cache
     repeated over K. Attention costs ``K * Lc * (Lp + Lc)`` per state instead of ``(Lp + K * Lc) ** 2``, at the price
@@ -266,24 +473,34 @@ def _score_decoder_cache(
     device = prompt_ids.device
     trunk: Any = model.base_model
     plen = prompt_mask.sum(-1)  # [B]
-    first = trunk(input_ids=prompt_ids, attention_mask=prompt_mask.long(), use_cache=True)
-    h_prompt = first.last_hidden_state  # [B, Lp, H]
+    j = torch.arange(Lc, device=device)
+    prompt_pass = trunk(input_ids=prompt_ids, attention_mask=prompt_mask.long(), use_cache=True)
+    h_prompt = prompt_pass.last_hidden_state  # [B, Lp, H]
     H = h_prompt.shape[-1]
-    cache = first.past_key_values
+    cache = prompt_pass.past_key_values
     cache.batch_repeat_interleave(K)
     flat_ids = cand_ids.reshape(B * K, Lc)
     flat_mask = cand_mask.reshape(B * K, Lc)
     mask2d = torch.cat([prompt_mask.repeat_interleave(K, dim=0), flat_mask], dim=1).long()  # [B*K, Lp + Lc]
     # Each candidate continues right after the prompt's last *real* token, whatever the prompt padding.
-    position_ids = plen.repeat_interleave(K).unsqueeze(1) + torch.arange(Lc, device=device)
+    position_ids = plen.repeat_interleave(K).unsqueeze(1) + j
     second = trunk(
         input_ids=flat_ids, attention_mask=mask2d, position_ids=position_ids, past_key_values=cache, use_cache=True
     )
     h_cand = second.last_hidden_state.view(B, K, Lc, H)
     h_last_prompt = torch.gather(h_prompt, 1, (plen - 1).clamp(min=0).view(B, 1, 1).expand(B, 1, H))  # [B, 1, H]
-    h_pred = torch.cat([h_last_prompt.unsqueeze(1).expand(B, K, 1, H), h_cand[:, :, :-1]], dim=2)  # [B, K, Lc, H]
-    logits = _lm_logits(model, h_pred)
-    tok_logp = _token_logp(logits, cand_ids, cand_mask)
+    if lean:
+        # Rows of [h_last_prompt (B rows); h_cand (B*K*Lc rows)]: token 0 is predicted by the prompt's last real
+        # position, token j > 0 by candidate position j - 1.
+        table = torch.cat([h_last_prompt.squeeze(1), h_cand.reshape(B * K * Lc, H)], dim=0)
+        slot = torch.arange(B * K, device=device).view(B, K, 1) * Lc
+        first = torch.arange(B, device=device).view(B, 1, 1).expand(B, K, 1)
+        rows = torch.where(j.view(1, 1, Lc) == 0, first, B + slot + j.view(1, 1, Lc) - 1)
+        tok_logp = _real_token_logp(model, table, rows, cand_ids, cand_mask, n_real, chunk)
+    else:  # the memory-hungry baseline: every slot's [V] logits at once
+        h_pred = torch.cat([h_last_prompt.unsqueeze(1).expand(B, K, 1, H), h_cand[:, :, :-1]], dim=2)
+        logits = _lm_logits(model, h_pred)
+        tok_logp = _token_logp(logits, cand_ids, cand_mask)
     clen = cand_mask.sum(-1)  # [B, K]
     last_hidden = torch.gather(h_cand, 2, (clen - 1).clamp(min=0).view(B, K, 1, 1).expand(B, K, 1, H)).squeeze(2)
     return _finish(tok_logp, last_hidden, cand_mask, length_norm, h_last_prompt.squeeze(1))
@@ -351,6 +568,67 @@ def _score_seq2seq(
     return _finish(tok_logp, last_hidden, cand_mask, length_norm, prompt_hidden)
 
 
+def _score_seq2seq_packed(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    cand_ids: torch.Tensor,
+    cand_mask: torch.Tensor,
+    length_norm: bool,
+    n_real: int | None,
+    chunk: int | None,
+) -> ScoreOutput:
+    """Encoder once per state, decoder once per state over the K candidates packed in one sequence.
+
+    The decoder input of state b is K blocks of width ``W = Lc + 1``, block k = ``[start, c_k0, ..., c_k(Lc-1)]``
+    (each block has its own start token), length ``T = K * W``. A 4-D block-diagonal causal mask lets a position see
+    the earlier real positions of its own block only; the encoder output is attended with batch B. Why this equals
+    one decoder pass per candidate:
+
+    * the self-attention relative position bias of T5 (transformers' ``T5Attention.compute_bias``) is a function
+      of ``key_index - query_index`` over the whole packed sequence; blocks are contiguous and start with their own
+      start token, so within a block these differences are those of the candidate's own pass, and cross-block
+      pairs are masked;
+    * T5Stack's ``create_causal_mask`` returns a 4-D mask unchanged (a custom mask), and the attention functions
+      combine it with the position bias: SDPA takes a bool mask (``create_position_bias_mask``), eager an additive
+      one (0 / dtype min), as in :func:`_packed_attention_mask`;
+    * cross-attention has no position bias, and the encoder mask is the prompt mask of the state, the same for all
+      of its candidates.
+
+    Args/returns as :func:`_score_decoder_shared` (seq2seq model).
+    """
+    B, K, Lc = cand_ids.shape
+    W = Lc + 1
+    device = cand_ids.device
+    enc = model.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask.long())  # type: ignore[operator]
+    dec_ids, dec_mask = _decoder_inputs(model, cand_ids.reshape(B * K, Lc), cand_mask.reshape(B * K, Lc))
+    dec_ids = dec_ids.view(B, K * W)
+    attn_impl = getattr(model.config, "_attn_implementation", "eager")
+    dtype = model.get_input_embeddings().weight.dtype  # type: ignore[operator]
+    # The packed mask with an empty prompt is exactly the block-diagonal causal mask over the K blocks.
+    no_prompt = torch.zeros(B, 0, dtype=torch.bool, device=device)
+    mask4d = _packed_attention_mask(no_prompt, dec_mask.view(B, K, W), dtype, as_bool=attn_impl == "sdpa")
+    decoder: Any = model.get_decoder()  # type: ignore[operator]
+    out = decoder(
+        input_ids=dec_ids,
+        attention_mask=mask4d,
+        encoder_hidden_states=enc.last_hidden_state,
+        encoder_attention_mask=prompt_mask.long(),
+        use_cache=False,
+    )
+    dh = out.last_hidden_state  # [B, K * W, H], after the final layer norm (= decoder_hidden_states[-1])
+    H = dh.shape[-1]
+    j = torch.arange(Lc, device=device)
+    block_start = torch.arange(K, device=device).view(1, K, 1) * W  # [1, K, 1]
+    # Output position j of a block predicts c_j (the input there is the start token for j = 0, c_{j-1} after).
+    rows = (torch.arange(B, device=device).view(B, 1, 1) * (K * W) + block_start + j.view(1, 1, Lc)).expand(B, K, Lc)
+    tok_logp = _real_token_logp(model, dh.reshape(-1, H), rows, cand_ids, cand_mask, n_real, chunk)
+    clen = cand_mask.sum(-1)  # [B, K]
+    last_hidden = torch.gather(dh, 1, (block_start.view(1, K) + clen).unsqueeze(-1).expand(B, K, H))
+    prompt_hidden = dh[:, 0]  # block 0's start token: sees the encoded prompt only, the same in every block
+    return _finish(tok_logp, last_hidden, cand_mask, length_norm, prompt_hidden)
+
+
 def _sanitise(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Replace ids under a False mask by 0, so any pad value (even -100) is a valid embedding index."""
     return torch.where(mask, ids, torch.zeros_like(ids))
@@ -363,6 +641,35 @@ def _used_width(mask: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return (m.long() * idx).amax()
 
 
+def _score_shared(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    cand_ids: torch.Tensor,
+    cand_mask: torch.Tensor,
+    *,
+    length_norm: bool,
+    method: str,
+    lean: bool,
+    n_real: int | None,
+    logit_chunk: int | None,
+) -> ScoreOutput:
+    """Dispatch to the family's shared-prefix scorer (inputs checked and trimmed; see :func:`score_candidates`)."""
+    prompt_mask = prompt_mask.bool()
+    cand_mask = cand_mask.bool()
+    prompt_ids = _sanitise(prompt_ids, prompt_mask)
+    cand_ids = _sanitise(cand_ids, cand_mask)
+    inner = unwrap(model)  # LoRA layers stay injected and active in the unwrapped model
+    if _is_encoder_decoder(inner):
+        if lean:
+            return _score_seq2seq_packed(
+                inner, prompt_ids, prompt_mask, cand_ids, cand_mask, length_norm, n_real, logit_chunk
+            )
+        return _score_seq2seq(inner, prompt_ids, prompt_mask, cand_ids, cand_mask, length_norm, shared=True)
+    fn = _score_decoder_cache if method == "cache" else _score_decoder_shared
+    return fn(inner, prompt_ids, prompt_mask, cand_ids, cand_mask, length_norm, lean, n_real, logit_chunk)
+
+
 def _trimmed(
     model: nn.Module,
     prompt_ids: torch.Tensor,
@@ -371,17 +678,29 @@ def _trimmed(
     cand_mask: torch.Tensor,
     **kwargs: Any,
 ) -> ScoreOutput:
-    """``score_candidates`` on the used part of the inputs, outputs padded back to the K slots given."""
+    """:func:`_score_shared` on the used part of the inputs, outputs padded back to the K slots given.
+
+    The one host sync reads the used widths and the number of real candidate tokens together.
+    """
     k = cand_ids.shape[1]
-    widths = torch.stack([
-        _used_width(prompt_mask.bool(), (0,)),
-        _used_width(cand_mask.bool(), (0, 2)),
-        _used_width(cand_mask.bool(), (0, 1)),
-    ]).tolist()  # the one host sync
-    lp, kk, lc = (max(int(w), 1) for w in widths)
-    out = score_candidates(
-        model, prompt_ids[:, :lp], prompt_mask[:, :lp], cand_ids[:, :kk, :lc], cand_mask[:, :kk, :lc],
-        trim=False, **kwargs,
+    widths = torch.stack(
+        [
+            _used_width(prompt_mask.bool(), (0,)),
+            _used_width(cand_mask.bool(), (0, 2)),
+            _used_width(cand_mask.bool(), (0, 1)),
+            cand_mask.bool().sum(),
+        ]
+    ).tolist()  # the one host sync
+    lp, kk, lc = (max(int(w), 1) for w in widths[:3])
+    n_real = int(widths[3])
+    out = _score_shared(
+        model,
+        prompt_ids[:, :lp],
+        prompt_mask[:, :lp],
+        cand_ids[:, :kk, :lc],
+        cand_mask[:, :kk, :lc],
+        n_real=n_real,
+        **kwargs,
     )
     if kk == k:
         return out
@@ -404,6 +723,8 @@ def score_candidates(
     length_norm: bool = False,
     method: str = "packed",
     trim: bool = True,
+    lean: bool = True,
+    logit_chunk: int | None = None,
 ) -> ScoreOutput:
     """Score K candidates per state, running each prompt once (shared prefix).
 
@@ -421,26 +742,29 @@ def score_candidates(
             prompt's keys/values). Both give the same result.
         trim: first cut the padding columns no row uses (prompt tokens, candidate slots, candidate tokens), then
             pad the outputs back to K. Buffers and codecs pad to fixed widths (so that sampling needs no host sync),
-            which can triple the tokens of a pass; finding the used widths costs one small host sync.
+            which can triple the tokens of a pass; finding the used widths costs one small host sync, which also
+            counts the real candidate tokens so that only those go through the LM head.
+        lean: the memory-lean path (issue 15): LM head at real candidate tokens only (all ``B * K * Lc`` slots when
+            ``trim=False``, since their count is then unknown without a sync), vocabulary log-softmax in chunks of
+            ``logit_chunk`` rows forward and backward; seq2seq decodes the K candidates of a state as one packed
+            sequence (cross-attention over the prompt once per state). ``False``: the previous path, kept as the
+            memory-hungry baseline of ``scripts/bench_memory.py`` (``[B, K, Lc, V]`` float32 logits at once; seq2seq
+            repeats the encoder output over the K candidates, ``[B * K, Lp, H]``). Same results either way.
+        logit_chunk: rows per LM-head chunk in the lean path (default: 32M logits per chunk,
+            :data:`LOGIT_CHUNK_ELEMENTS` / V rows).
 
     Returns:
-        :class:`ScoreOutput` with logp [B, K], hidden [B, K, H], valid [B, K].
+        :class:`ScoreOutput` with logp [B, K], hidden [B, K, H], valid [B, K], prompt_hidden [B, H].
     """
     if method not in ("packed", "cache"):
         raise ValueError(f"score_candidates(method={method!r}): use 'packed' or 'cache'")
+    if logit_chunk is not None and logit_chunk < 1:
+        raise ValueError(f"score_candidates(logit_chunk={logit_chunk}): must be >= 1 row (or None for the default)")
     _check_inputs(prompt_ids, prompt_mask, cand_ids, cand_mask)
+    kwargs: dict[str, Any] = {"length_norm": length_norm, "method": method, "lean": lean, "logit_chunk": logit_chunk}
     if trim:
-        return _trimmed(model, prompt_ids, prompt_mask, cand_ids, cand_mask, length_norm=length_norm, method=method)
-    prompt_mask = prompt_mask.bool()
-    cand_mask = cand_mask.bool()
-    prompt_ids = _sanitise(prompt_ids, prompt_mask)
-    cand_ids = _sanitise(cand_ids, cand_mask)
-    inner = unwrap(model)  # LoRA layers stay injected and active in the unwrapped model
-    if _is_encoder_decoder(inner):
-        return _score_seq2seq(inner, prompt_ids, prompt_mask, cand_ids, cand_mask, length_norm, shared=True)
-    if method == "cache":
-        return _score_decoder_cache(inner, prompt_ids, prompt_mask, cand_ids, cand_mask, length_norm)
-    return _score_decoder_shared(inner, prompt_ids, prompt_mask, cand_ids, cand_mask, length_norm)
+        return _trimmed(model, prompt_ids, prompt_mask, cand_ids, cand_mask, **kwargs)
+    return _score_shared(model, prompt_ids, prompt_mask, cand_ids, cand_mask, n_real=None, **kwargs)
 
 
 def score_candidates_naive(
