@@ -12,6 +12,7 @@ imports ``envs``: environments come in as factories or as a vector env.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -216,3 +217,23 @@ def evaluate(
         if owned is not None:
             owned.close()
     return metrics
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sensible at 0 and 1, unlike the normal one).
+
+    Args:
+        successes: successful episodes, 0 <= successes <= n.
+        n: episodes; 0 gives the uninformative (0, 1).
+        z: the normal quantile (1.96 for 95%).
+
+    Returns:
+        (low, high), clipped to [0, 1].
+    """
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -16,7 +16,6 @@ Envs whose module is not present, or TextWorld without a game (and none can be g
 from __future__ import annotations
 
 import argparse
-import math
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere without installing the packag
 
 import envs  # noqa: E402, F401 - registers the sacglam/ ids
 from sacglam.collector import episode_success  # noqa: E402 - the success rule training and evaluation use
+from sacglam.evaluate import wilson_interval  # noqa: E402
 
 MAX_STEPS = 1000  # safety cap: every env has its own step limit, far below this
 
@@ -55,17 +55,6 @@ class Tally:
     episodes: int = 0
     successes: int = 0
     lengths: list[int] = field(default_factory=list)
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion (sensible at 0 and 1, unlike the normal one)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def run_episode(

@@ -8,7 +8,7 @@ plant (48% of them) and a carnivore goal's a grown herbivore (40%): then the goa
 grasp it, go to the baby, release) instead of the whole chain (water -> seed -> plant -> herbivore -> carnivore).
 Evaluation success mixes both kinds of scene; this script evaluates each kind apart (``reset`` is redrawn with
 derived seeds until the scene has, or lacks, the grown food), which tells whether a policy learned the chain or the
-shortcut. The run is rebuilt from its own ``.hydra/overrides.yaml`` and newest checkpoint.
+shortcut. The run is rebuilt from its own ``.hydra/config.yaml`` and newest checkpoint (``scripts/run_tools.py``).
 """
 
 from __future__ import annotations
@@ -20,18 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402  (the run's own builders)
-from envs.playground_text import OBJECTS  # noqa: E402
-from sacglam.checkpoint import load_checkpoint, resolve_resume  # noqa: E402
-from sacglam.config import TrainConfig  # noqa: E402
-from sacglam.evaluate import evaluate  # noqa: E402
-from sacglam.pipeline import make_act_fn  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run_tools
+from run_tools import train
+
+from envs.playground_text import OBJECTS
+from sacglam.config import TrainConfig
+from sacglam.evaluate import evaluate
+from sacglam.pipeline import make_act_fn
 
 FOOD_STAGE = {"grow_herbivore": "plant", "grow_carnivore": "herbivore"}  # the grown food each goal category eats
 MAX_REDRAWS = 1000
@@ -69,24 +66,12 @@ class SceneFilter:
 
 def load_run(run_dir: Path) -> tuple[TrainConfig, Callable[[], Any], Any]:
     """The run's config, env factory and greedy act function, with the newest checkpoint's agent weights."""
-    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        dcfg = compose("config", overrides=overrides)
-    cfg: TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
-    if cfg.env.id != "sacglam/PlaygroundText-v0":
-        raise ValueError(f"{run_dir} trained on {cfg.env.id}; this script is for Playground-Text runs")
-    ckpt = resolve_resume("auto", run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints")
-    device = torch.device("cpu")
-    probe = train.make_env_fn(cfg)()  # the training env, as train.py: the tokenizer corpus is drawn from it
-    model, codec = train.build_model(cfg, probe, device)
-    agent, _ = train.make_learner(cfg, model, codec, probe, device)
-    env_fn = train.make_env_fn(cfg, **cfg.env.eval_kwargs)  # evaluation scenes, as train.py evaluates
-    agent.load_state_dict(load_checkpoint(ckpt, map_location=device, weights_only=False)["agent"])
-    agent.eval()
-    print(f"{ckpt}", flush=True)
-    return cfg, env_fn, make_act_fn(agent, codec, greedy=True, device=device)
+    run = run_tools.load_run(run_dir, ["device=cpu"])
+    if run.cfg.env.id != "sacglam/PlaygroundText-v0":
+        raise ValueError(f"{run_dir} trained on {run.cfg.env.id}; this script is for Playground-Text runs")
+    env_fn = train.make_env_fn(run.cfg, **run.cfg.env.eval_kwargs)  # evaluation scenes, as train.py evaluates
+    print(f"{run.checkpoint}", flush=True)
+    return run.cfg, env_fn, make_act_fn(run.agent, run.codec, greedy=True, device=run.device)
 
 
 def _filtered(env_fn: Callable[[], Any], shortcut: bool) -> Callable[[], SceneFilter]:
@@ -105,8 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [c for c in categories if c not in FOOD_STAGE]
     if bad:
         raise SystemExit(f"--categories: {bad} have no shortcut; choose from {list(FOOD_STAGE)}")
+    try:
+        _, env_fn, act = load_run(opts.run)
+    except run_tools.EXPECTED_ERRORS as exc:
+        raise SystemExit(f"shortcut_eval.py: error: {run_tools.one_line(exc)}") from None
     torch.set_num_threads(1)
-    _, env_fn, act = load_run(opts.run)
     print("| scene | " + " | ".join(categories) + " |\n|---|" + "---|" * len(categories))
     for shortcut in (True, False):
         fns = [_filtered(env_fn, shortcut)] * opts.num_envs
