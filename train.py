@@ -48,10 +48,10 @@ from sacglam.collector import Collector, episode_metrics
 from sacglam.config import ALGOS, TrainConfig, register_configs
 from sacglam.evaluate import evaluate
 from sacglam.logging import RunLogger
-from sacglam.models import load_model
+from sacglam.models import is_seq2seq, load_model
 from sacglam.pipeline import StepEncoder, check_context, make_act_fn, tokenizer_corpus
 from sacglam.ppo import PPOAgent, PPOConfig, PPOLearner, check_on_policy
-from sacglam.prompting import PromptCodec, PromptTemplate
+from sacglam.prompting import PromptCodec
 from sacglam.sac import NonFiniteLossError, SACConfig, SACLearner
 
 register_configs()
@@ -66,20 +66,14 @@ def make_env_fn(cfg: TrainConfig, **overrides: Any) -> Callable[[], Any]:
     return lambda: gymnasium.make(cfg.env.id, **kwargs).unwrapped
 
 
-def make_codec(cfg: TrainConfig, tokenizer: Any) -> PromptCodec:
-    """The prompt codec: the tokenizer's ``encode`` without special tokens; limits are the buffer's."""
-    b = cfg.buffer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return PromptCodec(
-        lambda text: tokenizer.encode(text, add_special_tokens=False),
-        pad_id=pad_id,
-        template=PromptTemplate.from_format(cfg.prompt.template),
-        max_goal_tokens=b.max_goal_tokens,
-        max_obs_tokens=b.max_obs_tokens,
-        max_cands=b.max_cands,
-        max_cand_tokens=b.max_cand_tokens,
-        bos_id=tokenizer.bos_token_id,
-        obs_truncation=cfg.prompt.obs_truncation,  # type: ignore[arg-type]
+def make_codec(cfg: TrainConfig, tokenizer: Any, seq2seq: bool = False) -> PromptCodec:
+    """The prompt codec, faithful to the model's tokenizer (``PromptCodec.from_tokenizer``); the buffer's limits."""
+    b, p = cfg.buffer, cfg.prompt
+    return PromptCodec.from_tokenizer(
+        tokenizer, template=p.template, seq2seq=seq2seq, chat=p.chat, system=p.system, list_actions=p.list_actions,
+        actions_format=p.actions_format, action_sep=p.action_sep, max_goal_tokens=b.max_goal_tokens,
+        max_obs_tokens=b.max_obs_tokens, max_cands=b.max_cands, max_cand_tokens=b.max_cand_tokens,
+        obs_truncation=p.obs_truncation,
     )
 
 
@@ -97,7 +91,7 @@ def build_model(cfg: TrainConfig, probe: Any, device: torch.device) -> tuple[Any
     with a seed derived from ``cfg.seed``, so rebuilding a run's model gives the vocabulary its checkpoint needs."""
     corpus = tokenizer_corpus(cfg.prompt.template, probe, cfg.env.corpus_episodes, seed=cfg.seed + 12345)
     model, tokenizer = load_model(cfg.model, corpus=corpus, device=device)
-    codec = make_codec(cfg, tokenizer)
+    codec = make_codec(cfg, tokenizer, seq2seq=is_seq2seq(model))
     check_context(codec, getattr(getattr(model, "config", None), "max_position_embeddings", None))
     return model, codec
 

@@ -44,6 +44,11 @@ class PromptConfig:
 
     template: str = "Goal: {goal}\nObservation: {obs}\nAction:"  # {goal} then {obs}, each exactly once
     obs_truncation: str = "left"  # an observation over buffer.max_obs_tokens: left (keep the end) | right | error
+    chat: bool = False  # wrap the template (as the user turn) in the tokenizer's chat template; actions = the answer
+    system: str | None = None  # chat system message (null: the chat template's own default)
+    list_actions: bool = False  # list the candidate actions after the observation, as GLAM does
+    actions_format: str = "\nPossible actions: {actions}"  # how they are listed ({actions}: joined by ", ")
+    action_sep: str | None = None  # text between prompt and action (null: " ", or "" after a chat generation prompt)
 
 
 @dataclass

@@ -68,6 +68,7 @@ class LoraConfig:
     alpha: int = 32  # scaling numerator: the update is scaled by alpha / r (published: 32)
     dropout: float = 0.0  # dropout on the adapter input
     target_modules: list[str] | None = None  # module name suffixes; None = LORA_TARGETS for the model's family
+    top_layers: int = 0  # > 0: adapters on the last N blocks only (the backward pass then stops below them)
 
 
 @dataclass
@@ -158,10 +159,11 @@ def build_tiny_tokenizer(corpus: Iterable[str], cache_dir: str | os.PathLike[str
         cache_dir: parent folder of the cache; ``~`` is expanded.
 
     Returns:
-        a ``transformers.PreTrainedTokenizerFast`` with pad/bos/eos/unk tokens (ids 0-3) that adds no special
-        tokens by itself (the prompt codec decides where BOS goes).
+        a ``transformers.PreTrainedTokenizerFast`` with pad/bos/eos/unk tokens (ids 0-3) that puts ``<bos>`` before a
+        text, as Llama's tokenizer does (the prompt codec reads that from the tokenizer, so prompts start with BOS
+        and an exported policy's tokenizer gives the ids it was trained on).
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     lines = [str(x) for x in corpus]
@@ -182,6 +184,9 @@ def build_tiny_tokenizer(corpus: Iterable[str], cache_dir: str | os.PathLike[str
         tmp = folder / f"tokenizer.json.{os.getpid()}.tmp"
         tok.save(str(tmp))
         os.replace(tmp, path)  # atomic: concurrent builders never see a half-written file
+    bos = TINY_SPECIAL_TOKENS["bos_token"]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, **TINY_SPECIAL_TOKENS)
 
 
@@ -319,6 +324,13 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     targets = lora_targets(model, cfg)
     task = peft.TaskType.SEQ_2_SEQ_LM if is_seq2seq(model) else peft.TaskType.CAUSAL_LM
     model_type = getattr(model.config, "model_type", "")
+    layers: list[int] | None = None
+    if cfg.top_layers > 0:
+        n = next((getattr(model.config, k) for k in ("num_hidden_layers", "n_layer", "num_layers")
+                  if isinstance(getattr(model.config, k, None), int)), None)
+        if n is None or cfg.top_layers > n:
+            raise ValueError(f"model.lora.top_layers={cfg.top_layers} but {type(model).__name__} has {n} layers")
+        layers = list(range(n - cfg.top_layers, n))
     lcfg = peft.LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -326,6 +338,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         target_modules=targets,
         task_type=task,
         fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (transposed weights)
+        layers_to_transform=layers,
     )
     try:
         return peft.get_peft_model(model, lcfg)

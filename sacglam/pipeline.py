@@ -75,8 +75,8 @@ class StepEncoder:
             ValueError: a step achieved more goals than ``max_achieved`` allows.
         """
         n = len(step.goals)
-        obs, obs_len = self.codec.encode_observations(step.observations)
-        next_obs, next_obs_len = self.codec.encode_observations(step.next_observations)
+        obs, obs_len = self.codec.encode_observations(step.observations, step.candidates)
+        next_obs, next_obs_len = self.codec.encode_observations(step.next_observations, step.next_candidates)
         cands, cand_len = self.codec.encode_candidates(step.candidates)
         next_cands, next_cand_len = self.codec.encode_candidates(step.next_candidates)
         achieved = torch.full((n, self.max_achieved), -1, dtype=torch.long)
@@ -128,7 +128,7 @@ def make_act_fn(
     """
 
     def act(goals: Sequence[str], observations: Sequence[str], candidates: Sequence[Sequence[str]]) -> ActOutput:
-        prompt_ids, prompt_mask = codec.encode_prompts(goals, observations)
+        prompt_ids, prompt_mask = codec.encode_prompts(goals, observations, candidates)
         cand_ids, cand_mask = codec.candidate_tensors(candidates)
         out = agent.act(
             prompt_ids.to(device),

@@ -380,7 +380,7 @@ class RolloutActor:
 
     def __call__(self, goals: Sequence[str], observations: Sequence[str],
                  candidates: Sequence[Sequence[str]]) -> ActOutput:
-        prompt_ids, prompt_mask = self.codec.encode_prompts(goals, observations)
+        prompt_ids, prompt_mask = self.codec.encode_prompts(goals, observations, candidates)
         cand_ids, cand_mask = self.codec.candidate_tensors(candidates)
         d = self.device
         out = self.agent.act(prompt_ids.to(d), prompt_mask.to(d), cand_ids.to(d), cand_mask.to(d), greedy=False,
@@ -391,10 +391,12 @@ class RolloutActor:
         return out
 
     @torch.inference_mode()
-    def values(self, goals: Sequence[str], observations: Sequence[str]) -> torch.Tensor:
-        """V(s) of N states [N] on the CPU. The value reads the prompt only, so one placeholder candidate stands in
-        for the (possibly empty) candidate list of a final observation."""
-        prompt_ids, prompt_mask = self.codec.encode_prompts(goals, observations)
+    def values(self, goals: Sequence[str], observations: Sequence[str],
+               candidates: Sequence[Sequence[str]] | None = None) -> torch.Tensor:
+        """V(s) of N states [N] on the CPU. The value reads the prompt only (which lists ``candidates`` when the prompt
+        lists actions), so one placeholder candidate stands in for the (possibly empty) candidate list of a final
+        observation."""
+        prompt_ids, prompt_mask = self.codec.encode_prompts(goals, observations, candidates)
         n = len(goals)
         cand_ids = torch.full((n, 1, 1), self.codec.pad_id, dtype=torch.long)
         cand_mask = torch.ones(n, 1, 1, dtype=torch.bool)
@@ -598,7 +600,8 @@ class PPOLearner:
             need = ~terminated
         rows = need.nonzero().flatten().tolist()
         if rows:
-            v = self.actor.values([step.goals[i] for i in rows], [step.next_observations[i] for i in rows])
+            v = self.actor.values([step.goals[i] for i in rows], [step.next_observations[i] for i in rows],
+                                  [step.next_candidates[i] for i in rows])
             st.bootstrap[t, rows] = v
         if not st.full:
             return {}

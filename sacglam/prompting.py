@@ -2,15 +2,16 @@
 
 The template pieces (text before the goal, between goal and observation, after the observation) are tokenised once;
 each goal, observation and candidate is tokenised on its own (cached by string). A prompt is then the concatenation
-``[bos?] + pre + goal + mid + obs + post`` done by index arithmetic on the device, so the replay buffer can swap the
-goal of a stored transition (hindsight relabelling) without re-tokenising anything.
+``[specials] + pre + goal + mid + obs + post`` done by index arithmetic on the device, so the replay buffer can swap
+the goal of a stored transition (hindsight relabelling) without re-tokenising anything.
 
-Tokenising the pieces separately can differ slightly from tokenising the whole prompt string with a BPE tokenizer (a
-merge across a piece boundary is never formed). That is harmless as long as acting and training build prompts with the
-same codec, which they do: the collector calls ``PromptCodec.encode_prompts`` and the buffer calls
-``PromptCodec.assemble`` / ``assemble_prompt`` on the very same token ids.
+The pieces are cut and tokenised so that their concatenation equals the model's own tokenisation of the whole text
+``prompt + " " + candidate`` (``PromptCodec``'s docstring says how, and where it can still differ): a pretrained model
+must read its words in the form it was trained on. Acting and training build prompts with the same codec: the
+collector calls ``PromptCodec.encode_prompts`` and the buffer calls ``PromptCodec.assemble`` / ``assemble_prompt`` on
+the very same token ids.
 
-This module imports torch only.
+This module imports torch only (tokenizers are used through their ``encode`` / ``apply_chat_template`` methods).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -252,20 +253,112 @@ class PromptAssembler:
         return self.gather(self.source(head, obs_ids), goal_len, obs_len)
 
 
-class PromptCodec:
-    """Tokenises goals, observations and candidates separately and assembles prompts from token ids.
+def _lead_newlines(text: str) -> tuple[str, str]:
+    """``text`` split into its leading run of newlines and the rest."""
+    rest = text.lstrip("\r\n")
+    return text[: len(text) - len(rest)], rest
+
+
+def _trail_spaces(text: str) -> tuple[str, str]:
+    """``text`` split into the rest and its trailing run of spaces."""
+    rest = text.rstrip(" ")
+    return rest, text[len(rest) :]
+
+
+def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special token ids a tokenizer adds around a text by itself (``add_special_tokens=True``).
+
+    Llama-2 SentencePiece tokenizers add ``<s>`` before, T5 adds ``</s>`` after, GPT-2, Qwen2 and SmolLM2 add nothing.
+
+    Returns:
+        (before, after) lists of ids.
+    """
+    probe = "a b"
+    plain = list(tokenizer.encode(probe, add_special_tokens=False))
+    full = list(tokenizer.encode(probe, add_special_tokens=True))
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return full[:i], full[i + len(plain) :]
+    raise ValueError(f"{type(tokenizer).__name__} encodes {probe!r} differently with and without special tokens "
+                     f"({full} vs {plain}); cannot tell which ids are special")
+
+
+def chat_format(tokenizer: Any, template: str, system: str | None = None) -> str:
+    """A prompt format wrapped in the tokenizer's own chat template: ``template`` is the user turn, and the
+    generation prompt (the opening of the assistant turn) ends the prompt, so candidates are scored as the answer.
 
     Args:
-        encode: text -> token ids (no special tokens), e.g. ``lambda s: tok(s, add_special_tokens=False).input_ids``.
+        tokenizer: a ``transformers`` tokenizer with a ``chat_template``.
+        template: the user message, holding ``{goal}`` then ``{obs}``.
+        system: a system message; None keeps the template's default (SmolLM2 adds its own).
+
+    Returns:
+        A format string for :meth:`PromptTemplate.from_format`.
+
+    Raises:
+        ValueError: the tokenizer has no chat template, or the template mangles the placeholders.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"prompt.chat=true but the {type(tokenizer).__name__} tokenizer has no chat_template; "
+                         "use prompt.chat=false for this model")
+    messages = ([{"role": "system", "content": system}] if system is not None else [])
+    messages.append({"role": "user", "content": template})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not isinstance(text, str) or text.count("{goal}") != 1 or text.count("{obs}") != 1:
+        raise ValueError(f"the chat template did not keep {{goal}} and {{obs}} of prompt.template: {text!r}")
+    return text
+
+
+class PromptCodec:
+    """Tokenises goals, observations and candidates as pieces whose concatenation is the model's own tokenisation.
+
+    The prompt text is ``pre + goal + mid + obs [+ actions] + post`` and a causal model scores a candidate as the
+    continuation ``prompt + action_sep + candidate`` (a seq2seq model scores it as its own decoder text). Tokenising
+    pieces separately must give the ids the tokenizer gives the whole text, or a pretrained model sees its words in a
+    form it never saw in training (byte-level BPE glues a leading space to the next word: ``' Go'``, not ``'Go'``;
+    SentencePiece marks it with ``'▁'``; ALGORITHM.md section 1). So the pieces are cut where every tokenizer
+    family here splits anyway, and each piece is tokenised in its context:
+
+    - whitespace that precedes a variable piece moves into it (``"Goal: "`` + ``"Grasp"`` is cut as ``"Goal:"`` +
+      ``" Grasp"``), and newlines that follow one move into it (``"...apple."`` + ``"\\nAction:"`` as
+      ``"...apple.\\n"`` + ``"Action:"``: Qwen2 and Llama-3 pre-tokenizers glue punctuation to the newlines after
+      it). A boundary is then "non-space | space" or "newline | non-space", where GPT-2, Qwen2/Llama-3, SentencePiece
+      (Metaspace) and whitespace pre-tokenizers all split, whatever the goal or observation holds.
+    - each variable piece is tokenised between the template text on its left and right, and the template's ids are
+      cut off (``encode(L + piece + R)`` minus L's and R's ids; :meth:`_cut`). That gives SentencePiece's word-start
+      marks and byte-level spaces exactly as in the full text. If no token boundary falls at either end (a merge
+      across a cut, e.g. a template that glues the observation to punctuation without a space), the piece is still
+      used and the string is counted in ``unfaithful_count``.
+    - special tokens: those the tokenizer itself adds (``prefix_ids``: BOS of Llama-2 or of the tiny model;
+      ``prompt_suffix``: T5's ``</s>`` after the encoder text), none in chat mode (the chat template holds them).
+
+    The template's ids (``pieces``) are fixed; goal, observation and candidate ids are cached by string; a prompt is
+    assembled by index arithmetic on the device (:func:`assemble_prompt`), so the replay buffer swaps goals without
+    re-tokenising anything and acting and training see the same ids. Where exactly this can still differ from the
+    tokenizer on the whole text (tested per family in tests/test_tokenisation.py): truncated observations (the text
+    is cut, the ids are cut), and a goal or observation whose first or last characters merge with the template's
+    (counted).
+
+    Args:
+        encode: text -> token ids without special tokens, e.g. ``lambda s: tok.encode(s, add_special_tokens=False)``.
         pad_id: padding id.
         template: the text around goal and observation.
-        max_goal_tokens: Lg, the longest goal in tokens (longer is an error: goals are short and must stay whole).
-        max_obs_tokens: Lo, the observation width; longer ones are cut per ``obs_truncation``.
+        max_goal_tokens: Lg, the widest goal piece in tokens (longer is an error: goals are short and must stay
+            whole). The piece holds the goal, its leading space and the newlines after it.
+        max_obs_tokens: Lo, the observation width (the observation with its leading space, the action list when
+            listed and the newlines after it); longer ones are cut per ``obs_truncation``.
         max_cands: K, the most candidate actions per state (more is an error).
         max_cand_tokens: Lc, the longest candidate in tokens (longer is an error: a cut action is another action).
-        bos_id: prepended to every prompt when not None.
+        bos_id: prepended to every prompt when not None (before ``prefix_ids``).
         obs_truncation: ``"left"`` keeps the observation's last tokens, ``"right"`` its first, ``"error"`` raises.
         cache_size: strings kept per LRU cache (goals, observations, candidates each).
+        prefix_ids: special ids before every prompt (the tokenizer's own, see :func:`special_tokens_around`).
+        prompt_suffix: special ids after every prompt (seq2seq encoders: T5's ``</s>``).
+        action_sep: text between the prompt and a candidate (``" "``; ``""`` after a chat generation prompt).
+        cands_in_context: True (causal models): a candidate is tokenised as the continuation of the prompt. False
+            (seq2seq): as a text of its own, as the decoder's target is.
+        actions_format: when set, the state's candidate actions are listed after the observation with this format
+            holding ``{actions}`` (GLAM's "Possible actions: ..."), joined by ``actions_joiner``.
     """
 
     def __init__(
@@ -281,12 +374,20 @@ class PromptCodec:
         bos_id: int | None = None,
         obs_truncation: ObsTruncation = "left",
         cache_size: int = 65536,
+        prefix_ids: Sequence[int] = (),
+        prompt_suffix: Sequence[int] = (),
+        action_sep: str = " ",
+        cands_in_context: bool = True,
+        actions_format: str | None = None,
+        actions_joiner: str = ", ",
     ) -> None:
         if obs_truncation not in ("left", "right", "error"):
             raise ValueError(f"obs_truncation must be 'left', 'right' or 'error', got {obs_truncation!r}")
+        if actions_format is not None and actions_format.count("{actions}") != 1:
+            raise ValueError(f"prompt.actions_format must hold '{{actions}}' exactly once, got {actions_format!r}")
         self.encode = encode
         self.pad_id = pad_id
-        self.template = template if template is not None else PromptTemplate()
+        self.template = t = template if template is not None else PromptTemplate()
         self.max_goal_tokens = max_goal_tokens
         self.max_obs_tokens = max_obs_tokens
         self.max_cands = max_cands
@@ -294,15 +395,82 @@ class PromptCodec:
         self.bos_id = bos_id
         self.obs_truncation: ObsTruncation = obs_truncation
         self.cache_size = cache_size
+        self.action_sep = action_sep
+        self.cands_in_context = cands_in_context
+        self.actions_format = actions_format
+        self.actions_joiner = actions_joiner
         self.truncated_count = 0  # observations cut so far (a metric: a high count means Lo is too small)
+        self.unfaithful_count = 0  # strings whose piece ids differ from the tokenizer's on the whole text
         self._cache: dict[str, OrderedDict[str, list[int]]] = {"goal": OrderedDict(), "obs": OrderedDict(),
                                                                "cand": OrderedDict()}
-        prefix = ([bos_id] if bos_id is not None else []) + list(encode(self.template.pre))
+        self._fixed: dict[str, list[int]] = {}  # ids of template texts used as context
+        # Cut the template where tokenizers split: spaces before a variable piece and newlines after one move into it.
+        pre_fixed, goal_lead = _trail_spaces(t.pre)
+        self._mid_nl, rest = _lead_newlines(t.mid)
+        mid_fixed, obs_lead = _trail_spaces(rest)
+        self._post_nl, rest = _lead_newlines(t.post)
+        post_fixed, cand_lead = _trail_spaces(rest)
+        self._lead = {"goal": goal_lead, "obs": obs_lead, "cand": cand_lead + action_sep if cands_in_context else ""}
+        self._tail = {"goal": self._mid_nl, "obs": self._post_nl, "cand": ""}
+        mid_ids = self._after("x" + self._mid_nl, mid_fixed)
+        post_ids = self._after("x" + self._post_nl, post_fixed)
+        # (left text, right text, the right text's ids) around each variable piece.
+        left = {"goal": pre_fixed, "obs": mid_fixed or "x" + self._mid_nl,
+                "cand": (post_fixed or "x" + self._post_nl) if cands_in_context else ""}
+        right = {"goal": (mid_fixed, mid_ids), "obs": (post_fixed, post_ids), "cand": ("", [])}
+        self._context = {k: (left[k], *right[k]) for k in left}
+        for text in left.values():  # their ids are looked up for every new string
+            if text:
+                self._fixed_ids(text)
+        prefix = ([bos_id] if bos_id is not None else []) + list(prefix_ids)
         self.pieces = PromptPieces(
-            prefix=torch.tensor(prefix, dtype=torch.long),
-            mid=torch.tensor(list(encode(self.template.mid)), dtype=torch.long),
-            post=torch.tensor(list(encode(self.template.post)), dtype=torch.long),
+            prefix=torch.tensor(prefix + (list(encode(pre_fixed)) if pre_fixed else []), dtype=torch.long),
+            mid=torch.tensor(mid_ids, dtype=torch.long),
+            post=torch.tensor(post_ids + list(prompt_suffix), dtype=torch.long),
             pad_id=pad_id,
+        )
+
+    @classmethod
+    def from_tokenizer(
+        cls,
+        tokenizer: Any,
+        *,
+        template: str,
+        seq2seq: bool = False,
+        chat: bool = False,
+        system: str | None = None,
+        list_actions: bool = False,
+        actions_format: str = "\nPossible actions: {actions}",
+        action_sep: str | None = None,
+        **limits: Any,
+    ) -> PromptCodec:
+        """The codec of a ``transformers`` tokenizer, faithful to how the model reads text.
+
+        Args:
+            tokenizer: the model's tokenizer (any family).
+            template: the prompt format with ``{goal}`` then ``{obs}`` (in chat mode: the user message).
+            seq2seq: the model is an encoder-decoder (T5): the prompt gets the tokenizer's trailing specials
+                (``</s>``) and candidates are tokenised as texts of their own (the decoder's targets).
+            chat: wrap the prompt in the tokenizer's chat template (:func:`chat_format`); candidates are then the
+                assistant's answer (``action_sep`` defaults to ``""``, right after the generation prompt).
+            system: the chat system message (None: the template's default).
+            list_actions: list the state's candidate actions after the observation, with ``actions_format``.
+            action_sep: text between prompt and candidate; None: ``" "``, or ``""`` in chat mode.
+            **limits: ``max_goal_tokens``, ``max_obs_tokens``, ``max_cands``, ``max_cand_tokens``, ``obs_truncation``.
+        """
+        fmt = chat_format(tokenizer, template, system) if chat else template
+        before, after = ([], []) if chat else special_tokens_around(tokenizer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls(
+            lambda text: tokenizer.encode(text, add_special_tokens=False),
+            pad_id=pad_id,
+            template=PromptTemplate.from_format(fmt),
+            prefix_ids=before,
+            prompt_suffix=after if seq2seq else (),
+            action_sep=action_sep if action_sep is not None else ("" if chat else " "),
+            cands_in_context=not seq2seq,
+            actions_format=actions_format if list_actions else None,
+            **limits,
         )
 
     @property
@@ -310,11 +478,62 @@ class PromptCodec:
         """Lp, the fixed width of every assembled prompt."""
         return self.pieces.prompt_width(self.max_goal_tokens, self.max_obs_tokens)
 
+    def _cut(self, left: str, text: str, right: str = "", right_ids: Sequence[int] = ()) -> list[int] | None:
+        """Ids of ``text`` as the tokenizer gives them in ``left + text + right``, or None when no token boundary
+        falls at both ends of ``text`` there.
+
+        The left end is checked two ways, since either can be fooled: ``encode(left)`` is a prefix of the whole (it is
+        not when ``left`` ends in a whitespace run that the GPT-2 regex splits differently at the end of a string), or
+        ``encode(text + right)`` is a suffix of it (it is not when SentencePiece marks ``text``'s first word
+        differently at the start of a string). Equal ids decode to equal text, so either match is a real boundary.
+        """
+        n_r = len(right_ids)
+        full = list(self.encode(left + text + right))
+        if n_r and full[len(full) - n_r :] != list(right_ids):
+            return None
+        body = full[: len(full) - n_r]
+        if not left:
+            return body
+        head = self._fixed_ids(left)
+        if body[: len(head)] == head:
+            return body[len(head) :]
+        own = list(self.encode(text + right))
+        if n_r and own[len(own) - n_r :] != list(right_ids):
+            return None
+        own = own[: len(own) - n_r]
+        return own if len(body) > len(own) and body[len(body) - len(own) :] == own else None
+
+    def _fixed_ids(self, text: str) -> list[int]:
+        ids = self._fixed.get(text)
+        if ids is None:
+            ids = self._fixed[text] = list(self.encode(text))
+        return ids
+
+    def _after(self, context: str, text: str) -> list[int]:
+        """Ids of the template text ``text`` tokenised after ``context`` (counted in ``unfaithful_count`` if no
+        token boundary falls between them)."""
+        if not text:
+            return []
+        ids = self._cut(context, text)
+        if ids is None:
+            self.unfaithful_count += 1
+            ids = list(self.encode(text))
+        return ids
+
+    def _piece(self, kind: str, text: str) -> list[int]:
+        """Ids of a goal, observation or candidate piece in its template context (see the class docstring)."""
+        left, right, right_ids = self._context[kind]
+        ids = self._cut(left, text, right, right_ids)
+        if ids is None:
+            self.unfaithful_count += 1
+            ids = self._cut(left, text) if left else None
+        return ids if ids is not None else list(self.encode(text))
+
     def _cached(self, kind: str, text: str) -> list[int]:
         cache = self._cache[kind]
         ids = cache.get(text)
         if ids is None:
-            ids = list(self.encode(text))
+            ids = self._piece(kind, self._lead[kind] + text + self._tail[kind])
             cache[text] = ids
             if len(cache) > self.cache_size:
                 cache.popitem(last=False)
@@ -322,8 +541,25 @@ class PromptCodec:
             cache.move_to_end(text)
         return ids
 
+    def observation_text(self, observation: str, candidates: Sequence[str] | None = None) -> str:
+        """The observation as the prompt shows it: with the candidate actions listed when ``actions_format`` is set.
+
+        Raises:
+            ValueError: actions are listed but ``candidates`` is None.
+        """
+        if self.actions_format is None:
+            return observation
+        if candidates is None:
+            raise ValueError("prompt.list_actions is on: pass the state's candidate actions with its observation")
+        return observation + self.actions_format.replace("{actions}", self.actions_joiner.join(candidates))
+
+    def render(self, goal: str, observation: str, candidates: Sequence[str] | None = None) -> str:
+        """The prompt as text: what the pieces' ids are the tokenisation of (a causal model then reads
+        ``action_sep + candidate``)."""
+        return self.template.render(goal, self.observation_text(observation, candidates))
+
     def goal_tokens(self, goal: str) -> list[int]:
-        """Token ids of ``goal`` (cached).
+        """Token ids of ``goal``'s piece (cached).
 
         Raises:
             ValueError: the goal is longer than ``max_goal_tokens`` (names the value needed).
@@ -360,9 +596,20 @@ class PromptCodec:
         """Goal token ids [N, Lg] long (right padded) and lengths [N] long, on CPU."""
         return self._padded([self.goal_tokens(g) for g in goals], self.max_goal_tokens)
 
-    def encode_observations(self, observations: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Observation token ids [N, Lo] long (right padded, Lo = max_obs_tokens) and lengths [N] long, on CPU."""
-        return self._padded([self._obs_tokens(o) for o in observations], self.max_obs_tokens)
+    def encode_observations(
+        self, observations: Sequence[str], candidates: Sequence[Sequence[str]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Observation token ids [N, Lo] long (right padded, Lo = max_obs_tokens) and lengths [N] long, on CPU.
+
+        Args:
+            observations: N texts.
+            candidates: the N states' candidate actions (needed when actions are listed in the prompt).
+        """
+        if candidates is not None and len(candidates) != len(observations):
+            raise ValueError(f"got {len(observations)} observations but {len(candidates)} candidate lists")
+        texts = [self.observation_text(o, candidates[i] if candidates is not None else None)
+                 for i, o in enumerate(observations)]
+        return self._padded([self._obs_tokens(o) for o in texts], self.max_obs_tokens)
 
     def encode_candidates(self, candidates: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate token ids [N, K, Lc] long (K = max_cands, Lc = max_cand_tokens) and lengths [N, K] (0 = absent).
@@ -406,10 +653,17 @@ class PromptCodec:
         """
         return assemble_prompt(self.pieces, goal_ids, goal_len, obs_ids, obs_len)
 
-    def encode_prompts(self, goals: Sequence[str], observations: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts of N (goal, observation) pairs: the same tokens the buffer assembles. [N, Lp] long and bool."""
+    def encode_prompts(
+        self,
+        goals: Sequence[str],
+        observations: Sequence[str],
+        candidates: Sequence[Sequence[str]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts of N (goal, observation) pairs: the same tokens the buffer assembles. [N, Lp] long and bool.
+
+        ``candidates`` (the N states' actions) are needed when the prompt lists them (``actions_format``)."""
         if len(goals) != len(observations):
             raise ValueError(f"encode_prompts got {len(goals)} goals but {len(observations)} observations")
         g, gl = self.encode_goals(goals)
-        o, ol = self.encode_observations(observations)
+        o, ol = self.encode_observations(observations, candidates)
         return self.assemble(g, gl, o, ol)

@@ -235,7 +235,7 @@ def bench_model(
     from sacglam.agent import Agent
     from sacglam.buffer import ReplayBuffer
     from sacglam.collector import Collector
-    from sacglam.models import describe
+    from sacglam.models import describe, is_seq2seq
     from sacglam.pipeline import StepEncoder, env_corpus, make_act_fn
     from sacglam.sac import SACUpdater
     from train import make_codec, make_env_fn
@@ -247,7 +247,7 @@ def bench_model(
     vec = make_vector_env(cfg.env.id, cfg.env.num_envs, env_kwargs=dict(cfg.env.kwargs), mode=cfg.env.vector)
     corpus = env_corpus(probe, cfg.env.corpus_episodes, seed=seed + 12345)
     model, tokenizer = build_model(name, cfg, corpus, device)
-    codec = make_codec(cfg, tokenizer)
+    codec = make_codec(cfg, tokenizer, seq2seq=is_seq2seq(model))
     agent = Agent(model, cfg.agent).to(device)
     updater = SACUpdater(agent, cfg.algo)
     buffer = ReplayBuffer(cfg.buffer, cfg.env.num_envs, pad_id=codec.pad_id, device=device, prompt=codec)
