@@ -257,3 +257,13 @@ def test_smollm2_loads_and_prefers_the_sensible_answer() -> None:
             model, prompt.input_ids, prompt.attention_mask.bool(), enc.input_ids[None], enc.attention_mask.bool()[None]
         )
     assert out.logp[0, 0] > out.logp[0, 1]
+
+
+@pytest.mark.parametrize(("family", "block"), [("qwen2", "layers.1."), ("gpt2", "h.1."), ("t5", "block.1.")])
+def test_lora_on_the_top_layers_only(family: str, block: str) -> None:
+    """model.lora.top_layers=1 on a 2-layer model: adapters in the last block only, the first one stays frozen."""
+    model = apply_lora(_family_model(family), LoraConfig(r=2, alpha=4, top_layers=1))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(block in n for n in trainable)
+    with pytest.raises(ValueError, match="top_layers=3 but .* has 2 layers"):
+        apply_lora(_family_model(family), LoraConfig(r=2, alpha=4, top_layers=3))
