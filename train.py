@@ -86,14 +86,15 @@ def env_state(vec: Any) -> Any:
         return None
 
 
-def build_model(cfg: TrainConfig, probe: Any, device: torch.device) -> tuple[Any, PromptCodec]:
-    """The run's model and prompt codec. The tokenizer corpus is drawn from ``probe`` (an env of ``make_env_fn(cfg)``)
-    with a seed derived from ``cfg.seed``, so rebuilding a run's model gives the vocabulary its checkpoint needs."""
+def build_model(cfg: TrainConfig, probe: Any, device: torch.device) -> tuple[Any, Any, PromptCodec]:
+    """The run's model, tokenizer and prompt codec. The tokenizer corpus is drawn from ``probe`` (an env of
+    ``make_env_fn(cfg)``) with a seed derived from ``cfg.seed``, so rebuilding a run's model gives the vocabulary its
+    checkpoint needs."""
     corpus = tokenizer_corpus(cfg.prompt.template, probe, cfg.env.corpus_episodes, seed=cfg.seed + 12345)
     model, tokenizer = load_model(cfg.model, corpus=corpus, device=device)
     codec = make_codec(cfg, tokenizer, seq2seq=is_seq2seq(model))
     check_context(codec, getattr(getattr(model, "config", None), "max_position_embeddings", None))
-    return model, codec
+    return model, tokenizer, codec
 
 
 def make_learner(cfg: TrainConfig, model: Any, codec: PromptCodec, probe: Any,
@@ -140,7 +141,7 @@ def main(dcfg: DictConfig) -> float:
     env_fn = make_env_fn(cfg)
     probe = env_fn()
     vec = make_vector_env(cfg.env.id, cfg.env.num_envs, env_kwargs=dict(cfg.env.kwargs), mode=cfg.env.vector)
-    model, codec = build_model(cfg, probe, device)
+    model, _, codec = build_model(cfg, probe, device)
     agent, learner = make_learner(cfg, model, codec, probe, device)
     collector = Collector(vec, learner.act, seed=cfg.seed)
     act_greedy = make_act_fn(agent, codec, greedy=True, device=device)

@@ -21,8 +21,7 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,25 +129,6 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 # ------------------------------------------------------------------------------------------------ model, agent
 
 
-@contextmanager
-def _recording_tokenizer() -> Iterator[list[Any]]:
-    # train.build_model returns (model, codec); an exported policy (and a codec built from overridden prompt
-    # options) also needs the tokenizer. Recording what its load_model call returned keeps one model builder.
-    seen: list[Any] = []
-    original = train.load_model
-
-    def load(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
-        model, tokenizer = original(*args, **kwargs)
-        seen.append(tokenizer)
-        return model, tokenizer
-
-    train.load_model = load
-    try:
-        yield seen
-    finally:
-        train.load_model = original
-
-
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[Any, Any, PromptCodec, Any]:
     """The run's model, tokenizer and prompt codec through ``train.build_model``, and its probe env.
 
@@ -157,9 +137,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[Any, Any, Promp
         from it).
     """
     probe = train.make_env_fn(cfg)()
-    with _recording_tokenizer() as seen:
-        model, codec = train.build_model(cfg, probe, device)
-    return model, seen[-1], codec, probe
+    model, tokenizer, codec = train.build_model(cfg, probe, device)
+    return model, tokenizer, codec, probe
 
 
 def make_agent(cfg: TrainConfig, model: Any, device: torch.device) -> Agent | PPOAgent:

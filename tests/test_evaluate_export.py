@@ -231,7 +231,7 @@ def test_evaluate_cli_matches_sacglam_evaluate_on_the_same_seeds(sac_run: Path, 
         cfg: Any = OmegaConf.to_object(compose("config", overrides=overrides))
     train, device = run_tools.train, torch.device("cpu")
     probe = train.make_env_fn(cfg)()
-    model, codec = train.build_model(cfg, probe, device)
+    model, _, codec = train.build_model(cfg, probe, device)
     agent = run_tools.Agent(model, cfg.agent)
     ckpt = find_latest_checkpoint(sac_run)
     assert ckpt is not None
