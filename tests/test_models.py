@@ -265,5 +265,5 @@ def test_lora_on_the_top_layers_only(family: str, block: str) -> None:
     model = apply_lora(_family_model(family), LoraConfig(r=2, alpha=4, top_layers=1))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(block in n for n in trainable)
-    with pytest.raises(ValueError, match="top_layers=3 but .* has 2 layers"):
+    with pytest.raises(ValueError, match=r"top_layers=3 but .* has 2 layers"):
         apply_lora(_family_model(family), LoraConfig(r=2, alpha=4, top_layers=3))
