@@ -62,7 +62,7 @@ PATHS = ("old", "new")
 
 
 def build_model(name: str, layers: int | None) -> nn.Module:
-    """A random-init model shaped like ``name`` (the configs of ``bench_scoring.gpu_models``), ``layers`` deep.
+    """A random-init model shaped like ``name`` (``bench_scoring.gpu_models``), ``layers`` deep.
 
     Args:
         name: one of :data:`MODELS` or :data:`TINY_MODELS` (hidden 64, vocabulary 512; for smoke tests).
@@ -71,51 +71,28 @@ def build_model(name: str, layers: int | None) -> nn.Module:
     Raises:
         ValueError: an unknown name (names the known ones).
     """
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        T5Config,
-        T5ForConditionalGeneration,
-    )
+    from bench_scoring import gpu_models
+    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-    model: nn.Module
-    if name in ("flan-t5-base", "tiny-t5"):
-        tiny = name == "tiny-t5"
-        n = layers or (1 if tiny else 12)
-        flan_kwargs: dict[str, Any] = {"tie_word_embeddings": False}
+    if name in MODELS:
+        return gpu_models(layers)[name]()
+    if name == "tiny-t5":
+        flan: dict[str, Any] = {"tie_word_embeddings": False}  # as bench_scoring's Flan-T5 shape
         t5 = T5Config(
-            vocab_size=512 if tiny else 32128, d_model=64 if tiny else 768, d_kv=16 if tiny else 64,
-            d_ff=128 if tiny else 2048, num_layers=n, num_decoder_layers=n, num_heads=4 if tiny else 12,
-            feed_forward_proj="gated-gelu", pad_token_id=0,
-            # Flan-T5 (T5 v1.1): a separate LM head and no d_model ** -0.5 rescaling before it; transformers 5 reads
-            # this constructor argument as "do not rescale" (config.scale_decoder_outputs = False)
-            **flan_kwargs,
+            vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=layers or 1, num_decoder_layers=layers or 1,
+            num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=0, **flan,
         )  # fmt: skip
         t5.decoder_start_token_id = 0
         t5._attn_implementation = "sdpa"
-        model = T5ForConditionalGeneration(t5)
-    elif name in ("smollm2-135m", "tiny-llama"):
-        tiny = name == "tiny-llama"
+        return T5ForConditionalGeneration(t5)
+    if name == "tiny-llama":
         llama = LlamaConfig(
-            vocab_size=512 if tiny else 49152, hidden_size=64 if tiny else 576,
-            intermediate_size=128 if tiny else 1536, num_hidden_layers=layers or (1 if tiny else 30),
-            num_attention_heads=4 if tiny else 9,
-            num_key_value_heads=2 if tiny else 3, max_position_embeddings=8192, tie_word_embeddings=True,
+            vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers or 1,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=True,
         )  # fmt: skip
         llama._attn_implementation = "sdpa"
-        model = LlamaForCausalLM(llama)
-    elif name == "qwen2.5-0.5b":
-        qwen = Qwen2Config(
-            vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=layers or 24,
-            num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
-        )  # fmt: skip
-        qwen._attn_implementation = "sdpa"
-        model = Qwen2ForCausalLM(qwen)
-    else:
-        raise ValueError(f"--models: unknown model {name!r}; choose from {', '.join(MODELS + TINY_MODELS)}")
-    return model
+        return LlamaForCausalLM(llama)
+    raise ValueError(f"--models: unknown model {name!r}; choose from {', '.join(MODELS + TINY_MODELS)}")
 
 
 def make_batch(opts: argparse.Namespace, vocab: int, seed: int = 0) -> Any:
