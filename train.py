@@ -188,7 +188,7 @@ def main(dcfg: DictConfig) -> float:
                  "rng": capture_rng_state(generators=learner.generators), "loop": (next_eval, next_ckpt)}
         save_checkpoint(run_dir, collector.env_steps, state, keep=cfg.checkpoint.keep)
 
-    start, metrics_truncated_warned = time.monotonic(), False
+    start, warned = time.monotonic(), set()
     while collector.env_steps < cfg.total_env_steps:
         if cfg.time_limit_min and time.monotonic() - start > 60 * cfg.time_limit_min:
             print(f"time limit of {cfg.time_limit_min} min reached at env step {collector.env_steps}")
@@ -202,11 +202,16 @@ def main(dcfg: DictConfig) -> float:
             last = find_latest_checkpoint(run_dir)
             raise RuntimeError(f"stopped at env step {collector.env_steps}: {exc} Last good checkpoint: "
                                f"{last or 'none'} (continue with resume=auto).") from exc
-        if codec.truncated_count and not metrics_truncated_warned:
-            metrics_truncated_warned = True
+        if codec.truncated_count and "cut" not in warned:
+            warned.add("cut")
             warnings.warn(f"observations longer than buffer.max_obs_tokens={codec.max_obs_tokens} are being cut "
                           f"({cfg.prompt.obs_truncation}); counted in charts/obs_truncated", stacklevel=1)
-        metrics.update({"charts/updates": learner.updates, "charts/obs_truncated": codec.truncated_count})
+        if codec.unfaithful_count and "unfaithful" not in warned:
+            warned.add("unfaithful")
+            warnings.warn("some prompt text merges across the template's cuts, so its ids differ from the tokenizer's "
+                          "on the whole text (PromptCodec); counted in charts/unfaithful_tokenisation", stacklevel=1)
+        metrics.update({"charts/updates": learner.updates, "charts/obs_truncated": codec.truncated_count,
+                        "charts/unfaithful_tokenisation": codec.unfaithful_count})
         if cfg.eval.every and collector.env_steps >= next_eval:
             metrics.update(run_eval())
             next_eval += cfg.eval.every
