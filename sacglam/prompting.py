@@ -424,7 +424,7 @@ class PromptCodec:
                 self._fixed_ids(text)
         prefix = ([bos_id] if bos_id is not None else []) + list(prefix_ids)
         self.pieces = PromptPieces(
-            prefix=torch.tensor(prefix + (list(encode(pre_fixed)) if pre_fixed else []), dtype=torch.long),
+            prefix=torch.tensor(prefix + (self._fixed_ids(pre_fixed) if pre_fixed else []), dtype=torch.long),
             mid=torch.tensor(mid_ids, dtype=torch.long),
             post=torch.tensor(post_ids + list(prompt_suffix), dtype=torch.long),
             pad_id=pad_id,
