@@ -46,7 +46,7 @@ from sacglam.checkpoint import (
 )
 from sacglam.collector import Collector, episode_metrics
 from sacglam.config import ALGOS, TrainConfig, register_configs
-from sacglam.evaluate import evaluate
+from sacglam.evaluate import evaluate_splits
 from sacglam.logging import RunLogger
 from sacglam.models import is_seq2seq, load_model
 from sacglam.pipeline import StepEncoder, check_context, make_act_fn, tokenizer_corpus
@@ -92,9 +92,36 @@ def build_model(cfg: TrainConfig, probe: Any, device: torch.device) -> tuple[Any
     checkpoint needs."""
     corpus = tokenizer_corpus(cfg.prompt.template, probe, cfg.env.corpus_episodes, seed=cfg.seed + 12345)
     model, tokenizer = load_model(cfg.model, corpus=corpus, device=device)
+    return model, tokenizer, model_codec(cfg, model, tokenizer)
+
+
+def model_codec(cfg: TrainConfig, model: Any, tokenizer: Any) -> PromptCodec:
+    """``make_codec`` for ``model`` (seq2seq or not), checked against its context length."""
     codec = make_codec(cfg, tokenizer, seq2seq=is_seq2seq(model))
     check_context(codec, getattr(getattr(model, "config", None), "max_position_embeddings", None))
-    return model, tokenizer, codec
+    return codec
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    """``cfg.device``: ``auto`` is cuda when available, else cpu."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+
+
+def make_agent(cfg: TrainConfig, model: Any, device: torch.device) -> Agent | PPOAgent:
+    """The algorithm's agent around ``model``: SAC's actor + critics, or PPO's policy + value head."""
+    if isinstance(cfg.algo, PPOConfig):
+        ppo = PPOAgent(model, cfg.algo, temperature=cfg.agent.temperature, length_norm=cfg.agent.length_norm)
+        return ppo.to(device)
+    return Agent(model, cfg.agent).to(device)
+
+
+def eval_env_fns(cfg: TrainConfig) -> dict[str, Callable[[], Any]]:
+    """Evaluation env factories by metric prefix: ``""`` (``env.kwargs`` + ``env.eval_kwargs``) and, where
+    ``env.heldout_kwargs`` is set, ``"heldout/"`` (held-out objects)."""
+    fns = {"": make_env_fn(cfg, **cfg.env.eval_kwargs)}
+    if cfg.env.heldout_kwargs:
+        fns["heldout/"] = make_env_fn(cfg, **{**cfg.env.eval_kwargs, **cfg.env.heldout_kwargs})
+    return fns
 
 
 def make_learner(cfg: TrainConfig, model: Any, codec: PromptCodec, probe: Any,
@@ -102,14 +129,12 @@ def make_learner(cfg: TrainConfig, model: Any, codec: PromptCodec, probe: Any,
     """The agent and the part of the loop that differs per algorithm: ``learner.act`` acts for the collector and
     ``learner.observe(step)`` stores the step and updates when it is time."""
     act_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
-    if isinstance(cfg.algo, PPOConfig):
+    agent = make_agent(cfg, model, device)
+    if isinstance(agent, PPOAgent) and isinstance(cfg.algo, PPOConfig):
         check_on_policy(list(HydraConfig.get().overrides.task), cfg.buffer.her.ratio, cfg.buffer.her.rare_fraction)
-        ppo_agent = PPOAgent(model, cfg.algo, temperature=cfg.agent.temperature,
-                             length_norm=cfg.agent.length_norm).to(device)
         shuffle_gen = torch.Generator().manual_seed(cfg.seed + 2)
-        return ppo_agent, PPOLearner(ppo_agent, cfg.algo, codec, cfg.env.num_envs, device, act_gen, shuffle_gen)
-    assert isinstance(cfg.algo, SACConfig)
-    agent = Agent(model, cfg.agent).to(device)
+        return agent, PPOLearner(agent, cfg.algo, codec, cfg.env.num_envs, device, act_gen, shuffle_gen)
+    assert isinstance(agent, Agent) and isinstance(cfg.algo, SACConfig)
     buffer_device = device if cfg.buffer.device == "auto" else cfg.buffer.device  # e.g. keep the buffer on the CPU
     buffer = ReplayBuffer(cfg.buffer, cfg.env.num_envs, pad_id=codec.pad_id, device=buffer_device, prompt=codec)
     encoder = StepEncoder(codec, buffer, probe.goal_step_limit, cfg.buffer.max_achieved)
@@ -131,8 +156,7 @@ def main(dcfg: DictConfig) -> float:
     if not isinstance(cfg.algo, (SACConfig, PPOConfig)):
         raise ValueError(f"algo must be one of the conf/algo presets ({', '.join(ALGOS)}); got {cfg.algo!r}")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -147,9 +171,6 @@ def main(dcfg: DictConfig) -> float:
     act_greedy = make_act_fn(agent, codec, greedy=True, device=device)
     eval_gen = torch.Generator(device)  # reseeded at every evaluation, so sampled evaluations are reproducible
     act_eval_sample = make_act_fn(agent, codec, greedy=False, device=device, generator=eval_gen)
-    eval_fns = {"": make_env_fn(cfg, **cfg.env.eval_kwargs)}
-    if cfg.env.heldout_kwargs:
-        eval_fns["heldout/"] = make_env_fn(cfg, **{**cfg.env.eval_kwargs, **cfg.env.heldout_kwargs})
 
     # Resume: the newest complete checkpoint of the run folder (a corrupt one is skipped with a warning).
     ckpt_path = resolve_resume(cfg.resume, run_dir)
@@ -172,13 +193,9 @@ def main(dcfg: DictConfig) -> float:
 
     def run_eval() -> dict[str, float]:
         agent.eval()
-        metrics: dict[str, float] = {}
-        for prefix, fn in eval_fns.items():
-            eval_gen.manual_seed(cfg.eval.seed)
-            result = evaluate([fn] * cfg.eval.num_envs, act_greedy, act_eval_sample if cfg.eval.sample else None,
-                              categories=probe.goal_categories,
-                              episodes_per_category=cfg.eval.episodes_per_category, seed=cfg.eval.seed)
-            metrics.update({k.replace("eval/", f"eval/{prefix}", 1): v for k, v in result.items()})
+        metrics = evaluate_splits(eval_env_fns(cfg), act_greedy, act_eval_sample if cfg.eval.sample else None,
+                                  eval_gen, categories=probe.goal_categories, num_envs=cfg.eval.num_envs,
+                                  episodes_per_category=cfg.eval.episodes_per_category, seed=cfg.eval.seed)
         agent.train()
         return metrics
 

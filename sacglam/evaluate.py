@@ -13,7 +13,7 @@ imports ``envs``: environments come in as factories or as a vector env.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,3 +237,26 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def evaluate_splits(
+    env_fns: Mapping[str, Callable[[], TextEnv]],
+    act_greedy: ActFn,
+    act_sample: ActFn | None,
+    generator: torch.Generator,
+    *,
+    categories: Sequence[str],
+    num_envs: int,
+    episodes_per_category: int,
+    seed: int,
+) -> dict[str, float]:
+    """:func:`evaluate` on each split (``prefix -> env factory``, e.g. ``""`` and ``"heldout/"``), ``num_envs`` envs
+    each, the metric names prefixed (``eval/heldout/greedy/success/<cat>``). ``generator`` (the one ``act_sample``
+    draws from) is reseeded with ``seed`` before each split, so sampled evaluations are reproducible."""
+    metrics: dict[str, float] = {}
+    for prefix, fn in env_fns.items():
+        generator.manual_seed(seed)
+        result = evaluate([fn] * num_envs, act_greedy, act_sample, categories=categories,
+                          episodes_per_category=episodes_per_category, seed=seed)
+        metrics.update({k.replace("eval/", f"eval/{prefix}", 1): v for k, v in result.items()})
+    return metrics

@@ -51,9 +51,9 @@ from sacglam.checkpoint import (  # noqa: E402
     load_checkpoint,
 )
 from sacglam.config import ALGOS, TrainConfig  # noqa: E402
-from sacglam.evaluate import evaluate, wilson_interval  # noqa: E402
-from sacglam.models import is_seq2seq  # noqa: E402
-from sacglam.pipeline import check_context, make_act_fn  # noqa: E402
+from sacglam.evaluate import evaluate_splits as evaluate_env_splits  # noqa: E402
+from sacglam.evaluate import wilson_interval  # noqa: E402
+from sacglam.pipeline import make_act_fn  # noqa: E402
 from sacglam.ppo import PPOAgent, PPOConfig  # noqa: E402
 from sacglam.prompting import PromptCodec  # noqa: E402
 from sacglam.sac import SACConfig  # noqa: E402
@@ -119,13 +119,6 @@ def config_yaml(cfg: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    """``cfg.device`` as train.py reads it: ``auto`` is cuda when available, else cpu."""
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
 # ------------------------------------------------------------------------------------------------ model, agent
 
 
@@ -139,14 +132,6 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[Any, Any, Promp
     probe = train.make_env_fn(cfg)()
     model, tokenizer, codec = train.build_model(cfg, probe, device)
     return model, tokenizer, codec, probe
-
-
-def make_agent(cfg: TrainConfig, model: Any, device: torch.device) -> Agent | PPOAgent:
-    """The agent ``train.make_learner`` wraps around ``model``, without the learner (no replay buffer)."""
-    if isinstance(cfg.algo, PPOConfig):
-        ppo = PPOAgent(model, cfg.algo, temperature=cfg.agent.temperature, length_norm=cfg.agent.length_norm)
-        return ppo.to(device)
-    return Agent(model, cfg.agent).to(device)
 
 
 @dataclass
@@ -230,14 +215,13 @@ def load_run(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Loa
     config_file = run_dir / CONFIG_FILE
     run_cfg = config_from_file(config_file)
     cfg = config_from_file(config_file, overrides)
-    device = resolve_device(cfg)
+    device = train.resolve_device(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     # The model as trained (its vocabulary comes from the run's training env), with model.* overrides such as dtype.
     model, tokenizer, _, _ = build_model(dataclasses.replace(run_cfg, model=cfg.model), device)
-    codec = train.make_codec(cfg, tokenizer, seq2seq=is_seq2seq(model))
-    check_context(codec, getattr(getattr(model, "config", None), "max_position_embeddings", None))
-    agent = make_agent(cfg, model, device)
+    codec = train.model_codec(cfg, model, tokenizer)
+    agent = train.make_agent(cfg, model, device)
     state = _load_state(ckpt, device)
     if state.get("algo") != cfg.algo.name:
         raise RunError(f"{ckpt} was written by algo={state.get('algo')} but {config_file} says "
@@ -270,15 +254,6 @@ class Row:
     high: float
 
 
-def eval_env_fns(cfg: TrainConfig) -> dict[str, Callable[[], Any]]:
-    """Evaluation env factories per split, as train.py's ``run_eval``: ``train`` (``env.kwargs`` +
-    ``env.eval_kwargs``) and, where ``env.heldout_kwargs`` is set, ``heldout`` (held-out objects)."""
-    fns = {"train": train.make_env_fn(cfg, **cfg.env.eval_kwargs)}
-    if cfg.env.heldout_kwargs:
-        fns["heldout"] = train.make_env_fn(cfg, **{**cfg.env.eval_kwargs, **cfg.env.heldout_kwargs})
-    return fns
-
-
 def evaluate_splits(
     cfg: TrainConfig, agent: Any, codec: PromptCodec, *, sample: bool, episodes: int | None = None,
 ) -> tuple[list[Row], dict[str, float]]:
@@ -304,19 +279,16 @@ def evaluate_splits(
     act_greedy = make_act_fn(agent, codec, greedy=True, device=device)
     gen = torch.Generator(device)
     act_sample = make_act_fn(agent, codec, greedy=False, device=device, generator=gen) if sample else None
+    env_fns = train.eval_env_fns(cfg)
+    metrics = evaluate_env_splits(env_fns, act_greedy, act_sample, gen, categories=categories,
+                                  num_envs=cfg.eval.num_envs, episodes_per_category=n, seed=cfg.eval.seed)
     rows: list[Row] = []
-    metrics: dict[str, float] = {}
-    for split, fn in eval_env_fns(cfg).items():
-        gen.manual_seed(cfg.eval.seed)
-        result = evaluate([fn] * cfg.eval.num_envs, act_greedy, act_sample, categories=categories,
-                          episodes_per_category=n, seed=cfg.eval.seed)
-        prefix = "eval/" if split == "train" else f"eval/{split}/"
-        metrics.update({k.replace("eval/", prefix, 1): v for k, v in result.items()})
+    for prefix in env_fns:
         for mode in ("greedy", "sample") if sample else ("greedy",):
             for c in categories:
-                k = round(result[f"eval/{mode}/success/{c}"] * n)
+                k = round(metrics[f"eval/{prefix}{mode}/success/{c}"] * n)
                 low, high = wilson_interval(k, n)
-                rows.append(Row(split, c, mode, n, k, k / n, low, high))
+                rows.append(Row(prefix.rstrip("/") or "train", c, mode, n, k, k / n, low, high))
     return rows, metrics
 
 

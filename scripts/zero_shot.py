@@ -76,7 +76,7 @@ def zero_shot(overrides: Sequence[str], episodes: int, sample: bool) -> tuple[li
         (rows, metrics, seed): the table rows, the metrics under train.py's names, and the first episode seed.
     """
     cfg = run_tools.compose_config(overrides)
-    device = run_tools.resolve_device(cfg)
+    device = run_tools.train.resolve_device(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     model, _, codec, _ = run_tools.build_model(cfg, device)
