@@ -102,6 +102,20 @@ class BitFlipTextEnv(TextEnvBase):
         self.parse_goal(goal)
         return CATEGORY
 
+    def goal_space(self, category: str, split: str) -> list[str]:
+        """All ``2 ** n_bits`` goals (one category, no held-out split: ``split`` is ignored), in binary order.
+
+        Raises:
+            ValueError: an unknown category, or ``n_bits > 16`` (65,536 goals is as far as a list is sensible).
+        """
+        if category != CATEGORY:
+            raise ValueError(f"BitFlip-Text has one goal category, {CATEGORY!r}; got {category!r}")
+        if self.n_bits > 16:
+            raise ValueError(f"goal_space lists 2 ** n_bits goals; n_bits={self.n_bits} is too many (> 16)")
+        n = self.n_bits
+        return [GOAL_PREFIX + self.bits_text(np.array([(v >> (n - 1 - i)) & 1 for i in range(n)], dtype=np.int8))
+                for v in range(2**n)]
+
     def goal_step_limit(self, goal: str) -> int:
         """``n_bits`` (the expert needs at most that many flips); pure. Unknown goal -> ValueError."""
         self.parse_goal(goal)

@@ -381,6 +381,8 @@ class PlaygroundTextEnv(TextEnvBase):
         if render_mode not in (None, "ansi"):
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self.goal_categories: list[str] = cats
+        # Every category a step can achieve, whatever the episodes' goals are drawn from (achieved-goal sources).
+        self.all_goal_categories: list[str] = list(GOAL_CATEGORIES)
         self.split = split
         self.held_out: frozenset[str] = frozenset(held_out)
         self.colors = colors

@@ -19,6 +19,7 @@ from sacglam.checkpoint import CheckpointConfig
 from sacglam.logging import LoggerConfig
 from sacglam.models import ModelConfig
 from sacglam.ppo import PPOConfig
+from sacglam.relabel import RelabelConfig, RuleConfig
 from sacglam.sac import SACConfig
 
 ALGOS: dict[str, type] = {"sac": SACConfig, "ppo": PPOConfig}
@@ -36,6 +37,8 @@ class EnvConfig:
     eval_kwargs: dict[str, Any] = field(default_factory=dict)  # overrides of `kwargs` for evaluation envs
     heldout_kwargs: dict[str, Any] = field(default_factory=dict)  # if set, also evaluate with these overrides
     corpus_episodes: int = 200  # random episodes whose text builds the tiny model's tokenizer
+    # Rules over a step's text -> achieved goals (relabel.source=rule, and the llm source's rule verifier).
+    rules: list[RuleConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -77,6 +80,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    relabel: RelabelConfig = field(default_factory=RelabelConfig)  # where achieved goals come from
     seed: int = 0  # seeds envs, model init, sampling
     total_env_steps: int = 200_000  # stop after this many env steps (summed over envs)
     time_limit_min: float = 0.0  # also stop after this many wall-clock minutes (0 = no limit)

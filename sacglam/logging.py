@@ -48,6 +48,8 @@ class LoggerConfig:
     jsonl: bool = True  # write run_dir/metrics.jsonl (needed for the success plot)
     progress: bool = True  # tqdm progress bar on the console
     log_every: int = 1000  # env steps between training-metric logs (see RunLogger.should_log)
+    episodes: bool = False  # write every finished training episode as text to run_dir/episodes/ (gzip JSONL)
+    episodes_max_mb: float = 64.0  # start a new episode-log file once the current one holds this many MB
 
 
 def _to_float(value: Any) -> float | None:
