@@ -18,6 +18,14 @@ HER ``future`` in O(1): each row keeps the number of achieving steps before it i
 double as a table "r-th achieving step -> its step index" (the r-th achieving step happens at a step >= r, so row
 ``start + r`` exists when it is written).
 
+Achieved goals known only after the episode (``relabel.source=rule|llm``, a judge reading the whole episode): the
+steps are added with ``achieved`` all -1, and once the episode has ended ``set_achieved(env, start, achieved)``
+(start from ``episode_start(env)`` before its first add) rewrites the stored ids and every table derived from them
+(ach_before, ``_ranks``, ep_ach; with a rarity option goal_count and the episode's rare_goal marks) in place, so the
+torch and the native code read them as if ``add`` had received them (exactly so without rarity; the marks use the
+counts at that call). It refuses a running episode and returns False when the ring has already overwritten the
+episode's first row.
+
 ``Batch.goal_gap`` is t' - t for relabelled rows and -1 otherwise. With ``her.strategy`` ``final`` or ``episode`` the
 source step can precede t, so a relabelled row can carry a negative gap too: a hindsight supervised term (ALGORITHM.md
 section 9) must select ``relabelled & (goal_gap >= 0)``.
@@ -556,6 +564,148 @@ class ReplayBuffer:
         old_count = torch.where(old >= 0, self.goal_count.index_select(0, old.clamp(min=0).view(-1)).view_as(old), big)
         take = ok & (g_count < old_count)  # where nothing was achieved, g_count is big and ok is False
         self.rare_goal.index_copy_(0, rows, torch.where(take, g, old).to(torch.int32))
+
+    # ------------------------------------------------------------------ achieved goals known after the episode
+
+    def episode_start(self, env: int) -> int:
+        """The absolute position where env ``env``'s running episode started (its first step's ``pos`` before the
+        add; ``cur_start[env]``), to be passed later to ``set_achieved``. One host read."""
+        if not 0 <= env < self.n_envs:
+            raise ValueError(f"env {env} is outside [0, n_envs={self.n_envs})")
+        return int(self.cur_start[env])
+
+    def set_achieved(self, env: int, start: int, achieved: torch.Tensor) -> bool:
+        """Replace the achieved goal ids of env ``env``'s finished episode whose first step was added at absolute
+        position ``start`` (``buffer.pos``, or ``episode_start(env)``, before the add of its first step).
+
+        Afterwards every table is what ``add`` would have left had the episode been added with these ids: the
+        stored ids (left-aligned as ``add`` aligns them), ``ach_before``, the "r-th achieving step" table
+        ``_ranks``, the episode's ``ep_ach`` and, with ``her.counts_goals``, ``goal_count`` (the episode's old
+        achievements subtracted, the new ones added) and the episode's ``rare_goal`` marks. The marks are computed
+        with the goal counts (and step limits) at the time of this call, not with the counts each step would have
+        seen when added one by one, so they can differ from an incremental ``add`` of the same ids; other episodes'
+        marks are left as they are. The rarity sampling distribution is refreshed on the next ``sample``.
+
+        Cost: O(L * G) elementwise work in about 35 small tensor ops and one host synchronisation (two with
+        ``her.counts_goals``, whose marks take O(L * A) for the episode's A achieving steps).
+
+        Args:
+            env: the env (column) in [0, n_envs).
+            start: absolute position of the episode's first step.
+            achieved: [L, G'] integer goal ids, -1 padded, any order within a row (any device), with L the episode's
+                stored length and G' <= ``max_achieved``.
+
+        Returns:
+            True when the episode was rewritten; False (nothing changed) when it is no longer intact in storage (its
+            first row was overwritten by the ring).
+
+        Raises:
+            ValueError: (the buffer unchanged) ``env`` out of range, ``achieved`` not a 2-D integer tensor, G' >
+                ``max_achieved``, an id outside [-1, n_goals), the episode not finished yet (``start`` at or past
+                the running episode's start), ``start`` not the first step of a stored episode, or L not the stored
+                length (the messages name the values).
+        """
+        cfg, dev, N, C = self.cfg, self.device, self.n_envs, self.capacity_per_env
+        G = cfg.max_achieved
+        if not 0 <= env < N:
+            raise ValueError(f"set_achieved: env {env} is outside [0, n_envs={N})")
+        if not isinstance(achieved, torch.Tensor):
+            achieved = torch.as_tensor(achieved)
+        if achieved.dim() != 2 or achieved.is_floating_point() or achieved.is_complex() or \
+                achieved.dtype == torch.bool:
+            raise ValueError(f"set_achieved: achieved must be a 2-D [L, G'] integer tensor of goal ids, got shape "
+                             f"{tuple(achieved.shape)} dtype {achieved.dtype}")
+        L, width = achieved.shape
+        if width > G:
+            raise ValueError(f"set_achieved: achieved has width {width} > max_achieved={G}; set buffer "
+                             f"max_achieved >= {width}")
+        if start < 0:
+            raise ValueError(f"set_achieved: start {start} < 0 is no absolute position")
+        ach = achieved.to(dev).long()
+        row0 = start % C
+        # The single synchronisation of the checks: bookkeeping of the column, the stored row at `start`, the
+        # length of its episode and the range of the new ids.
+        epk = self._rows[row0, env, _EPK]
+        no_ach = torch.full((), -1, dtype=torch.long, device=dev)
+        a_min, a_max = torch.aminmax(ach) if ach.numel() else (no_ach, no_ach)
+        cur_start, lo, step0, ep_len, a_min_h, a_max_h = torch.stack([
+            self.cur_start[env], self.lo[env], self._rows[row0, env, _T].long(),
+            self._eps_flat[epk.long(), 0].long(), a_min, a_max]).tolist()
+        if a_min_h < -1 or a_max_h >= self.n_goals:
+            raise ValueError(f"set_achieved: achieved holds an id outside [-1, {self.n_goals}) (padding is -1): "
+                             f"min {a_min_h}, max {a_max_h}; register achieved goals with register_goal first")
+        if start >= cur_start:
+            raise ValueError(f"set_achieved: env {env}'s episode starting at {start} is not finished (the running "
+                             f"episode started at {cur_start}, pos = {self.pos}); call it once the episode's last "
+                             f"step (terminated or truncated) has been added")
+        if start < lo or start < self.pos - C:
+            return False  # its first row was overwritten: the episode is gone from the sampleable window
+        if step0 != 0:
+            raise ValueError(f"set_achieved: position {start} holds step {step0} of an episode of env {env}, not "
+                             f"its first step; pass the position of the episode's first step (episode_start)")
+        if ep_len != L:
+            raise ValueError(f"set_achieved: achieved has {L} rows but env {env}'s episode starting at {start} "
+                             f"has {ep_len} stored steps")
+
+        # Left-align the ids (valid first, stable) and pad them to G, as add stores them.
+        ach = ach.gather(1, torch.sort((ach < 0).to(torch.uint8), dim=1, stable=True).indices)
+        if width < G:
+            ach = torch.cat([ach, ach.new_full((L, G - width), -1)], 1)
+        rows = (start + torch.arange(L, device=dev)) % C  # [L] storage rows of the episode
+        achieving = (ach >= 0).any(1)  # [L]
+        n_before = torch.cumsum(achieving, 0, dtype=torch.int32) - achieving.to(torch.int32)  # [L] ach_before
+        # Step indices of the achieving steps first (in time order), then the others: rank r's entry for r < A.
+        order = torch.sort((~achieving).to(torch.uint8), stable=True).indices  # [L]
+        n_ach = achieving.sum(dtype=torch.int32)
+        ranks = torch.where((torch.arange(L, device=dev) < n_ach).unsqueeze(1),
+                            self._rank_values(order.to(torch.int32), ach.index_select(0, order).to(torch.int32)),
+                            self._rank_reset)  # [L, 3 + G]
+        old = self._rows[rows, env, _F:].long() if cfg.her.counts_goals else None  # [L, G] the replaced ids
+        self._rows[rows, env, _F:] = ach.to(torch.int32)
+        self._rows[rows, env, _ACHB] = n_before
+        self._ranks[rows, env] = ranks
+        self._eps_flat[epk.long(), 1] = n_ach
+        if old is not None:
+            self._remark_rare(env, rows, old, ach, achieving)
+        self._window_pos = -1  # the rarity weights read the marks and counts: recomputed on the next sample
+        return True
+
+    def _remark_rare(self, env: int, rows: torch.Tensor, old: torch.Tensor, new: torch.Tensor,
+                     achieving: torch.Tensor) -> None:
+        """``set_achieved``'s rarity update: recount and mark one episode's rows anew.
+
+        ``goal_count`` loses the episode's old achievements and gains the new ones; then each row r of the episode
+        gets, as ``_mark_rare`` would with these (now fixed) counts, the rarest goal g*(t') of the achieving step t'
+        >= r with t' - r < limit(g*(t')) that has the fewest achievements, the earliest such t' among ties (-1:
+        none). g*(t') is the step's goal achieved fewest times (the first of ties).
+
+        Args:
+            env: the column.
+            rows: [L] storage rows of the episode, in step order.
+            old: [L, G] long, the ids stored before (-1 padded).
+            new: [L, G] long, the new ids, left-aligned, -1 padded.
+            achieving: [L] bool, the step achieves something under ``new``.
+        """
+        L, dev = rows.shape[0], self.device
+        count = self.goal_count
+        for ids, sign in ((old, -1), (new, 1)):
+            count.index_add_(0, ids.clamp(min=0).view(-1), (ids >= 0).view(-1).long() * sign)
+        steps = achieving.nonzero().squeeze(1)  # [A] achieving steps (a host synchronisation)
+        if steps.numel() == 0:
+            self.rare_goal[rows, env] = -1
+            return
+        big = torch.iinfo(torch.int64).max
+        ids = new.index_select(0, steps)  # [A, G]
+        c = torch.where(ids >= 0, count.index_select(0, ids.clamp(min=0).view(-1)).view_as(ids), big)
+        g_count, best = c.min(1)  # [A] the count of each achieving step's rarest goal (the first of ties, as add)
+        g = ids.gather(1, best.unsqueeze(1)).squeeze(1)  # [A]
+        limit = self.goal_limit.index_select(0, g)
+        limit = torch.where(limit > 0, limit, self._max_limit)  # <= _max_limit; t' - r < L <= C needs no cap
+        back = steps.unsqueeze(0) - torch.arange(L, device=dev).unsqueeze(1)  # [L, A] t' - r
+        # Fewest achievements first, then the earliest step (add keeps a mark unless a later step is strictly rarer).
+        key = torch.where((back >= 0) & (back < limit), g_count * L + steps, big)  # [L, A]
+        best_key, pick = key.min(1)
+        self.rare_goal[rows, env] = torch.where(best_key < big, g.index_select(0, pick), -1).to(torch.int32)
 
     # ------------------------------------------------------------------ sample
 
