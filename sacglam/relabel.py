@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import queue
 import re
+import string
 import threading
 import time
 from collections import defaultdict
@@ -115,7 +116,8 @@ class Relabelled:
         achieved: L lists, the accepted goals of each step (each goal once per step, in the goal space).
         confidence: L lists aligned with ``achieved``.
         proposed: proposals made (for ``llm``; matches for ``rule``); accepted / rejected: the verifier's verdicts;
-        dropped: proposals outside the goal space or the episode's steps (never judged).
+        dropped: proposals outside the goal space or the episode's steps, or repeating an earlier proposal of the
+            same goal at the same step (never judged).
         ms: milliseconds the source spent on this episode (its share of a batched call).
     """
 
@@ -266,7 +268,11 @@ class RuleSource:
                 rx = re.compile(r.pattern, re.MULTILINE)
             except re.error as exc:
                 raise ValueError(f"rule {i} ({r.pattern!r}): invalid regular expression: {exc}") from None
-            names = set(re.findall(r"{(\w+)}", r.goal))
+            try:  # every field the template formats ("{obj}", "{obj!r}", "{}"; not the literal "{{")
+                fields = [f for _, f, _, _ in string.Formatter().parse(r.goal) if f is not None]
+            except ValueError as exc:
+                raise ValueError(f"rule {i}: goal template {r.goal!r} is not a format string: {exc}") from None
+            names = {re.split(r"[.\[]", f, maxsplit=1)[0] for f in fields}
             if not r.goal or names - set(rx.groupindex):
                 raise ValueError(f"rule {i}: goal template {r.goal!r} needs groups {sorted(names)} but the pattern "
                                  f"{r.pattern!r} has {sorted(rx.groupindex)}")
@@ -277,7 +283,7 @@ class RuleSource:
         out: list[str] = []
         for rx, r in self._compiled:
             for m in rx.finditer(text):
-                groups = {k: (v.lower() if r.lower else v) for k, v in m.groupdict().items() if v is not None}
+                groups = {k: (v.lower() if r.lower else v) for k, v in m.groupdict(default="").items()}
                 goal = r.goal.format(**groups)
                 if goal not in out:
                     out.append(goal)
@@ -340,7 +346,8 @@ class LLMSource:
 
     Args:
         proposer, judge: the two roles (``ModelProposer`` / ``ModelJudge`` / ``RuleJudge``, or scripted ones).
-        goal_space: proposals outside it are dropped and counted, never judged.
+        goal_space: proposals outside it (or outside the episode's steps, or repeating one of the same step) are
+            dropped and counted, never judged.
         threshold: a proposal is accepted when its judge confidence is >= this.
     """
 
@@ -357,7 +364,11 @@ class LLMSource:
         results, kept = [], []
         for ep, props in zip(episodes, proposals, strict=True):
             res = Relabelled([[] for _ in range(ep.length)], [[] for _ in range(ep.length)], proposed=len(props))
-            ok = [p for p in props if p.goal in self.goal_space and 0 <= p.step < ep.length]
+            ok, seen = [], set()
+            for p in props:  # a repeat of (step, goal) is dropped like an unknown goal: judged once, counted once
+                if p.goal in self.goal_space and 0 <= p.step < ep.length and (p.step, p.goal) not in seen:
+                    seen.add((p.step, p.goal))
+                    ok.append(p)
             res.dropped = len(props) - len(ok)
             results.append(res)
             kept.append(ok)
