@@ -70,7 +70,7 @@ class LLMRelabelConfig:
     judge_model: str | None = None  # null: the proposer's model judges too
     threshold: float = 0.5  # the judge's P(Yes) needed to accept a proposal
     max_goals: int = 16  # candidate goals scored per step (the best-ranked by word overlap)
-    chat: bool = True  # wrap prompts in the tokenizer's chat template (when it has one)
+    chat: bool = False  # wrap prompts in the tokenizer's chat template (when it has one)
     batch_size: int = 32  # prompts per forward pass
     background: bool = False  # judge on a separate thread (the collector does not wait; results land later)
     device: str = "cpu"  # where the judge model runs
@@ -136,6 +136,20 @@ class AchievedGoalSource(Protocol):
     name: str
 
     def __call__(self, episodes: Sequence[EpisodeRecord]) -> list[Relabelled]: ...
+
+
+def change_text(ep: EpisodeRecord, t: int) -> str:
+    """Step t of ``ep`` as the model roles read it: the action, then the observation lines that changed, as
+    ``before -> after`` (lines added or removed as ``(none)``); empty when the observation did not change.
+
+    Shorter than the whole transition (a small model reads the change instead of finding it) and cheaper to score.
+    """
+    before, after = ep.observations[t].split("\n"), ep.observations[t + 1].split("\n")
+    width = max(len(before), len(after))
+    before += ["(none)"] * (width - len(before))
+    after += ["(none)"] * (width - len(after))
+    changed = [f"{b} -> {a}" for b, a in zip(before, after, strict=True) if b != a]
+    return f"Action: {ep.action_text(t)}\nWhat changed:\n" + "\n".join(changed) if changed else ""
 
 
 def transition_text(ep: EpisodeRecord, t: int) -> str:
@@ -452,8 +466,10 @@ def _softmax(xs: Sequence[float]) -> list[float]:
 
 
 class ModelProposer:
-    """Per step: the step's candidate goals and "Nothing new" scored as answers to "which goal did this action just
-    achieve?"; the best answer is proposed when it is a goal, with its probability among the answers."""
+    """Per step whose observation changed (``change_text``): the goals of the goal space that share the most words
+    with the change (up to ``max_goals``) and "Nothing new" scored as answers to "which goal did this action just
+    achieve?"; the best answer is proposed when it is a goal, with its probability among the answers. Steps that
+    change nothing are not proposed."""
 
     def __init__(self, scorer: TextScorer, max_goals: int = 16) -> None:
         self.scorer, self.max_goals = scorer, max_goals
@@ -462,11 +478,11 @@ class ModelProposer:
         prompts, cands, where = [], [], []
         for e, ep in enumerate(episodes):
             for t in range(ep.length):
-                text = transition_text(ep, t)
-                goals = goal_space.candidates(f"> {ep.action_text(t)}\n{ep.observations[t + 1]}", self.max_goals)
+                text = change_text(ep, t)
+                goals = goal_space.candidates(text, self.max_goals) if text else []
                 if not goals:
                     continue
-                prompts.append(f"An agent acts in a text world.\nBefore:\n{text}\n{_PROPOSE_Q}")
+                prompts.append(f"{text}\n{_PROPOSE_Q}")
                 cands.append([*goals, _NOTHING])
                 where.append((e, t))
         out: list[list[Proposal]] = [[] for _ in episodes]
@@ -488,8 +504,8 @@ class ModelJudge:
         prompts, index = [], []
         for e, (ep, props) in enumerate(zip(episodes, proposals, strict=True)):
             for i, p in enumerate(props):
-                prompts.append(f"An agent acts in a text world.\n{transition_text(ep, p.step)}\n"
-                               f'Did this action just achieve the goal "{p.goal}"? Answer Yes or No.')
+                prompts.append(f'{change_text(ep, p.step)}\nDid this action just achieve the goal "{p.goal}"? '
+                               "Answer Yes or No.")
                 index.append((e, i))
         out: list[list[float]] = [[0.0] * len(props) for props in proposals]
         scores = self.scorer(prompts, [["Yes", "No"]] * len(prompts)) if prompts else []
