@@ -4,8 +4,7 @@ A run folder is made by hand: ``.hydra/config.yaml`` composed from conf/ (Playgr
 log of real Playground-Text episodes (expert and random actions mixed, so failed episodes grasp and grow things).
 In every third episode the logged oracle goals are erased, so ``--source oracle`` and ``--source rule`` must differ
 exactly there (the rules still read the achievement in the text). Each export is loaded back with
-``datasets.load_dataset("json")`` (plain JSON with a schema check when ``datasets`` is not installed) and checked
-record by record against the episodes: the cut at the first achieving step, roles alternating, observations only in
+``datasets.load_dataset("json")`` and checked record by record against the episodes: the cut at the first achieving step, roles alternating, observations only in
 user turns, the action of each step as the completion, and source / confidence / ids kept.
 """
 
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 import random
 import shutil
@@ -100,15 +98,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[EpisodeRec
 
 
 def load_rows(path: Path, cache: Path) -> list[dict[str, Any]]:
-    """The file as ``datasets.load_dataset("json")`` loads it; without ``datasets``, plain JSON lines whose columns
-    and value types agree across rows (what its Arrow schema inference needs)."""
-    try:
-        import datasets
-    except ImportError:
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        shape = [(sorted(r), [type(v).__name__ for _, v in sorted(r.items())]) for r in rows]
-        assert all(s == shape[0] for s in shape), "rows differ in columns or types"
-        return rows
+    """The file as ``datasets.load_dataset("json")`` loads it (a dev dependency: TRL's trainers read it so)."""
+    import datasets
+
     datasets.disable_progress_bars()
     ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache))
     return [dict(r) for r in ds]
