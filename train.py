@@ -46,12 +46,15 @@ from sacglam.checkpoint import (
 )
 from sacglam.collector import Collector, episode_metrics
 from sacglam.config import ALGOS, TrainConfig, register_configs
+from sacglam.episode_log import EpisodeLog
+from sacglam.episodes import EpisodeTracker
 from sacglam.evaluate import evaluate_splits
 from sacglam.logging import RunLogger
 from sacglam.models import is_seq2seq, load_model
 from sacglam.pipeline import StepEncoder, check_context, make_act_fn, tokenizer_corpus
 from sacglam.ppo import PPOAgent, PPOConfig, PPOLearner, check_on_policy
 from sacglam.prompting import PromptCodec
+from sacglam.relabel import GoalSpace, OnlineRelabeller, RelabelStats, make_source
 from sacglam.sac import NonFiniteLossError, SACConfig, SACLearner
 
 register_configs()
@@ -132,16 +135,30 @@ def make_learner(cfg: TrainConfig, model: Any, codec: PromptCodec, probe: Any,
     agent = make_agent(cfg, model, device)
     if isinstance(agent, PPOAgent) and isinstance(cfg.algo, PPOConfig):
         check_on_policy(list(HydraConfig.get().overrides.task), cfg.buffer.her.ratio, cfg.buffer.her.rare_fraction)
+        if cfg.relabel.source != "oracle":
+            raise ValueError(f"relabel.source={cfg.relabel.source} feeds hindsight relabelling, which algo=ppo "
+                             "does not do; use algo=sac (or leave relabel.source=oracle)")
         shuffle_gen = torch.Generator().manual_seed(cfg.seed + 2)
         return agent, PPOLearner(agent, cfg.algo, codec, cfg.env.num_envs, device, act_gen, shuffle_gen)
     assert isinstance(agent, Agent) and isinstance(cfg.algo, SACConfig)
     buffer_device = device if cfg.buffer.device == "auto" else cfg.buffer.device  # e.g. keep the buffer on the CPU
     buffer = ReplayBuffer(cfg.buffer, cfg.env.num_envs, pad_id=codec.pad_id, device=buffer_device, prompt=codec)
-    encoder = StepEncoder(codec, buffer, probe.goal_step_limit, cfg.buffer.max_achieved)
+    relabeller = make_relabeller(cfg, probe)
+    encoder = StepEncoder(codec, buffer, probe.goal_step_limit, cfg.buffer.max_achieved, relabeller is None)
     sample_gen = torch.Generator(buffer.device).manual_seed(cfg.seed + 2)
     return agent, SACLearner(agent, cfg.algo, buffer, encoder, codec, batch_size=cfg.batch_size,
                              replay_ratio=cfg.replay_ratio, learning_starts=cfg.learning_starts, device=device,
-                             act_generator=act_gen, sample_generator=sample_gen)
+                             act_generator=act_gen, sample_generator=sample_gen, relabeller=relabeller)
+
+
+def make_relabeller(cfg: TrainConfig, probe: Any) -> OnlineRelabeller | None:
+    """The achieved-goal source of ``relabel.source`` run as episodes end (None for ``oracle``: the env's goals are
+    stored as they come)."""
+    if cfg.relabel.source == "oracle":
+        return None
+    source = make_source(cfg.relabel, probe, cfg.env.rules)
+    background = cfg.relabel.source == "llm" and cfg.relabel.llm.background
+    return OnlineRelabeller(source, RelabelStats(GoalSpace.from_env(probe)), background=background)
 
 
 def seed_everything(seed: int) -> None:
@@ -168,6 +185,7 @@ def main(dcfg: DictConfig) -> float:
     model, _, codec = build_model(cfg, probe, device)
     agent, learner = make_learner(cfg, model, codec, probe, device)
     collector = Collector(vec, learner.act, seed=cfg.seed)
+    tracker = EpisodeTracker(cfg.env.num_envs)  # finished episodes as text, for the relabeller and episode log
     act_greedy = make_act_fn(agent, codec, greedy=True, device=device)
     eval_gen = torch.Generator(device)  # reseeded at every evaluation, so sampled evaluations are reproducible
     act_eval_sample = make_act_fn(agent, codec, greedy=False, device=device, generator=eval_gen)
@@ -185,11 +203,17 @@ def main(dcfg: DictConfig) -> float:
         if state["envs"] is not None:
             vec.set_state(state["envs"])
         collector.load_state_dict(state["collector"], envs_restored=state["envs"] is not None)
+        if "episodes" in state:
+            tracker.load_state_dict(state["episodes"])
+        if state["envs"] is None:
+            tracker.drop_running()
         restore_rng_state(state["rng"], generators=learner.generators)
         next_eval, next_ckpt = state["loop"]
         print(f"resumed from {ckpt_path} at env step {collector.env_steps}")
     logger = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(dcfg, resolve=True), cfg.total_env_steps,  # type: ignore[arg-type]
                        resume_from_step=collector.env_steps if ckpt_path is not None else None)
+    episode_log = EpisodeLog(run_dir, cfg.logger.episodes_max_mb, collector.env_steps if ckpt_path else None
+                             ) if cfg.logger.episodes else None
 
     def run_eval() -> dict[str, float]:
         agent.eval()
@@ -201,7 +225,7 @@ def main(dcfg: DictConfig) -> float:
 
     def checkpoint() -> None:
         state = {"algo": cfg.algo.name, "agent": agent.state_dict(), "learner": learner.state_dict(),
-                 "collector": collector.state_dict(), "envs": env_state(vec),
+                 "collector": collector.state_dict(), "envs": env_state(vec), "episodes": tracker.state_dict(),
                  "rng": capture_rng_state(generators=learner.generators), "loop": (next_eval, next_ckpt)}
         save_checkpoint(run_dir, collector.env_steps, state, keep=cfg.checkpoint.keep)
 
@@ -212,9 +236,12 @@ def main(dcfg: DictConfig) -> float:
             break
         # Collect one step of every env; the algorithm stores it and updates when it is time.
         step, episodes = collector.step()
+        records = tracker.add(step, episodes, policy_version=learner.updates, env_steps=collector.env_steps)
+        if episode_log is not None and records:
+            episode_log.write(records)
         metrics: dict[str, Any] = episode_metrics(episodes) if episodes else {}
         try:
-            metrics.update(learner.observe(step))
+            metrics.update(learner.observe(step, records))
         except NonFiniteLossError as exc:
             last = find_latest_checkpoint(run_dir)
             raise RuntimeError(f"stopped at env step {collector.env_steps}: {exc} Last good checkpoint: "
@@ -229,6 +256,8 @@ def main(dcfg: DictConfig) -> float:
                           "on the whole text (PromptCodec); counted in charts/unfaithful_tokenisation", stacklevel=1)
         metrics.update({"charts/updates": learner.updates, "charts/obs_truncated": codec.truncated_count,
                         "charts/unfaithful_tokenisation": codec.unfaithful_count})
+        if records and isinstance(learner, SACLearner):
+            metrics.update(learner.relabel_metrics())
         if cfg.eval.every and collector.env_steps >= next_eval:
             metrics.update(run_eval())
             next_eval += cfg.eval.every
@@ -238,10 +267,14 @@ def main(dcfg: DictConfig) -> float:
             checkpoint()
 
     final = run_eval()
+    checkpoint()  # (after a background relabeller's last episodes are in the buffer and counted)
+    if isinstance(learner, SACLearner):
+        final.update(learner.relabel_metrics())
     logger.log(collector.env_steps, final)
-    checkpoint()
     logger.close()
     vec.close()
+    if episode_log is not None:
+        episode_log.close()
     success = final.get("eval/greedy/success", 0.0)
     print(f"final greedy success {success:.3f} after {collector.env_steps} env steps and {learner.updates} updates; "
           f"run folder {run_dir}")

@@ -45,6 +45,8 @@ class StepEncoder:
         goals: the buffer's goal table.
         goal_limit: step limit of a goal string (the env's ``goal_step_limit``; None when unknown).
         max_achieved: width G of the achieved-goal ids (the buffer's ``max_achieved``).
+        use_achieved: store the env's ``achieved_goals`` (the ``oracle`` source); False stores none, for an
+            achieved-goal source that fills them in once the episode ends (``ReplayBuffer.set_achieved``).
     """
 
     def __init__(
@@ -53,8 +55,10 @@ class StepEncoder:
         goals: GoalRegistry,
         goal_limit: Callable[[str], int | None],
         max_achieved: int,
+        use_achieved: bool = True,
     ) -> None:
         self.codec = codec
+        self.use_achieved = use_achieved
         self.goals = goals
         self.goal_limit = goal_limit
         self.max_achieved = max_achieved
@@ -80,7 +84,7 @@ class StepEncoder:
         cands, cand_len = self.codec.encode_candidates(step.candidates)
         next_cands, next_cand_len = self.codec.encode_candidates(step.next_candidates)
         achieved = torch.full((n, self.max_achieved), -1, dtype=torch.long)
-        for i, goals in enumerate(step.achieved_goals):
+        for i, goals in enumerate(step.achieved_goals if self.use_achieved else ()):
             if len(goals) > self.max_achieved:
                 raise ValueError(
                     f"a step achieved {len(goals)} goals ({goals}) but buffer.max_achieved={self.max_achieved}; "
@@ -106,6 +110,17 @@ class StepEncoder:
             logp=torch.tensor(step.logp, dtype=torch.float32),
             policy_version=torch.full((n,), policy_version, dtype=torch.long),
         )
+
+    def goal_rows(self, achieved: Sequence[Sequence[str]]) -> tuple[torch.Tensor, int]:
+        """Per-step goal strings -> ids [L, max_achieved] long (-1 padded), registering new goals; goals beyond
+        ``max_achieved`` at a step are left out and counted (the second value)."""
+        ids = torch.full((len(achieved), self.max_achieved), -1, dtype=torch.long)
+        over = 0
+        for t, goals in enumerate(achieved):
+            over += max(0, len(goals) - self.max_achieved)
+            for j, g in enumerate(goals[: self.max_achieved]):
+                ids[t, j] = self.goal_id(g)
+        return ids, over
 
     def state_dict(self) -> dict[str, Any]:
         return {"goal_ids": dict(self.goal_ids)}

@@ -581,9 +581,10 @@ class PPOLearner:
     def updates(self) -> int:
         return self.updater.step
 
-    def observe(self, step: TextStep) -> UpdateStats:
+    def observe(self, step: TextStep, episodes: Sequence[Any] = ()) -> UpdateStats:
         """Store the vector step the collector just took (with the tensors the actor encoded for it); when the
-        rollout is full, bootstrap, compute GAE and update. Returns the update's stats, or {} when none ran."""
+        rollout is full, bootstrap, compute GAE and update. Returns the update's stats, or {} when none ran.
+        ``episodes`` (the finished episodes' text) is accepted for the loop's sake: PPO relabels nothing."""
         last = self.actor.last
         if last is None:
             raise RuntimeError("PPOLearner.observe: the collector did not act through PPOLearner.act")

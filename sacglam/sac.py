@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from accelerate import Accelerator
 
 from sacglam.agent import Agent
 from sacglam.buffer import ReplayBuffer
+from sacglam.episodes import EpisodeRecord
 from sacglam.losses import (
     actor_loss,
     alpha_loss,
@@ -35,6 +37,7 @@ from sacglam.losses import (
 )
 from sacglam.pipeline import StepEncoder, make_act_fn
 from sacglam.prompting import PromptCodec
+from sacglam.relabel import OnlineRelabeller, RelabelJob, Relabelled
 from sacglam.types import ActFn, Batch, TextStep, UpdateStats
 
 
@@ -352,11 +355,17 @@ class SACLearner:
         codec: the prompt codec of the act function.
         batch_size, replay_ratio, learning_starts: the loop's replay options (``TrainConfig``).
         device: where the model runs; act_generator: samples actions; sample_generator: samples the buffer.
+        relabeller: where achieved goals come from when it is not the env's oracle (``relabel.source=rule|llm``):
+            the encoder then stores none, and each finished episode's goals are written into the buffer
+            (``ReplayBuffer.set_achieved``) once the relabeller has judged it -- at once, before the step's updates,
+            or a few steps later when it judges on a background thread (the episode is replayed under its own goal
+            meanwhile).
     """
 
     def __init__(self, agent: Agent, cfg: SACConfig, buffer: ReplayBuffer, encoder: StepEncoder, codec: PromptCodec,
                  *, batch_size: int, replay_ratio: float, learning_starts: int, device: torch.device | str,
-                 act_generator: torch.Generator, sample_generator: torch.Generator) -> None:
+                 act_generator: torch.Generator, sample_generator: torch.Generator,
+                 relabeller: OnlineRelabeller | None = None) -> None:
         self.updater = SACUpdater(agent, cfg)
         self.buffer, self.encoder = buffer, encoder
         self.batch_size, self.learning_starts = batch_size, learning_starts
@@ -366,18 +375,35 @@ class SACLearner:
         self.act: ActFn = make_act_fn(agent, codec, greedy=False, device=device, generator=act_generator)
         self.generators = {"act": act_generator, "sample": sample_generator}
         self._batch: Batch | None = None  # the last sampled batch, overwritten by the next sample once used
+        self.relabeller = relabeller
+        if relabeller is not None and encoder.use_achieved:
+            raise ValueError("with a relabeller the encoder must not store the env's achieved goals "
+                             "(StepEncoder(..., use_achieved=False))")
 
     @property
     def updates(self) -> int:
         return self.updater.step
 
-    def observe(self, step: TextStep) -> UpdateStats:
+    def observe(self, step: TextStep, episodes: Sequence[EpisodeRecord] = ()) -> UpdateStats:
         """Store the vector step and run the updates it pays for; the last update's stats ({} when none ran).
+
+        Args:
+            step: the collector's vector step.
+            episodes: the episodes that ended at this step (``EpisodeTracker.add``); only read with a relabeller.
 
         Raises:
             NonFiniteLossError: from :meth:`SACUpdater.update` (no optimizer step was taken).
         """
+        starts = self.buffer.cur_start.tolist() if self.relabeller is not None and episodes else None
         self.buffer.add(self.encoder(step, policy_version=self.updates))
+        if self.relabeller is not None:
+            if starts is not None:
+                end = self.buffer.pos  # the finished episodes' rows are [start, end) of their columns
+                jobs = [RelabelJob(e.env_index, int(starts[e.env_index]), e) for e in episodes]
+                ok = [j for j in jobs if end - j.start == j.episode.length]  # else it began before a resume
+                self.relabeller.stats.counts["stale"] += len(jobs) - len(ok)
+                self.relabeller.submit(ok)
+            self._apply(self.relabeller.collect())
         stats: UpdateStats = {}
         if self.buffer.num_sampleable >= self.learning_starts:
             self.update_credit += self.updates_per_vector_step
@@ -387,15 +413,38 @@ class SACLearner:
                 self.update_credit -= 1.0
         return stats
 
+    def _apply(self, done: list[tuple[RelabelJob, Relabelled]]) -> None:
+        """Write judged episodes' achieved goals into the buffer (an episode the ring overwrote meanwhile is counted
+        as stale; goals past ``buffer.max_achieved`` at a step as dropped)."""
+        assert self.relabeller is not None
+        counts = self.relabeller.stats.counts
+        for job, res in done:
+            ids, over = self.encoder.goal_rows(res.achieved)
+            counts["dropped"] += over
+            if not self.buffer.set_achieved(job.env, job.start, ids):
+                counts["stale"] += 1
+
+    def relabel_metrics(self) -> dict[str, float]:
+        """``relabel/*`` (``RelabelStats.metrics``); {} without a relabeller."""
+        return {} if self.relabeller is None else self.relabeller.stats.metrics()
+
     def state_dict(self) -> dict[str, Any]:
-        return {"updater": self.updater.state_dict(), "buffer": self.buffer.state_dict(),
-                "encoder": self.encoder.state_dict(), "update_credit": self.update_credit}
+        """The learner's state; with a background relabeller, first waits for the episodes it is judging and writes
+        them into the buffer, so that the checkpoint holds them."""
+        state = {"updater": self.updater.state_dict(), "buffer": self.buffer.state_dict(),
+                 "encoder": self.encoder.state_dict(), "update_credit": self.update_credit}
+        if self.relabeller is not None:
+            self._apply(self.relabeller.collect(wait=True))
+            state["relabel"] = self.relabeller.stats.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.updater.load_state_dict(state["updater"])
         self.buffer.load_state_dict(state["buffer"])
         self.encoder.load_state_dict(state["encoder"])
         self.update_credit = float(state["update_credit"])
+        if self.relabeller is not None and "relabel" in state:
+            self.relabeller.stats.load_state_dict(state["relabel"])
 
 
 __all__ = ["NonFiniteLossError", "SACConfig", "SACLearner", "SACUpdater"]
