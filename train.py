@@ -158,7 +158,8 @@ def make_relabeller(cfg: TrainConfig, probe: Any) -> OnlineRelabeller | None:
         return None
     source = make_source(cfg.relabel, probe, cfg.env.rules)
     background = cfg.relabel.source == "llm" and cfg.relabel.llm.background
-    return OnlineRelabeller(source, RelabelStats(GoalSpace.from_env(probe)), background=background)
+    return OnlineRelabeller(source, RelabelStats(GoalSpace.from_env(probe)), background=background,
+                            max_pending=cfg.relabel.llm.max_pending)
 
 
 def seed_everything(seed: int) -> None:

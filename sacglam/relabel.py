@@ -73,6 +73,7 @@ class LLMRelabelConfig:
     chat: bool = False  # wrap prompts in the tokenizer's chat template (when it has one)
     batch_size: int = 32  # prompts per forward pass
     background: bool = False  # judge on a separate thread (the collector does not wait; results land later)
+    max_pending: int = 64  # background only: episodes ending while this many wait are not judged (0 = no limit)
     device: str = "cpu"  # where the judge model runs
     dtype: str = "float32"
 
@@ -592,7 +593,7 @@ class RelabelStats:
     def __init__(self, goal_space: GoalSpace | None = None) -> None:
         self.goal_space = goal_space
         self.episodes = 0
-        self.counts = {"proposed": 0, "accepted": 0, "rejected": 0, "dropped": 0, "stale": 0}
+        self.counts = {"proposed": 0, "accepted": 0, "rejected": 0, "dropped": 0, "stale": 0, "skipped": 0}
         self.ms = 0.0
         self.tp: dict[str, int] = defaultdict(int)
         self.fp: dict[str, int] = defaultdict(int)
@@ -615,13 +616,15 @@ class RelabelStats:
             self.fn[self._cat(g)] += 1
 
     def metrics(self) -> dict[str, float]:
-        """``relabel/precision``, ``relabel/recall`` (overall and ``/<category>``; a ratio with nothing to count is
-        left out), ``relabel/accepted``, ``relabel/rejected``, ``relabel/dropped``, ``relabel/stale`` (totals),
-        ``relabel/judge_ms`` (mean per episode)."""
-        if not self.episodes and not self.counts["stale"]:
+        """``relabel/precision``, ``relabel/recall`` (overall and ``/<category>``, over the episodes judged; a ratio
+        with nothing to count is left out), ``relabel/accepted``, ``relabel/rejected``, ``relabel/dropped``,
+        ``relabel/stale`` (episodes overwritten or begun before a resume), ``relabel/skipped`` (episodes a busy
+        background judge let pass), ``relabel/episodes`` (judged; totals), ``relabel/judge_ms`` (mean per judged
+        episode)."""
+        if not self.episodes and not self.counts["stale"] and not self.counts["skipped"]:
             return {}
-        out: dict[str, float] = {f"relabel/{k}": float(v) for k, v in self.counts.items() if k != "proposed"}
-        out["relabel/proposed"] = float(self.counts["proposed"])
+        out: dict[str, float] = {f"relabel/{k}": float(v) for k, v in self.counts.items()}
+        out["relabel/episodes"] = float(self.episodes)
         if self.episodes:
             out["relabel/judge_ms"] = self.ms / self.episodes
         cats = sorted(set(self.tp) | set(self.fp) | set(self.fn))
@@ -639,7 +642,8 @@ class RelabelStats:
                 "fp": dict(self.fp), "fn": dict(self.fn)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.episodes, self.counts, self.ms = int(state["episodes"]), dict(state["counts"]), float(state["ms"])
+        self.episodes, self.ms = int(state["episodes"]), float(state["ms"])
+        self.counts = {**dict.fromkeys(self.counts, 0), **state["counts"]}
         for name in ("tp", "fp", "fn"):
             getattr(self, name).clear()
             getattr(self, name).update(state[name])
@@ -667,10 +671,14 @@ class OnlineRelabeller:
         source: the achieved-goal source.
         background: run the source on a daemon thread; ``collect(wait=True)`` (checkpoints, the end of the run)
             waits for everything submitted.
+        max_pending: with ``background``, episodes submitted while this many wait are not judged (counted in
+            ``stats.counts["skipped"]``): a judge slower than the envs then judges a share of the episodes, the
+            latest ones, instead of falling ever further behind. 0: no limit.
     """
 
-    def __init__(self, source: AchievedGoalSource, stats: RelabelStats, *, background: bool = False) -> None:
-        self.source, self.stats, self.background = source, stats, background
+    def __init__(self, source: AchievedGoalSource, stats: RelabelStats, *, background: bool = False,
+                 max_pending: int = 0) -> None:
+        self.source, self.stats, self.background, self.max_pending = source, stats, background, max_pending
         self._done: list[tuple[RelabelJob, Relabelled]] = []
         self._pending = 0
         self._lock = threading.Lock()
@@ -712,6 +720,9 @@ class OnlineRelabeller:
             self._done += self._run(list(jobs))
             return
         with self._lock:
+            if self.max_pending and self._pending >= self.max_pending:
+                self.stats.counts["skipped"] += len(jobs)
+                return
             self._pending += len(jobs)
         self._queue.put(list(jobs))
 

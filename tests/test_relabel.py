@@ -603,7 +603,7 @@ def test_relabel_stats_by_hand() -> None:
     # grasp: tp 1 (water), fp 2 (door; chair at step 2), fn 1 (chair at step 1); grow: tp 1 (potato), fn 1 (carrot)
     assert stats.metrics() == pytest.approx({
         "relabel/accepted": 4.0, "relabel/rejected": 1.0, "relabel/dropped": 1.0, "relabel/stale": 0.0,
-        "relabel/proposed": 6.0, "relabel/judge_ms": 5.0,
+        "relabel/proposed": 6.0, "relabel/judge_ms": 5.0, "relabel/skipped": 0.0, "relabel/episodes": 2.0,
         "relabel/precision": 2 / 4, "relabel/recall": 2 / 4,
         "relabel/precision/grasp": 1 / 3, "relabel/recall/grasp": 1 / 2,
         "relabel/precision/grow": 1.0, "relabel/recall/grow": 1 / 2,
@@ -779,3 +779,28 @@ class ProposalsOf:
 
     def propose(self, episodes: Sequence[EpisodeRecord], goal_space: GoalSpace) -> list[list[Proposal]]:
         return [list(p) for p in self.proposals]
+
+
+def test_a_busy_background_judge_skips_episodes_past_max_pending() -> None:
+    """With max_pending=2 and the judge held busy, later submissions are skipped and counted; the ones queued
+    before are judged once it is released."""
+    gate = threading.Event()
+
+    class Slow:
+        name = "slow"
+
+        def __call__(self, episodes: Sequence[EpisodeRecord]) -> list[Relabelled]:
+            gate.wait(10)
+            return OracleSource()(episodes)
+
+    eps = [record(["o"] * 2, ["a"], [["Grasp water"]], rid=f"e0k{i}") for i in range(5)]
+    stats = RelabelStats()
+    relabeller = OnlineRelabeller(Slow(), stats, background=True, max_pending=2)
+    for i, ep in enumerate(eps):
+        relabeller.submit([RelabelJob(0, i, ep)])
+    assert stats.counts["skipped"] == 3 and relabeller.pending == 2
+    gate.set()
+    done = relabeller.collect(wait=True)
+    assert [j.episode.id for j, _ in done] == ["e0k0", "e0k1"]
+    assert stats.metrics()["relabel/skipped"] == 3.0 and stats.metrics()["relabel/episodes"] == 2.0
+    relabeller.close()
