@@ -92,7 +92,7 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     cfg = compose([*args.overrides, f"relabel.source={args.source}"])
     kwargs = dict(cfg.env.kwargs)
-    probe = gymnasium.make(cfg.env.id, **kwargs).unwrapped
+    probe: Any = gymnasium.make(cfg.env.id, **kwargs).unwrapped
     cats = list(getattr(probe, "all_goal_categories", None) or probe.goal_categories)
     if "goal_categories" in kwargs or hasattr(probe, "all_goal_categories"):
         kwargs["goal_categories"] = cats
