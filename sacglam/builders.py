@@ -1,0 +1,161 @@
+"""What a run is built from, shared by ``train.py`` and the scripts that rebuild a run (``scripts/run_tools.py``):
+env factories, the model with its tokenizer and prompt codec, the agent, the algorithm's learner (with its replay
+buffer, step encoder and achieved-goal relabeller) and the evaluation envs.
+
+``train.py`` re-exports every name here, so ``train.make_env_fn`` and the like keep working.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+
+from sacglam.agent import Agent
+from sacglam.buffer import ReplayBuffer
+from sacglam.config import TrainConfig
+from sacglam.models import is_seq2seq, load_model
+from sacglam.pipeline import StepEncoder, check_context, tokenizer_corpus
+from sacglam.ppo import PPOAgent, PPOConfig, PPOLearner, check_on_policy
+from sacglam.prompting import PromptCodec
+from sacglam.relabel import GoalSpace, OnlineRelabeller, RelabelStats, make_source
+from sacglam.sac import SACConfig, SACLearner
+
+
+def make_env_fn(cfg: TrainConfig, **overrides: Any) -> Callable[[], Any]:
+    """A factory of one env of ``cfg.env.id`` with its kwargs (plus ``overrides``); unknown ids name the known ones."""
+    if cfg.env.id not in gymnasium.registry:
+        known = sorted(k for k in gymnasium.registry if k.startswith("sacglam/"))
+        raise ValueError(f"unknown env id {cfg.env.id!r}; registered text envs: {known}")
+    kwargs = {**cfg.env.kwargs, **overrides}
+    return lambda: gymnasium.make(cfg.env.id, **kwargs).unwrapped
+
+
+
+def make_codec(cfg: TrainConfig, tokenizer: Any, seq2seq: bool = False) -> PromptCodec:
+    """The prompt codec, faithful to the model's tokenizer (``PromptCodec.from_tokenizer``); the buffer's limits."""
+    b, p = cfg.buffer, cfg.prompt
+    return PromptCodec.from_tokenizer(
+        tokenizer, template=p.template, seq2seq=seq2seq, chat=p.chat, system=p.system, list_actions=p.list_actions,
+        actions_format=p.actions_format, action_sep=p.action_sep, max_goal_tokens=b.max_goal_tokens,
+        max_obs_tokens=b.max_obs_tokens, max_cands=b.max_cands, max_cand_tokens=b.max_cand_tokens,
+        obs_truncation=p.obs_truncation,
+    )
+
+
+
+def env_state(vec: Any) -> Any:
+    """The vector env's exact state, or None for envs that cannot be saved mid-episode (they restart on resume)."""
+    try:
+        return vec.get_state()
+    except TypeError as exc:
+        warnings.warn(f"{exc}; resume will not be exact", stacklevel=2)
+        return None
+
+
+
+def build_model(cfg: TrainConfig, probe: Any, device: torch.device) -> tuple[Any, Any, PromptCodec]:
+    """The run's model, tokenizer and prompt codec. The tokenizer corpus is drawn from ``probe`` (an env of
+    ``make_env_fn(cfg)``) with a seed derived from ``cfg.seed``, so rebuilding a run's model gives the vocabulary its
+    checkpoint needs."""
+    corpus = tokenizer_corpus(cfg.prompt.template, probe, cfg.env.corpus_episodes, seed=cfg.seed + 12345)
+    model, tokenizer = load_model(cfg.model, corpus=corpus, device=device)
+    return model, tokenizer, model_codec(cfg, model, tokenizer)
+
+
+
+def model_codec(cfg: TrainConfig, model: Any, tokenizer: Any) -> PromptCodec:
+    """``make_codec`` for ``model`` (seq2seq or not), checked against its context length."""
+    codec = make_codec(cfg, tokenizer, seq2seq=is_seq2seq(model))
+    check_context(codec, getattr(getattr(model, "config", None), "max_position_embeddings", None))
+    return codec
+
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    """``cfg.device``: ``auto`` is cuda when available, else cpu."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+
+
+
+def make_agent(cfg: TrainConfig, model: Any, device: torch.device) -> Agent | PPOAgent:
+    """The algorithm's agent around ``model``: SAC's actor + critics, or PPO's policy + value head."""
+    if isinstance(cfg.algo, PPOConfig):
+        ppo = PPOAgent(model, cfg.algo, temperature=cfg.agent.temperature, length_norm=cfg.agent.length_norm)
+        return ppo.to(device)
+    return Agent(model, cfg.agent).to(device)
+
+
+
+def eval_env_fns(cfg: TrainConfig) -> dict[str, Callable[[], Any]]:
+    """Evaluation env factories by metric prefix: ``""`` (``env.kwargs`` + ``env.eval_kwargs``) and, where
+    ``env.heldout_kwargs`` is set, ``"heldout/"`` (held-out objects)."""
+    fns = {"": make_env_fn(cfg, **cfg.env.eval_kwargs)}
+    if cfg.env.heldout_kwargs:
+        fns["heldout/"] = make_env_fn(cfg, **{**cfg.env.eval_kwargs, **cfg.env.heldout_kwargs})
+    return fns
+
+
+
+def make_learner(cfg: TrainConfig, model: Any, codec: PromptCodec, probe: Any,
+                 device: torch.device) -> tuple[Any, SACLearner | PPOLearner]:
+    """The agent and the part of the loop that differs per algorithm: ``learner.act`` acts for the collector and
+    ``learner.observe(step)`` stores the step and updates when it is time."""
+    act_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
+    agent = make_agent(cfg, model, device)
+    if isinstance(agent, PPOAgent) and isinstance(cfg.algo, PPOConfig):
+        check_on_policy(list(HydraConfig.get().overrides.task), cfg.buffer.her.ratio, cfg.buffer.her.rare_fraction)
+        if cfg.relabel.source != "oracle":
+            raise ValueError(f"relabel.source={cfg.relabel.source} feeds hindsight relabelling, which algo=ppo "
+                             "does not do; use algo=sac (or leave relabel.source=oracle)")
+        shuffle_gen = torch.Generator().manual_seed(cfg.seed + 2)
+        return agent, PPOLearner(agent, cfg.algo, codec, cfg.env.num_envs, device, act_gen, shuffle_gen)
+    assert isinstance(agent, Agent) and isinstance(cfg.algo, SACConfig)
+    buffer_device = device if cfg.buffer.device == "auto" else cfg.buffer.device  # e.g. keep the buffer on the CPU
+    buffer = ReplayBuffer(cfg.buffer, cfg.env.num_envs, pad_id=codec.pad_id, device=buffer_device, prompt=codec)
+    relabeller = make_relabeller(cfg, probe)
+    encoder = StepEncoder(codec, buffer, probe.goal_step_limit, cfg.buffer.max_achieved, relabeller is None)
+    sample_gen = torch.Generator(buffer.device).manual_seed(cfg.seed + 2)
+    return agent, SACLearner(agent, cfg.algo, buffer, encoder, codec, batch_size=cfg.batch_size,
+                             replay_ratio=cfg.replay_ratio, learning_starts=cfg.learning_starts, device=device,
+                             act_generator=act_gen, sample_generator=sample_gen, relabeller=relabeller)
+
+
+
+def make_relabeller(cfg: TrainConfig, probe: Any) -> OnlineRelabeller | None:
+    """The achieved-goal source of ``relabel.source`` run as episodes end (None for ``oracle``: the env's goals are
+    stored as they come)."""
+    if cfg.relabel.source == "oracle":
+        return None
+    source = make_source(cfg.relabel, probe, cfg.env.rules)
+    background = cfg.relabel.source == "llm" and cfg.relabel.llm.background
+    return OnlineRelabeller(source, RelabelStats(GoalSpace.from_env(probe)), background=background,
+                            max_pending=cfg.relabel.llm.max_pending)
+
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+__all__ = [
+    "build_model",
+    "env_state",
+    "eval_env_fns",
+    "make_agent",
+    "make_codec",
+    "make_env_fn",
+    "make_learner",
+    "make_relabeller",
+    "model_codec",
+    "resolve_device",
+    "seed_everything",
+]
