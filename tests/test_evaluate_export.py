@@ -8,20 +8,19 @@ corrupt checkpoints end with one line naming them.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 import yaml
 
+from tests.scripts_util import load_script
 from tests.test_train import SMALL, read_metrics, run_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,19 +30,9 @@ PPO_RUN = [o for o in TINY_RUN if not o.startswith(("batch_size=", "learning_sta
     "algo=ppo", "algo.rollout_steps=8", "algo.minibatch_size=16", "algo.value_hidden=[16]"]
 
 
-def _load(name: str) -> ModuleType:
-    sys.path.insert(0, str(SCRIPTS))
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-run_tools = _load("run_tools")
-export_policy = _load("export_policy")
-zero_shot = _load("zero_shot")
+run_tools = load_script("run_tools")
+export_policy = load_script("export_policy")
+zero_shot = load_script("zero_shot")
 
 
 def _script(name: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -147,7 +136,7 @@ def test_export_full_fine_tuning_reloads_with_plain_transformers(sac_run: Path, 
     assert any(not torch.equal(state[k], target[k]) for k in state)
     card = (out / "README.md").read_text()
     assert "AutoModelForCausalLM.from_pretrained" in card and "eval/greedy/success/grasp" in card
-    assert yaml.safe_load((out / "config.yaml").read_text())["env"]["num_envs"] == 4
+    assert yaml.safeload_script((out / "config.yaml").read_text())["env"]["num_envs"] == 4
     policy = json.loads((out / "sacglam_policy.json").read_text())
     assert policy["prompt"]["template"] == run.cfg.prompt.template
     assert policy["token_limits"]["max_obs_tokens"] == run.cfg.buffer.max_obs_tokens
@@ -226,7 +215,7 @@ def test_evaluate_cli_matches_sacglam_evaluate_on_the_same_seeds(sac_run: Path, 
     table = _rates(result.stdout)
     assert len(table) == 2 * 2 * 2  # splits x categories x modes
     # Independently, as scripts/shortcut_eval.py used to: conf/ + the run's overrides, train.py's builders.
-    overrides = yaml.safe_load((sac_run / ".hydra" / "overrides.yaml").read_text())
+    overrides = yaml.safeload_script((sac_run / ".hydra" / "overrides.yaml").read_text())
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg: Any = OmegaConf.to_object(compose("config", overrides=overrides))
     train, device = run_tools.train, torch.device("cpu")

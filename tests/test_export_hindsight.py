@@ -4,21 +4,20 @@ A run folder is made by hand: ``.hydra/config.yaml`` composed from conf/ (Playgr
 log of real Playground-Text episodes (expert and random actions mixed, so failed episodes grasp and grow things).
 In every third episode the logged oracle goals are erased, so ``--source oracle`` and ``--source rule`` must differ
 exactly there (the rules still read the achievement in the text). Each export is loaded back with
-``datasets.load_dataset("json")`` and checked record by record against the episodes: the cut at the first achieving step, roles alternating, observations only in
-user turns, the action of each step as the completion, and source / confidence / ids kept.
+``datasets.load_dataset("json")`` and checked record by record against the episodes: the cut at the first achieving
+step, roles alternating, observations only in user turns, the action of each step as the completion, and source /
+confidence / ids kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -27,6 +26,7 @@ from envs.playground_text import playground_expert
 from sacglam.episode_log import EPISODES_DIRNAME, EpisodeLog, log_files
 from sacglam.episodes import EpisodeRecord
 from sacglam.relabel import Relabelled
+from tests.scripts_util import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
@@ -34,17 +34,7 @@ N_EPISODES = 150
 ERASED = 3  # the logged oracle goals of every 3rd episode are erased
 
 
-def _load(name: str) -> ModuleType:
-    sys.path.insert(0, str(SCRIPTS))
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-eh = _load("export_hindsight")
+eh = load_script("export_hindsight")
 run_tools = eh.run_tools
 
 
