@@ -252,6 +252,16 @@ class TextWorldEnv(TextEnvBase):
         self._gym.close()
 
     # ------------------------------------------------------------------------------------------ contract API
+    def goal_space(self, category: str, split: str) -> list[str]:
+        """The game's goals of ``category``: ``[objective]`` for ``objective``, else ``rule_goals[category]`` (one
+        game, no held-out split: ``split`` is ignored). Unknown category -> ValueError."""
+        if category == "objective":
+            return [self.objective]
+        if category not in self.rule_goals:
+            raise ValueError(f"unknown TextWorld goal category {category!r}; known: objective, "
+                             f"{list(self.rule_goals)}")
+        return list(self.rule_goals[category])
+
     def goal_category(self, goal: str) -> str:
         """``go_to``/``take``/``open`` from a rule goal's first words, else ``objective``. Pure."""
         if goal == self.objective:

@@ -370,9 +370,9 @@ def test_textworld_rules_against_the_oracle(textworld_games: list[Path]) -> None
 
     for game in textworld_games:
         env = TextWorldEnv(game, max_steps=30)
-        # TextWorldEnv has no goal_space(category, split): its goals are the objective and its rule goals.
-        space = GoalSpace([env.objective, *(g for goals in env.rule_goals.values() for g in goals)],
-                          env.goal_category)
+        # The game's goals are its objective and its rule goals; GoalSpace.from_env lists them through goal_space.
+        space = GoalSpace.from_env(env)
+        assert sorted(space.goals) == sorted({env.objective, *(g for goals in env.rule_goals.values() for g in goals)})
         end_rule = {"pattern": END_RULE["pattern"], "goal": env.objective.replace("{", "{{").replace("}", "}}")}
         rng = random.Random(0)
         episodes = [textworld_episode(env, k, n, rng) for k, n in enumerate([len(env.walkthrough), 99, 3, 1, 0, 0])]
