@@ -14,8 +14,11 @@ Variants (each adds overrides to the default run):
 * ``llm_bg``: the same on a background thread, ``relabel.llm.max_pending=64`` (episodes ending while 64 wait are
   not judged).
 
+With ``--repeat R`` the variants run in R interleaved rounds and each row is the run of median wall time.
+
 Printed: wall seconds of the whole run (model build and evaluation included), env steps/s, the ratio of env steps/s
-to ``base`` and, for relabelling variants, the episodes judged and skipped and the judge's ms per episode.
+to ``base`` (the model build, SmolLM2's load for the llm variants, and the final evaluation are inside the wall
+time) and, for relabelling variants, the episodes judged and skipped and the judge's ms per episode.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3000, help="env steps per run")
     ap.add_argument("--variants", default="base,episodes,rule", help=f"comma-separated, from {list(VARIANTS)}")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of all variants, interleaved; the median is shown")
     ap.add_argument("overrides", nargs="*", help="train.py overrides for every variant")
     args = ap.parse_args()
     names = args.variants.split(",")
@@ -50,10 +54,10 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    rows = []
+    runs: dict[str, list[tuple[float, dict[str, float], int]]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            run_dir = Path(tmp) / name
+        for (rnd, name) in ((r, n) for r in range(args.repeat) for n in names):
+            run_dir = Path(tmp) / f"{name}-{rnd}"
             cmd = [sys.executable, str(ROOT / "train.py"), f"total_env_steps={args.steps}", "time_limit_min=0",
                    "eval.every=0", "eval.episodes_per_category=4", "checkpoint.every=0", "logger.progress=false",
                    *VARIANTS[name], *args.overrides, f"hydra.run.dir={run_dir}"]
@@ -65,9 +69,14 @@ def main() -> None:
                 sys.exit(f"[{name}] failed:\n{done.stderr[-3000:]}")
             last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
             size = sum(f.stat().st_size for f in (run_dir / "episodes").glob("*.gz")) if name == "episodes" else 0
-            rows.append((name, wall, last, size))
+            runs[name].append((wall, last, size))
+    rows = []
+    for name, got in runs.items():  # the median run by wall time
+        wall, last, size = sorted(got, key=lambda x: x[0])[len(got) // 2]
+        rows.append((name, wall, last, size))
     base = next((r for r in rows if r[0] == "base"), rows[0])
-    print(f"\n{args.steps} env steps per run, overrides {args.overrides or 'none'}\n")
+    print(f"\n{args.steps} env steps per run, median of {args.repeat} interleaved round(s), overrides "
+          f"{args.overrides or 'none'}\n")
     print("| variant | wall s | env steps/s | x base | episodes judged | skipped | judge ms/episode | log bytes |")
     print("|---|---|---|---|---|---|---|---|")
     for name, wall, last, size in rows:
