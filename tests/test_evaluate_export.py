@@ -136,7 +136,7 @@ def test_export_full_fine_tuning_reloads_with_plain_transformers(sac_run: Path, 
     assert any(not torch.equal(state[k], target[k]) for k in state)
     card = (out / "README.md").read_text()
     assert "AutoModelForCausalLM.from_pretrained" in card and "eval/greedy/success/grasp" in card
-    assert yaml.safeload_script((out / "config.yaml").read_text())["env"]["num_envs"] == 4
+    assert yaml.safe_load((out / "config.yaml").read_text())["env"]["num_envs"] == 4
     policy = json.loads((out / "sacglam_policy.json").read_text())
     assert policy["prompt"]["template"] == run.cfg.prompt.template
     assert policy["token_limits"]["max_obs_tokens"] == run.cfg.buffer.max_obs_tokens
@@ -215,7 +215,7 @@ def test_evaluate_cli_matches_sacglam_evaluate_on_the_same_seeds(sac_run: Path, 
     table = _rates(result.stdout)
     assert len(table) == 2 * 2 * 2  # splits x categories x modes
     # Independently, as scripts/shortcut_eval.py used to: conf/ + the run's overrides, train.py's builders.
-    overrides = yaml.safeload_script((sac_run / ".hydra" / "overrides.yaml").read_text())
+    overrides = yaml.safe_load((sac_run / ".hydra" / "overrides.yaml").read_text())
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg: Any = OmegaConf.to_object(compose("config", overrides=overrides))
     train, device = run_tools.train, torch.device("cpu")
