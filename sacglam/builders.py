@@ -133,9 +133,10 @@ def make_relabeller(cfg: TrainConfig, probe: Any) -> OnlineRelabeller | None:
     stored as they come)."""
     if cfg.relabel.source == "oracle":
         return None
-    source = make_source(cfg.relabel, probe, cfg.env.rules)
+    space = GoalSpace.from_env(probe)
+    source = make_source(cfg.relabel, probe, cfg.env.rules, space)
     background = cfg.relabel.source == "llm" and cfg.relabel.llm.background
-    return OnlineRelabeller(source, RelabelStats(GoalSpace.from_env(probe)), background=background,
+    return OnlineRelabeller(source, RelabelStats(space), background=background,
                             max_pending=cfg.relabel.llm.max_pending)
 
 

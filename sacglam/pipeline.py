@@ -84,14 +84,14 @@ class StepEncoder:
         cands, cand_len = self.codec.encode_candidates(step.candidates)
         next_cands, next_cand_len = self.codec.encode_candidates(step.next_candidates)
         achieved = torch.full((n, self.max_achieved), -1, dtype=torch.long)
-        for i, goals in enumerate(step.achieved_goals if self.use_achieved else ()):
-            if len(goals) > self.max_achieved:
-                raise ValueError(
-                    f"a step achieved {len(goals)} goals ({goals}) but buffer.max_achieved={self.max_achieved}; "
-                    f"raise buffer.max_achieved to at least {len(goals)}"
-                )
-            for j, g in enumerate(goals):
-                achieved[i, j] = self.goal_id(g)
+        if self.use_achieved:
+            for goals in step.achieved_goals:
+                if len(goals) > self.max_achieved:
+                    raise ValueError(
+                        f"a step achieved {len(goals)} goals ({goals}) but buffer.max_achieved={self.max_achieved}; "
+                        f"raise buffer.max_achieved to at least {len(goals)}"
+                    )
+            achieved, _ = self.goal_rows(step.achieved_goals)
         return TransitionBatch(
             obs=obs,
             obs_len=obs_len,

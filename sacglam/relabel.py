@@ -563,12 +563,14 @@ def load_scorer(name: str, cfg: LLMRelabelConfig) -> TextScorer:
     return TextScorer(model, tokenizer, chat=cfg.chat, batch_size=cfg.batch_size)
 
 
-def make_source(cfg: RelabelConfig, env: Any, env_rules: Sequence[Any] = ()) -> AchievedGoalSource:
+def make_source(cfg: RelabelConfig, env: Any, env_rules: Sequence[Any] = (),
+                goal_space: GoalSpace | None = None) -> AchievedGoalSource:
     """The configured source. ``env`` is any env of the run (its goal space and categories); ``env_rules`` the env's
-    rules (``env.rules`` of the config), used when ``cfg.rules`` is unset."""
+    rules (``env.rules`` of the config), used when ``cfg.rules`` is unset; ``goal_space``: the env's, when the caller
+    has built it already (``GoalSpace.from_env(env)`` otherwise)."""
     if cfg.source == "oracle":
         return OracleSource()
-    space = GoalSpace.from_env(env)
+    space = goal_space if goal_space is not None else GoalSpace.from_env(env)
     rules = list(cfg.rules if cfg.rules is not None else env_rules)
     if cfg.source == "rule":
         return RuleSource(rules, space)

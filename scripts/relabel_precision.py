@@ -30,23 +30,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from run_tools import compose_config
+
 import envs  # noqa: F401 - registers the text envs
 from sacglam.episodes import EpisodeRecord
 from sacglam.relabel import GoalSpace, RelabelStats, make_source
-
-
-def compose(overrides: list[str]) -> Any:
-    """The ``train.py`` config with ``overrides``, as a ``TrainConfig``."""
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from sacglam.config import register_configs
-
-    register_configs()
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(version_base=None, config_dir=str(conf)):
-        return OmegaConf.to_object(hcompose("config", overrides=overrides))
 
 
 def play(env: Any, n: int, expert_prob: float, seed: int) -> list[EpisodeRecord]:
@@ -90,7 +78,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    cfg = compose([*args.overrides, f"relabel.source={args.source}"])
+    cfg = compose_config([*args.overrides, f"relabel.source={args.source}"])
     kwargs = dict(cfg.env.kwargs)
     probe: Any = gymnasium.make(cfg.env.id, **kwargs).unwrapped
     cats = list(getattr(probe, "all_goal_categories", None) or probe.goal_categories)
@@ -98,10 +86,11 @@ def main() -> None:
         kwargs["goal_categories"] = cats
     env = gymnasium.make(cfg.env.id, **kwargs).unwrapped
     episodes = play(env, args.episodes, args.expert_prob, 10_000 + args.seed)
+    space = GoalSpace.from_env(env)
     t0 = time.perf_counter()
-    source = make_source(cfg.relabel, env, cfg.env.rules)
+    source = make_source(cfg.relabel, env, cfg.env.rules, space)
     load_s = time.perf_counter() - t0
-    stats = RelabelStats(GoalSpace.from_env(env))
+    stats = RelabelStats(space)
     t0 = time.perf_counter()
     for lo in range(0, len(episodes), args.batch):
         batch = episodes[lo : lo + args.batch]
