@@ -1,7 +1,9 @@
-"""Train an LLM agent in a text environment: discrete soft actor-critic with hindsight relabelling, or PPO-GLAM.
+"""Train an LLM agent in a text environment: discrete soft actor-critic with hindsight relabelling, PPO-GLAM or ETO.
 
     python train.py                                   # Playground-Text, tiny model, SAC + HER (the default)
     python train.py algo=ppo                          # the same with PPO-GLAM (on-policy rollouts)
+    python train.py experiment=playground_eto         # ETO: expert warm start, then explore -> pair -> DPO rounds
+    python train.py algo=eto algo.pairs_file=P.jsonl  # DPO alone on one's own trajectory pairs (ETO's layout)
     python train.py experiment=bitflip_her seed=3     # any preset in conf/experiment, any field as key=value
     python train.py resume=auto hydra.run.dir=outputs/run1
 
@@ -55,6 +57,8 @@ from sacglam.collector import Collector, episode_metrics
 from sacglam.config import ALGOS, TrainConfig, register_configs
 from sacglam.episode_log import EpisodeLog
 from sacglam.episodes import EpisodeTracker
+from sacglam.eto import ETOConfig
+from sacglam.eto_train import run_eto
 from sacglam.evaluate import evaluate_splits
 from sacglam.logging import RunLogger
 from sacglam.pipeline import make_act_fn
@@ -70,12 +74,14 @@ register_configs()
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(dcfg: DictConfig) -> float:
     cfg: TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
-    if not isinstance(cfg.algo, (SACConfig, PPOConfig)):
+    if not isinstance(cfg.algo, (SACConfig, PPOConfig, ETOConfig)):
         raise ValueError(f"algo must be one of the conf/algo presets ({', '.join(ALGOS)}); got {cfg.algo!r}")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     device = resolve_device(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    if isinstance(cfg.algo, ETOConfig):
+        return run_eto(cfg, dcfg, run_dir, device)  # rounds of explore -> pair -> DPO instead of this step loop
     seed_everything(cfg.seed)
 
     # Environments, model, agent and the algorithm's own part of the loop.

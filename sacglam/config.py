@@ -16,13 +16,14 @@ from omegaconf import MISSING
 from sacglam.agent import AgentConfig
 from sacglam.buffer import BufferConfig
 from sacglam.checkpoint import CheckpointConfig
+from sacglam.eto import ETOConfig
 from sacglam.logging import LoggerConfig
 from sacglam.models import ModelConfig
 from sacglam.ppo import PPOConfig
 from sacglam.relabel import RelabelConfig, RuleConfig
 from sacglam.sac import SACConfig
 
-ALGOS: dict[str, type] = {"sac": SACConfig, "ppo": PPOConfig}
+ALGOS: dict[str, type] = {"sac": SACConfig, "ppo": PPOConfig, "eto": ETOConfig}
 """``algo.name`` -> the schema of the ``algo`` group (each ``conf/algo/*.yaml`` extends ``<name>_schema``)."""
 
 
@@ -72,8 +73,8 @@ class TrainConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
-    # SACConfig | PPOConfig: chosen by the algo group (conf/algo/*.yaml, each extending <name>_schema), so a misspelt
-    # algo.* key is still an error naming it.
+    # SACConfig | PPOConfig | ETOConfig: chosen by the algo group (conf/algo/*.yaml, each extending <name>_schema),
+    # so a misspelt algo.* key is still an error naming it.
     algo: Any = MISSING
     buffer: BufferConfig = field(default_factory=BufferConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)

@@ -8,7 +8,7 @@ log-likelihood is ``sum_t log pi(a_t | s_t)`` under the candidate-set policy (:f
 policy the SAC actor and ``Agent.act`` use. Pairs can be stored in ETO's conversation layout (:func:`write_pairs`,
 :func:`read_pairs`).
 
-The training loop (``algo=eto`` in train.py) is not here; it calls these functions.
+The training loop (``python train.py algo=eto``) is ``sacglam.eto_train``; tasks are played by ``sacglam.eto_rollout``.
 
 Shape letters: P trajectories (or pairs), N flattened steps, K candidate slots.
 """
@@ -38,9 +38,11 @@ class ETOConfig:
     """Options of ETO. Defaults are the published ones (ALGORITHM.md section 7)."""
 
     name: str = "eto"  # which algorithm train.py runs
+    tasks: int = 256  # training tasks (reset seed + goal category), each explored once per round
     warm_start_episodes: int = 256  # expert episodes for behaviour cloning before the first round; 0 = no SFT
     sft_epochs: int = 3  # epochs of behaviour cloning on the expert episodes
     sft_lr: float = 2e-5  # learning rate of behaviour cloning
+    sft_batch_size: int = 16  # expert trajectories per behaviour-cloning step
     rounds: int = 3  # explore -> pair -> DPO rounds
     betas: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.5])  # DPO beta per round (last one repeats)
     lrs: list[float] = field(default_factory=lambda: [1e-6, 5e-7, 5e-7])  # DPO lr per round (last one repeats)
@@ -50,13 +52,18 @@ class ETOConfig:
     margin: int = 5  # the rejected trajectory is cut at the chosen one's length plus this many turns
     sft_coef: float = 0.0  # weight of an SFT term on the chosen trajectories added to DPO (published: 0)
     batch_size: int = 8  # pairs per DPO optimizer step
-    pairs_file: str | None = None  # where to write each round's pairs (ETO's JSONL layout); None = not written
+    max_grad_norm: float = 1.0  # clip the gradient norm of every SFT/DPO step (0 = no clipping)
+    max_steps_per_batch: int = 64  # states per forward pass when scoring trajectories (memory, not results)
+    # A user's pairs (ETO's JSONL layout with candidates): run the DPO phase alone on them (no expert, no
+    # exploration). None = full ETO; each round's own pairs are always written to <run>/pairs/round<r>.jsonl.
+    pairs_file: str | None = None
 
     def __post_init__(self) -> None:
         """Check every field; raise ``ValueError`` naming the bad one."""
-        ints = {"warm_start_episodes": (self.warm_start_episodes, 0), "sft_epochs": (self.sft_epochs, 0),
-                "rounds": (self.rounds, 0), "epochs": (self.epochs, 1), "margin": (self.margin, 0),
-                "batch_size": (self.batch_size, 1)}
+        ints = {"tasks": (self.tasks, 1), "warm_start_episodes": (self.warm_start_episodes, 0),
+                "sft_epochs": (self.sft_epochs, 0), "rounds": (self.rounds, 0), "epochs": (self.epochs, 1),
+                "margin": (self.margin, 0), "batch_size": (self.batch_size, 1),
+                "sft_batch_size": (self.sft_batch_size, 1), "max_steps_per_batch": (self.max_steps_per_batch, 1)}
         for key, (value, low) in ints.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"ETOConfig.{key} must be an int >= {low}, got {value!r}")
@@ -66,6 +73,8 @@ class ETOConfig:
                              f"got {self.sft_epochs}")
         if not self.sft_lr > 0:
             raise ValueError(f"ETOConfig.sft_lr must be > 0, got {self.sft_lr!r}")
+        if not self.max_grad_norm >= 0:
+            raise ValueError(f"ETOConfig.max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
         if not self.sft_coef >= 0:
             raise ValueError(f"ETOConfig.sft_coef must be >= 0, got {self.sft_coef!r}")
         for key, values in (("betas", self.betas), ("lrs", self.lrs)):

@@ -1,8 +1,9 @@
-"""Reproduce the SAC-GLAM comparison: seeds x {SAC + HER, SAC, PPO-GLAM} on Playground-Text (all four goal
+"""Reproduce the SAC-GLAM comparison: seeds x {SAC + HER, SAC, PPO-GLAM, ETO} on Playground-Text (all four goal
 categories) and {SAC + HER, SAC} on BitFlip-Text, under one env-step budget, then aggregate.
 
     python scripts/reproduce.py                                   # 5 seeds, both envs, the presets' step budgets
     python scripts/reproduce.py --envs playground --algos sac_her,sac,ppo --steps 60000 --jobs 2
+    python scripts/reproduce.py --envs playground --algos eto --categories grasp --steps 12000   # ETO alone
     python scripts/reproduce.py --seeds 10 --steps 200000 --jobs 2
     python scripts/reproduce.py --quick --out /tmp/q              # minutes: tiny budget, 2 seeds (the tests)
     python scripts/reproduce.py --aggregate-only runs/reproduce --out docs/
@@ -56,14 +57,14 @@ METHODS: dict[str, dict[str, list[str]]] = {
         "sac": ["experiment=playground_sac"],
         "sac_her": ["experiment=playground_sac_her"],
         "ppo": ["experiment=playground_ppo"],
+        "eto": ["experiment=playground_eto"],  # its expert's env steps count toward the same budget
     },
     "bitflip": {
         "sac": ["experiment=bitflip_her", "buffer.her.ratio=0", "algo.hindsight_bc_coef=0"],
         "sac_her": ["experiment=bitflip_her"],
     },
 }
-METHOD_LABELS = {"sac_her": "SAC + HER", "sac": "SAC", "ppo": "PPO-GLAM"}
-ON_POLICY = {"ppo"}  # methods that refuse the replay options (train.py check_on_policy)
+METHOD_LABELS = {"sac_her": "SAC + HER", "sac": "SAC", "ppo": "PPO-GLAM", "eto": "ETO"}
 # Playground-Text goal categories of every run (the preset's default is grasp + grow_plant): the comparison of the
 # SAC-GLAM paper covers all four.
 CATEGORIES = "grasp,grow_plant,grow_herbivore,grow_carnivore"
@@ -77,6 +78,8 @@ QUICK = [
 ]  # fmt: skip
 QUICK_REPLAY = ["batch_size=16", "learning_starts=32", "buffer.capacity=2048"]  # off-policy methods only
 QUICK_ON_POLICY = ["algo.rollout_steps=8", "algo.minibatch_size=16"]  # PPO: rollouts of 4 envs x 8 steps
+QUICK_ROUNDS = ["algo.tasks=8", "algo.warm_start_episodes=8", "algo.epochs=1"]  # ETO: rounds of 8 tasks
+QUICK_BY_METHOD = {"ppo": QUICK_ON_POLICY, "eto": QUICK_ROUNDS}  # the rest: QUICK_REPLAY
 QUICK_STEPS = 256
 DONE_FILE = "DONE"
 METRICS_FILE = "metrics.jsonl"
@@ -505,7 +508,7 @@ def plan_runs(envs: Sequence[str], seeds: Sequence[int], runs_dir: Path, extra: 
             if method not in METHODS[env]:
                 print(f"note: {env} has no {method} preset; skipped", flush=True)
                 continue
-            by_kind = (QUICK_ON_POLICY if method in ON_POLICY else QUICK_REPLAY) if quick else []
+            by_kind = QUICK_BY_METHOD.get(method, QUICK_REPLAY) if quick else []
             for seed in seeds:
                 run_dir = runs_dir / env / method / f"seed{seed}"
                 overrides = [*METHODS[env][method], *COMMON, *env_extra, *by_kind, *extra]

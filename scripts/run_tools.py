@@ -51,6 +51,7 @@ from sacglam.checkpoint import (  # noqa: E402
     load_checkpoint,
 )
 from sacglam.config import ALGOS, TrainConfig  # noqa: E402
+from sacglam.eto import ETOConfig  # noqa: E402
 from sacglam.evaluate import evaluate_splits as evaluate_env_splits  # noqa: E402
 from sacglam.evaluate import wilson_interval  # noqa: E402
 from sacglam.pipeline import make_act_fn  # noqa: E402
@@ -101,7 +102,7 @@ def config_from_file(path: Path, overrides: Sequence[str] = ()) -> TrainConfig:
 
 def _typed(dcfg: Any) -> TrainConfig:
     cfg: TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
-    if not isinstance(cfg.algo, (SACConfig, PPOConfig)):
+    if not isinstance(cfg.algo, (SACConfig, PPOConfig, ETOConfig)):
         raise RunError(f"algo must be one of the conf/algo presets ({', '.join(ALGOS)}); got {cfg.algo!r}")
     return cfg
 

@@ -323,3 +323,4 @@ def test_reproduce_quick_both_envs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     md = (tmp_path / "out" / "reproduce_quick.md").read_text()
     assert "| playground | grasp | SAC + HER | 2 |" in md and "| bitflip | all | SAC | 2 |" in md
+    assert "| playground | grasp | ETO | 2 |" in md and "| playground | grasp | PPO-GLAM | 2 |" in md
