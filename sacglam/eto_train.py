@@ -198,8 +198,12 @@ class ETOTrainer:
         self.start_phase(lr)
 
     def dpo_epoch(self, beta: float) -> dict[str, float]:
-        """One epoch of DPO over the round's pairs, in shuffled batches of ``batch_size``; the epoch's means."""
-        sums = {"losses/dpo": 0.0, "charts/reward_margin": 0.0, "charts/pair_accuracy": 0.0, "losses/dpo_sft": 0.0}
+        """One epoch of DPO over the round's pairs, in shuffled batches of ``batch_size``; the epoch's means over pairs
+        (each batch's values before its step): loss, reward margin, pair accuracy, and the implicit rewards of the
+        chosen and rejected sides, whose signs show whether DPO raised the chosen trajectories or only lowered the
+        rejected ones."""
+        sums = {"losses/dpo": 0.0, "charts/reward_margin": 0.0, "charts/pair_accuracy": 0.0,
+                "charts/chosen_reward": 0.0, "charts/rejected_reward": 0.0, "losses/dpo_sft": 0.0}
         self.agent.train()
         if self.pairs:
             assert self.ref is not None
@@ -219,6 +223,8 @@ class ETOTrainer:
                 sums["losses/dpo"] += float(out.loss.detach()) * len(batch)
                 sums["charts/reward_margin"] += float(out.reward_margin) * len(batch)
                 sums["charts/pair_accuracy"] += float(out.accuracy) * len(batch)
+                sums["charts/chosen_reward"] += float(out.chosen_reward.sum())  # beta * (log pi - log ref), as TRL
+                sums["charts/rejected_reward"] += float(out.rejected_reward.sum())
         self.epoch += 1
         n = len(self.pairs)
         metrics = {k: (v / n if n else math.nan) for k, v in sums.items()}

@@ -348,13 +348,22 @@ def format_wall(runs_dir: str | Path) -> str:
 def separation(a: Summary, b: Summary) -> tuple[float | None, int, int]:
     """Where ``a``'s 95% band lies wholly above ``b``'s: (first such step, how many steps, steps compared).
 
-    Both are compared on the steps common to their grids (runs with the same ``eval.every`` share them); with one
-    seed there is no band and nothing separates.
+    Methods with one grid (runs with the same ``eval.every`` and ``env.num_envs``) are compared at its steps. Methods
+    whose runs evaluate at other steps (ETO evaluates after rounds, whose env-step counts vary by seed) are compared
+    at the union of both grids within their overlap, each seed's curve linearly interpolated there and the bands
+    recomputed. With one seed there is no band and nothing separates.
     """
-    common, ia, ib = np.intersect1d(a.grid, b.grid, return_indices=True)
-    above = a.lo[ia] > b.hi[ib]  # NaN (one seed) compares False
-    first = float(common[above][0]) if above.any() else None
-    return first, int(above.sum()), int(common.size)
+    if np.array_equal(a.grid, b.grid):
+        steps, a_lo, b_hi = a.grid, a.lo, b.hi
+    else:
+        lo, hi = max(a.grid[0], b.grid[0]), min(a.grid[-1], b.grid[-1])
+        steps = np.union1d(a.grid, b.grid)
+        steps = steps[(steps >= lo) & (steps <= hi)]
+        a_lo = mean_ci(on_grid([(a.grid, row) for row in a.per_seed], steps))[1]
+        b_hi = mean_ci(on_grid([(b.grid, row) for row in b.per_seed], steps))[2]
+    above = a_lo > b_hi  # NaN (one seed) compares False
+    first = float(steps[above][0]) if above.any() else None
+    return first, int(above.sum()), int(steps.size)
 
 
 def format_separation(results: dict[str, dict[str, dict[str, Summary]]]) -> str:
@@ -416,7 +425,7 @@ def plot(results: dict[str, dict[str, dict[str, Summary]]], out_png: str | Path)
     rows = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(4.5 * cols, 3.4 * rows))
     FigureCanvasAgg(fig)
-    colors = {"sac": "tab:blue", "sac_her": "tab:red", "ppo": "tab:green"}
+    colors = {"sac": "tab:blue", "sac_her": "tab:red", "ppo": "tab:green", "eto": "tab:purple"}
     for i, (env, name) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
         for method in _method_order(results[env]):

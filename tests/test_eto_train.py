@@ -329,10 +329,14 @@ def test_a_malformed_pairs_file_names_its_line(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.ci
 def test_eto_rounds_beat_the_warm_start_alone_on_grasp(tmp_path: Path) -> None:
-    """SFT warm start + ETO rounds against the same warm start alone (rounds=0), 2 seeds, grasp goals."""
+    """SFT warm start + one ETO round against the same warm start alone (rounds=0), 2 seeds, grasp goals.
+
+    The preset's 1,024 tasks: the expert's 2,048 env steps (its warm start uses 32 of the episodes), then one round
+    of about 2,900 steps. Measured (docs/results.md): warm start 0.17-0.23, after the round 0.77-1.00 (5 of 5 seeds);
+    the test asks for a gap of 0.3 on each of 2 seeds. About 1 minute."""
     common = ["experiment=playground_eto", "env.kwargs.goal_categories=[grasp]", "eval.episodes_per_category=64",
               "time_limit_min=0", "threads=1", "logger.progress=false", "checkpoint.every=0",
-              "'~env.heldout_kwargs.split'", "total_env_steps=4000", "eval.every=100000"]
+              "'~env.heldout_kwargs.split'", "total_env_steps=5000", "eval.every=100000"]
     gaps = []
     for seed in (0, 1):
         warm = run_train([*common, "algo.rounds=0", f"seed={seed}"], tmp_path / f"warm{seed}", timeout=600)
@@ -342,4 +346,4 @@ def test_eto_rounds_beat_the_warm_start_alone_on_grasp(tmp_path: Path) -> None:
         w = read_metrics(tmp_path / f"warm{seed}")[-1]["eval/greedy/success"]
         e = read_metrics(tmp_path / f"eto{seed}")[-1]["eval/greedy/success"]
         gaps.append(e - w)
-    assert min(gaps) >= 0.15, f"ETO minus warm start, per seed: {gaps}"
+    assert min(gaps) >= 0.3, f"ETO minus warm start, per seed: {gaps}"

@@ -222,6 +222,18 @@ def test_separation_of_bands_by_hand() -> None:
     assert "| playground | grasp | SAC + HER | PPO-GLAM | 10 | 1 / 3 |" in table
 
 
+def test_separation_on_different_grids_interpolates_each_seed() -> None:
+    a_seeds = np.array([[0.0, 0.8, 1.0], [0.0, 0.6, 1.0]])  # steps 0, 10, 20
+    a = rep.Summary(np.array([0.0, 10.0, 20.0]), *rep.mean_ci(a_seeds), a_seeds)
+    b_seeds = np.array([[0.1, 0.1], [0.0, 0.2]])  # steps 5, 25
+    b = rep.Summary(np.array([5.0, 25.0]), *rep.mean_ci(b_seeds), b_seeds)
+    # Overlap [5, 20]: steps 5, 10, 20. a at 5: seeds 0.4 and 0.3 (band 0.35 +- 12.706 * 0.0707 / 1.414 = +-0.635);
+    # b at 5: 0.1 and 0.0. At 10: a 0.8, 0.6 (band [-0.57, 1.97]); b 0.1, 0.05 (hi 0.075 + 0.318 = 0.393): overlap.
+    # At 20: a 1.0, 1.0 (band [1, 1]); b 0.1, 0.15 (hi 0.125 + 0.318 = 0.443): a above.
+    assert rep.separation(a, b) == (20.0, 1, 3)
+    assert rep.separation(b, a) == (None, 0, 3)
+
+
 def test_wall_minutes_from_done_files(tmp_path: Path) -> None:
     for method, secs in (("ppo", 60.0), ("ppo", 180.0), ("sac", 30.0)):
         d = tmp_path / "playground" / method / f"seed{int(secs)}"
