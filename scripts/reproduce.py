@@ -64,7 +64,8 @@ METHODS: dict[str, dict[str, list[str]]] = {
         "sac_her": ["experiment=bitflip_her"],
     },
 }
-METHOD_LABELS = {"sac_her": "SAC + HER", "sac": "SAC", "ppo": "PPO-GLAM", "eto": "ETO"}
+METHOD_LABELS = {"sac_her": "SAC + HER", "sac": "SAC", "ppo": "PPO-GLAM", "eto": "ETO",
+                 "eto_ws32": "ETO, small warm start"}  # the last: a variant's runs linked in by hand (docs/results.md)
 # Playground-Text goal categories of every run (the preset's default is grasp + grow_plant): the comparison of the
 # SAC-GLAM paper covers all four.
 CATEGORIES = "grasp,grow_plant,grow_herbivore,grow_carnivore"
@@ -425,7 +426,8 @@ def plot(results: dict[str, dict[str, dict[str, Summary]]], out_png: str | Path)
     rows = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(4.5 * cols, 3.4 * rows))
     FigureCanvasAgg(fig)
-    colors = {"sac": "tab:blue", "sac_her": "tab:red", "ppo": "tab:green", "eto": "tab:purple"}
+    colors = {"sac": "tab:blue", "sac_her": "tab:red", "ppo": "tab:green", "eto": "tab:purple",
+              "eto_ws32": "tab:orange"}
     for i, (env, name) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
         for method in _method_order(results[env]):

@@ -27,29 +27,36 @@ import reproduce as rep
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The variants of docs/sweep_eto.md, each stated against conf/algo/eto_tiny.yaml as it was swept (128 tasks, no SFT
-# term), so every variant names its SFT term and, from now on, its number of tasks: the DPO learning rate, beta, the
-# SFT term on the chosen trajectories, the warm start, the number of training tasks and sampled exploration.
-# "nosft" is ETO's published recipe (no SFT term) at the preset's lr.
+# The variants of docs/sweep_eto.md. Each is stated against SWEPT, the preset as it was swept (128 tasks, a warm
+# start of 3 epochs on 32 expert episodes, no SFT term; conf/algo/eto_tiny.yaml has since taken the sweep's
+# answers): the DPO learning rate, beta, the SFT term on the chosen trajectories, the warm start, the number of
+# training tasks and sampled exploration. "nosft" is ETO's published recipe (no SFT term) at the preset's lr.
+SWEPT = ["algo.tasks=128", "algo.warm_start_episodes=32", "algo.sft_epochs=3", "algo.sft_coef=0"]
 DEFAULT_VARIANTS: dict[str, list[str]] = {
-    "nosft": ["algo.tasks=128", "algo.sft_coef=0"],
-    "lr1e-4": ["algo.tasks=128", "algo.sft_coef=0", "algo.lrs=[1e-4]"],
-    "lr3e-4": ["algo.tasks=128", "algo.sft_coef=0", "algo.lrs=[3e-4]"],
-    "ws128": ["algo.tasks=128", "algo.sft_coef=0", "algo.warm_start_episodes=128"],
-    "ws128_lr1e-4": ["algo.tasks=128", "algo.sft_coef=0", "algo.warm_start_episodes=128", "algo.lrs=[1e-4]"],
-    "sftep10": ["algo.tasks=128", "algo.sft_coef=0", "algo.sft_epochs=10"],
-    "sft1": ["algo.tasks=128", "algo.sft_coef=1"],
-    "sft1_lr3e-3": ["algo.tasks=128", "algo.sft_coef=1", "algo.lrs=[3e-3]"],
-    "sft1_beta0.5": ["algo.tasks=128", "algo.sft_coef=1", "algo.betas=[0.5]"],
-    "sft1_ws128": ["algo.tasks=128", "algo.sft_coef=1", "algo.warm_start_episodes=128"],
-    "sft1_sftep10": ["algo.tasks=128", "algo.sft_coef=1", "algo.sft_epochs=10"],
-    "sft1_sample": ["algo.tasks=128", "algo.sft_coef=1", "algo.explore=sample"],
+    "nosft": [],
+    "lr1e-4": ["algo.lrs=[1e-4]"],
+    "lr3e-4": ["algo.lrs=[3e-4]"],
+    "ws128": ["algo.warm_start_episodes=128"],
+    "ws128_lr1e-4": ["algo.warm_start_episodes=128", "algo.lrs=[1e-4]"],
+    "sftep10": ["algo.sft_epochs=10"],
+    "sft1": ["algo.sft_coef=1"],
+    "sft1_lr3e-3": ["algo.sft_coef=1", "algo.lrs=[3e-3]"],
+    "sft1_beta0.5": ["algo.sft_coef=1", "algo.betas=[0.5]"],
+    "sft1_ws128": ["algo.sft_coef=1", "algo.warm_start_episodes=128"],
+    "sft1_sftep10": ["algo.sft_coef=1", "algo.sft_epochs=10"],
+    "sft1_sample": ["algo.sft_coef=1", "algo.explore=sample"],
     "sft1_tasks256": ["algo.sft_coef=1", "algo.tasks=256"],
     "sft1_tasks512": ["algo.sft_coef=1", "algo.tasks=512"],
     "sft1_tasks1024": ["algo.sft_coef=1", "algo.tasks=1024"],
-    "nosft_tasks512": ["algo.sft_coef=0", "algo.tasks=512"],
-    "nosft_tasks512_lr1e-4": ["algo.sft_coef=0", "algo.tasks=512", "algo.lrs=[1e-4]"],
+    "nosft_tasks512": ["algo.tasks=512"],
+    "nosft_tasks512_lr1e-4": ["algo.tasks=512", "algo.lrs=[1e-4]"],
 }
+
+
+def merged(base: Sequence[str], overrides: Sequence[str]) -> list[str]:
+    """``base`` with each key that ``overrides`` sets replaced (Hydra refuses a key given twice)."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    return [o for o in base if o.split("=", 1)[0] not in keys] + list(overrides)
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -83,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "sweep_eto.md")
     p.add_argument("overrides", nargs="*", help="extra train.py overrides for every run")
     opts = p.parse_intermixed_args(argv)
-    variants = dict(parse_variant(v) for v in opts.variant) if opts.variant else DEFAULT_VARIANTS
+    variants = dict(parse_variant(v) for v in opts.variant) if opts.variant else {
+        name: merged(SWEPT, overrides) for name, overrides in DEFAULT_VARIANTS.items()}
     threads = [f"threads={max(1, (os.cpu_count() or 1) // opts.jobs)}"] if opts.jobs > 1 else []
     runs: list[rep.Run] = []
     for name, overrides in variants.items():

@@ -28,6 +28,10 @@ SCRIPTS = ROOT / "scripts"
 TINY_RUN = [*SMALL, "total_env_steps=256", "buffer.capacity=4096", "eval.every=0", "checkpoint.every=0"]
 PPO_RUN = [o for o in TINY_RUN if not o.startswith(("batch_size=", "learning_starts=", "buffer."))] + [
     "algo=ppo", "algo.rollout_steps=8", "algo.minibatch_size=16", "algo.value_hidden=[16]"]
+# ETO with a LoRA actor: expert warm start and one round of 16 tasks.
+ETO_RUN = [o for o in TINY_RUN if not o.startswith(("batch_size=", "learning_starts=", "buffer."))] + [
+    "experiment=playground_eto", "model.lora.enabled=true", "model.lora.r=4", "algo.tasks=16",
+    "algo.warm_start_episodes=8", "algo.epochs=1", "algo.rounds=1"]
 
 
 run_tools = load_script("run_tools")
@@ -61,6 +65,11 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def ppo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _train(tmp_path_factory, "ppo", PPO_RUN)
+
+
+@pytest.fixture(scope="module")
+def eto_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train(tmp_path_factory, "eto", ETO_RUN)
 
 
 def _states(run: Any, n: int = 6) -> tuple[list[str], list[str], list[list[str]]]:
@@ -165,6 +174,20 @@ def test_export_lora_holds_the_actor_adapter_only(lora_run: Path, tmp_path: Path
     assert "PeftModel.from_pretrained" in (out / "README.md").read_text()
 
 
+def test_export_eto_lora_policy_reloads_and_scores_as_in_training(eto_run: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    assert any(json.loads(line).get("charts/round") == 1 for line in (eto_run / "metrics.jsonl").open())
+    run = run_tools.load_run(eto_run, ["device=cpu"])
+    out = export_policy.export(run, tmp_path / "policy")
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items()), "SFT and DPO never trained it"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), out)
+    _check_roundtrip(run, model, out)
+
+
 def test_export_ppo_value_head(ppo_run: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -241,7 +264,7 @@ def test_evaluate_cli_matches_sacglam_evaluate_on_the_same_seeds(sac_run: Path, 
     assert "4242 + j" in result.stdout
 
 
-@pytest.mark.parametrize("which", ["sac", "ppo"])
+@pytest.mark.parametrize("which", ["sac", "ppo", "eto"])
 def test_evaluate_cli_reproduces_the_runs_final_evaluation(which: str, request: pytest.FixtureRequest) -> None:
     run: Path = request.getfixturevalue(f"{which}_run")
     result = _script("evaluate.py", str(run / "checkpoints"), "--json", str(run / f"eval-{which}.json"))
