@@ -39,6 +39,7 @@ from sacglam.builders import (  # re-exported: scripts build runs through train.
     make_agent,
     make_codec,
     make_env_fn,
+    make_evaluator,
     make_learner,
     make_relabeller,
     model_codec,
@@ -59,14 +60,12 @@ from sacglam.episode_log import EpisodeLog
 from sacglam.episodes import EpisodeTracker
 from sacglam.eto import ETOConfig
 from sacglam.eto_train import run_eto
-from sacglam.evaluate import evaluate_splits
 from sacglam.logging import RunLogger
-from sacglam.pipeline import make_act_fn
 from sacglam.ppo import PPOConfig
 from sacglam.sac import NonFiniteLossError, SACConfig, SACLearner
 
 __all__ = ["build_model", "env_state", "eval_env_fns", "main", "make_agent", "make_codec", "make_env_fn",
-           "make_learner", "make_relabeller", "model_codec", "resolve_device", "seed_everything"]
+           "make_evaluator", "make_learner", "make_relabeller", "model_codec", "resolve_device", "seed_everything"]
 
 register_configs()
 
@@ -92,9 +91,7 @@ def main(dcfg: DictConfig) -> float:
     agent, learner = make_learner(cfg, model, codec, probe, device)
     collector = Collector(vec, learner.act, seed=cfg.seed)
     tracker = EpisodeTracker(cfg.env.num_envs)  # finished episodes as text, for the relabeller and episode log
-    act_greedy = make_act_fn(agent, codec, greedy=True, device=device)
-    eval_gen = torch.Generator(device)  # reseeded at every evaluation, so sampled evaluations are reproducible
-    act_eval_sample = make_act_fn(agent, codec, greedy=False, device=device, generator=eval_gen)
+    run_eval = make_evaluator(cfg, agent, codec, probe, device)  # greedy (and sampled) success per goal category
 
     # Resume: the newest complete checkpoint of the run folder (a corrupt one is skipped with a warning).
     ckpt_path = resolve_resume(cfg.resume, run_dir)
@@ -120,14 +117,6 @@ def main(dcfg: DictConfig) -> float:
                        resume_from_step=collector.env_steps if ckpt_path is not None else None)
     episode_log = EpisodeLog(run_dir, cfg.logger.episodes_max_mb, collector.env_steps if ckpt_path else None
                              ) if cfg.logger.episodes else None
-
-    def run_eval() -> dict[str, float]:
-        agent.eval()
-        metrics = evaluate_splits(eval_env_fns(cfg), act_greedy, act_eval_sample if cfg.eval.sample else None,
-                                  eval_gen, categories=probe.goal_categories, num_envs=cfg.eval.num_envs,
-                                  episodes_per_category=cfg.eval.episodes_per_category, seed=cfg.eval.seed)
-        agent.train()
-        return metrics
 
     def checkpoint() -> None:
         state = {"algo": cfg.algo.name, "agent": agent.state_dict(), "learner": learner.state_dict(),

@@ -20,8 +20,9 @@ from hydra.core.hydra_config import HydraConfig
 from sacglam.agent import Agent
 from sacglam.buffer import ReplayBuffer
 from sacglam.config import TrainConfig
+from sacglam.evaluate import evaluate_splits
 from sacglam.models import is_seq2seq, load_model
-from sacglam.pipeline import StepEncoder, check_context, tokenizer_corpus
+from sacglam.pipeline import StepEncoder, check_context, make_act_fn, tokenizer_corpus
 from sacglam.ppo import PPOAgent, PPOConfig, PPOLearner, check_on_policy
 from sacglam.prompting import PromptCodec
 from sacglam.relabel import GoalSpace, OnlineRelabeller, RelabelStats, make_source
@@ -103,6 +104,29 @@ def eval_env_fns(cfg: TrainConfig) -> dict[str, Callable[[], Any]]:
 
 
 
+def make_evaluator(cfg: TrainConfig, agent: Any, codec: PromptCodec, probe: Any,
+                   device: torch.device) -> Callable[[], dict[str, float]]:
+    """The run's evaluation as a function of no argument: greedy (and, with ``eval.sample``, sampled from a generator
+    reseeded every time) on ``eval_env_fns(cfg)``, ``eval.episodes_per_category`` episodes per goal category of
+    ``probe``; the agent is in eval mode during it and back in train mode after."""
+    act_greedy = make_act_fn(agent, codec, greedy=True, device=device)
+    eval_gen = torch.Generator(device)
+    act_sample = make_act_fn(agent, codec, greedy=False, device=device, generator=eval_gen) if cfg.eval.sample \
+        else None
+
+    def run_eval() -> dict[str, float]:
+        agent.eval()
+        try:
+            return evaluate_splits(eval_env_fns(cfg), act_greedy, act_sample, eval_gen,
+                                   categories=probe.goal_categories, num_envs=cfg.eval.num_envs,
+                                   episodes_per_category=cfg.eval.episodes_per_category, seed=cfg.eval.seed)
+        finally:
+            agent.train()
+
+    return run_eval
+
+
+
 def make_learner(cfg: TrainConfig, model: Any, codec: PromptCodec, probe: Any,
                  device: torch.device) -> tuple[Any, SACLearner | PPOLearner]:
     """The agent and the part of the loop that differs per algorithm: ``learner.act`` acts for the collector and
@@ -154,6 +178,7 @@ __all__ = [
     "make_agent",
     "make_codec",
     "make_env_fn",
+    "make_evaluator",
     "make_learner",
     "make_relabeller",
     "model_codec",

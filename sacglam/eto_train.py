@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sacglam.agent import Agent
-from sacglam.builders import build_model, eval_env_fns, make_agent, make_env_fn, seed_everything
+from sacglam.builders import build_model, make_agent, make_env_fn, make_evaluator, seed_everything
 from sacglam.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -58,7 +58,6 @@ from sacglam.eto import (
     write_pairs,
 )
 from sacglam.eto_rollout import Task, TaskRunner, training_tasks
-from sacglam.evaluate import evaluate_splits
 from sacglam.logging import RunLogger
 from sacglam.pipeline import make_act_fn
 from sacglam.prompting import PromptCodec
@@ -292,9 +291,7 @@ def run_eto(cfg: TrainConfig, dcfg: DictConfig, run_dir: Path, device: torch.dev
     act_explore = make_act_fn(agent, codec, greedy=eto.explore == "greedy", device=device, generator=act_gen)
     trainer = ETOTrainer(eto, agent, codec, device, _task_seeds(cfg, eto), list(probe.goal_categories), runner,
                          act_explore, shuffle_gen)
-    act_greedy = make_act_fn(agent, codec, greedy=True, device=device)
-    eval_gen = torch.Generator(device)
-    act_eval_sample = make_act_fn(agent, codec, greedy=False, device=device, generator=eval_gen)
+    run_eval = make_evaluator(cfg, agent, codec, probe, device)
 
     ckpt_path = resolve_resume(cfg.resume, run_dir)
     next_eval, logged = cfg.eval.every, -1  # logged: the env step of the last metrics line written
@@ -314,14 +311,6 @@ def run_eto(cfg: TrainConfig, dcfg: DictConfig, run_dir: Path, device: torch.dev
                        resume_from_step=logged if ckpt_path is not None else None)
     episode_log = EpisodeLog(run_dir, cfg.logger.episodes_max_mb, trainer.env_steps if ckpt_path else None
                              ) if cfg.logger.episodes else None
-
-    def run_eval() -> dict[str, float]:
-        agent.eval()
-        metrics = evaluate_splits(eval_env_fns(cfg), act_greedy, act_eval_sample if cfg.eval.sample else None,
-                                  eval_gen, categories=probe.goal_categories, num_envs=cfg.eval.num_envs,
-                                  episodes_per_category=cfg.eval.episodes_per_category, seed=cfg.eval.seed)
-        agent.train()
-        return metrics
 
     def checkpoint(final: bool = False) -> None:
         if cfg.checkpoint.every or final:
