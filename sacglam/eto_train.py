@@ -7,7 +7,8 @@
                DPO:     ``epochs`` epochs of the sigmoid DPO loss against the policy the round starts from
                evaluate, log one line at the round's env-step count
 
-Every env step of the expert and of exploration counts toward ``total_env_steps`` (reported apart as
+Evaluation: after the warm start, at the end of the first round at or past each ``eval.every`` env steps, and at the
+end. Every env step of the expert and of exploration counts toward ``total_env_steps`` (reported apart as
 ``charts/expert_env_steps`` and ``charts/explore_env_steps``); evaluation episodes do not count, as for SAC and PPO.
 Rounds stop at ``algo.rounds`` or when the budget is spent (exploration stops starting waves once it is).
 
@@ -377,7 +378,7 @@ def run_eto(cfg: TrainConfig, dcfg: DictConfig, run_dir: Path, device: torch.dev
             metrics = dict(trainer.round_metrics)
             last = user_pairs is not None or trainer.round + 1 >= eto.rounds or \
                 trainer.env_steps >= cfg.total_env_steps
-            if last or (cfg.eval.every and trainer.env_steps >= next_eval) or not cfg.eval.every:
+            if last or (cfg.eval.every and trainer.env_steps >= next_eval):  # eval.every=0: at the end only
                 last_eval = run_eval()
                 metrics.update(last_eval)
                 while cfg.eval.every and next_eval <= trainer.env_steps:
