@@ -45,6 +45,7 @@ class LoggerConfig:
     project: str = "sacglam"  # wandb project
     entity: str | None = None  # wandb entity (user or team); None = the account's default
     run_name: str | None = None  # wandb run name; None = wandb's generated name
+    group: str | None = None  # wandb group (the runs of one sweep share one; e.g. experiment=sweep_sac_her sets it)
     jsonl: bool = True  # write run_dir/metrics.jsonl (needed for the success plot)
     progress: bool = True  # tqdm progress bar on the console
     log_every: int = 1000  # env steps between training-metric logs (see RunLogger.should_log)
@@ -238,6 +239,7 @@ class RunLogger:
                 project=self.cfg.project,
                 entity=self.cfg.entity,
                 name=self.cfg.run_name,
+                group=self.cfg.group,
                 config=dict(config_dict or {}),
                 dir=str(self.run_dir),
                 mode=self.wandb_mode,  # type: ignore[arg-type]
