@@ -23,6 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from sacglam.checkpoint import (
 )
 from sacglam.collector import Collector, episode_metrics
 from sacglam.config import ALGOS, TrainConfig, register_configs
+from sacglam.distributed import check_data_parallel, init_distributed, rank_dir, rank_seed, resolve_rank_resume
 from sacglam.episode_log import EpisodeLog
 from sacglam.episodes import EpisodeTracker
 from sacglam.eto import ETOConfig
@@ -79,28 +81,40 @@ def main(dcfg: DictConfig) -> float:
     device = resolve_device(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    dist = init_distributed(device)  # one process, or this rank of a torchrun / accelerate launch
+    check_data_parallel(cfg, dist)
     if isinstance(cfg.algo, ETOConfig):
         return run_eto(cfg, dcfg, run_dir, device)  # rounds of explore -> pair -> DPO instead of this step loop
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the same model on every rank
 
     # Environments, model, agent and the algorithm's own part of the loop.
     env_fn = make_env_fn(cfg)
     probe = env_fn()
     vec = make_vector_env(cfg.env.id, cfg.env.num_envs, env_kwargs=dict(cfg.env.kwargs), mode=cfg.env.vector)
     model, _, codec = build_model(cfg, probe, device)
-    agent, learner = make_learner(cfg, model, codec, probe, device)
-    collector = Collector(vec, learner.act, seed=cfg.seed)
+    # Each rank: its own env and sampling seeds, its share of the batch, its own replay-buffer shard.
+    local = replace(cfg, seed=rank_seed(cfg.seed, dist.rank), batch_size=cfg.batch_size // dist.world,
+                    learning_starts=cfg.learning_starts // dist.world)
+    agent, learner = make_learner(local, model, codec, probe, device)
+    if dist.world > 1 and isinstance(learner, SACLearner):
+        learner.agree = lambda ready: all(dist.gather(ready))  # update only when every shard can
+    collector = Collector(vec, learner.act, seed=local.seed)
     tracker = EpisodeTracker(cfg.env.num_envs)  # finished episodes as text, for the relabeller and episode log
     run_eval = make_evaluator(cfg, agent, codec, probe, device)  # greedy (and sampled) success per goal category
 
-    # Resume: the newest complete checkpoint of the run folder (a corrupt one is skipped with a warning).
-    ckpt_path = resolve_resume(cfg.resume, run_dir)
+    # Resume: the newest complete checkpoint of the run folder (a corrupt one is skipped with a warning); with
+    # several processes, the newest step every rank holds.
+    ckpt_path = resolve_rank_resume(cfg.resume, run_dir, dist) if dist.world > 1 else resolve_resume(cfg.resume,
+                                                                                                     run_dir)
     next_eval, next_ckpt = cfg.eval.every, cfg.checkpoint.every
     if ckpt_path is not None:
         state = load_checkpoint(ckpt_path, map_location=device, weights_only=False)  # our own file
         if state.get("algo") != cfg.algo.name:
             raise ValueError(f"{ckpt_path} was written by algo={state.get('algo')}, this run is "
                              f"algo={cfg.algo.name}; resume with the same algo")
+        if state.get("world", 1) != dist.world:
+            raise ValueError(f"{ckpt_path} was written by a run of {state.get('world', 1)} process(es); this run has "
+                             f"{dist.world}; resume with the same number of processes")
         agent.load_state_dict(state["agent"])
         learner.load_state_dict(state["learner"])
         if state["envs"] is not None:
@@ -112,28 +126,33 @@ def main(dcfg: DictConfig) -> float:
             tracker.drop_running()
         restore_rng_state(state["rng"], generators=learner.generators)
         next_eval, next_ckpt = state["loop"]
-        print(f"resumed from {ckpt_path} at env step {collector.env_steps}")
+        if dist.is_main:
+            print(f"resumed from {ckpt_path} at env step {collector.env_steps * dist.world}")
+    steps = lambda: collector.env_steps * dist.world  # noqa: E731 - the global count: every rank steps N envs
     logger = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(dcfg, resolve=True), cfg.total_env_steps,  # type: ignore[arg-type]
-                       resume_from_step=collector.env_steps if ckpt_path is not None else None)
+                       resume_from_step=steps() if ckpt_path is not None else None) if dist.is_main else None
     episode_log = EpisodeLog(run_dir, cfg.logger.episodes_max_mb, collector.env_steps if ckpt_path else None
                              ) if cfg.logger.episodes else None
 
     def checkpoint() -> None:
         state = {"algo": cfg.algo.name, "agent": agent.state_dict(), "learner": learner.state_dict(),
                  "collector": collector.state_dict(), "envs": env_state(vec), "episodes": tracker.state_dict(),
-                 "rng": capture_rng_state(generators=learner.generators), "loop": (next_eval, next_ckpt)}
-        save_checkpoint(run_dir, collector.env_steps, state, keep=cfg.checkpoint.keep)
+                 "rng": capture_rng_state(generators=learner.generators), "loop": (next_eval, next_ckpt),
+                 "world": dist.world}
+        save_checkpoint(rank_dir(run_dir, dist.rank), steps(), state, keep=cfg.checkpoint.keep)
+        dist.barrier()  # every rank's shard is on disk before any goes on
 
     start, warned = time.monotonic(), set()
-    while collector.env_steps < cfg.total_env_steps:
-        if cfg.time_limit_min and time.monotonic() - start > 60 * cfg.time_limit_min:
-            print(f"time limit of {cfg.time_limit_min} min reached at env step {collector.env_steps}")
-            break
+    while steps() < cfg.total_env_steps:
         # Collect one step of every env; the algorithm stores it and updates when it is time.
         step, episodes = collector.step()
         records = tracker.add(step, episodes, policy_version=learner.updates, env_steps=collector.env_steps)
         if episode_log is not None and records:
             episode_log.write(records)
+        # Every rank's finished episodes, and the time-limit verdict, so that all ranks stop at the same step.
+        time_up = bool(cfg.time_limit_min and time.monotonic() - start > 60 * cfg.time_limit_min)
+        shared = dist.gather((episodes, time_up))
+        episodes = [e for part, _ in shared for e in part]
         metrics: dict[str, Any] = episode_metrics(episodes) if episodes else {}
         try:
             metrics.update(learner.observe(step, records))
@@ -153,25 +172,33 @@ def main(dcfg: DictConfig) -> float:
                         "charts/unfaithful_tokenisation": codec.unfaithful_count})
         if records and isinstance(learner, SACLearner):
             metrics.update(learner.relabel_metrics())
-        if cfg.eval.every and collector.env_steps >= next_eval:
-            metrics.update(run_eval())
+        if cfg.eval.every and steps() >= next_eval:
+            if dist.is_main:  # evaluation runs once; the other ranks wait at the next collective
+                metrics.update(run_eval())
             next_eval += cfg.eval.every
-        logger.log(collector.env_steps, metrics)
-        if cfg.checkpoint.every and collector.env_steps >= next_ckpt:
+        if logger is not None:
+            logger.log(steps(), metrics)
+        if cfg.checkpoint.every and steps() >= next_ckpt:
             next_ckpt += cfg.checkpoint.every
             checkpoint()
+        if any(up for _, up in shared):
+            if dist.is_main:
+                print(f"time limit of {cfg.time_limit_min} min reached at env step {steps()}")
+            break
 
-    final = run_eval()
+    final = run_eval() if dist.is_main else {}
     checkpoint()  # (after a background relabeller's last episodes are in the buffer and counted)
     if isinstance(learner, SACLearner):
         final.update(learner.relabel_metrics())
-    logger.log(collector.env_steps, final)
-    logger.close()
     vec.close()
     if episode_log is not None:
         episode_log.close()
+    if logger is None:
+        return 0.0
+    logger.log(steps(), final)
+    logger.close()
     success = final.get("eval/greedy/success", 0.0)
-    print(f"final greedy success {success:.3f} after {collector.env_steps} env steps and {learner.updates} updates; "
+    print(f"final greedy success {success:.3f} after {steps()} env steps and {learner.updates} updates; "
           f"run folder {run_dir}")
     return success
 

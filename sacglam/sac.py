@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -366,9 +366,13 @@ class SACLearner:
                  *, batch_size: int, replay_ratio: float, learning_starts: int, device: torch.device | str,
                  act_generator: torch.Generator, sample_generator: torch.Generator,
                  relabeller: OnlineRelabeller | None = None) -> None:
-        self.updater = SACUpdater(agent, cfg)
+        # cpu=True on CPU: without it accelerate sees one process under torchrun (sacglam/distributed.py)
+        self.updater = SACUpdater(agent, cfg, Accelerator(cpu=torch.device(device).type == "cpu"))
         self.buffer, self.encoder = buffer, encoder
         self.batch_size, self.learning_starts = batch_size, learning_starts
+        # Data-parallel: whether every rank's buffer shard is ready to update (their sampleable rows differ, and the
+        # updates' gradient averaging needs all ranks in it); one process: its own verdict.
+        self.agree: Callable[[bool], bool] = lambda ready: ready
         self.updates_per_vector_step = replay_ratio * buffer.n_envs / batch_size
         self.update_credit = 0.0
         self.device = device
@@ -405,7 +409,7 @@ class SACLearner:
                 self.relabeller.submit(ok)
             self._apply(self.relabeller.collect())
         stats: UpdateStats = {}
-        if self.buffer.num_sampleable >= self.learning_starts:
+        if self.agree(self.buffer.num_sampleable >= self.learning_starts):
             self.update_credit += self.updates_per_vector_step
             while self.update_credit >= 1.0:
                 self._batch = self.buffer.sample(self.batch_size, self.generators["sample"], out=self._batch)

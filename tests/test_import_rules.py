@@ -6,8 +6,8 @@ Rules (ids used in the failure messages):
     R3  buffer, her, losses, types, prompting import neither sacglam.agent nor transformers/peft/accelerate, directly
         or through other project modules (the chain is reported).
     R4  collector imports neither sacglam.agent, sacglam.sac nor sacglam.buffer, directly or through project modules.
-    R5  only models, agent, scoring, sac and the baselines ppo/eto import transformers/peft/accelerate (directly);
-        sac takes accelerate only, scoring transformers only.
+    R5  only models, agent, scoring, sac, distributed and the baselines ppo/eto import transformers/peft/accelerate
+        (directly); sac and distributed take accelerate only, scoring transformers only.
 
 Imports are counted wherever they appear: inside functions, under ``if TYPE_CHECKING:`` (a type-only import still
 couples the modules the design keeps apart), and ``importlib.import_module("...")`` / ``__import__("...")`` with a
@@ -32,6 +32,7 @@ HF_ALLOWED: dict[str, frozenset[str]] = {
     "ppo": HF,
     "eto": HF,
     "sac": frozenset({"accelerate"}),
+    "distributed": frozenset({"accelerate"}),  # accelerate's process state (data-parallel runs)
     "scoring": frozenset({"transformers"}),
 }
 R3_MODULES = frozenset({"buffer", "her", "losses", "types", "prompting"})
@@ -191,7 +192,7 @@ def check_import_rules(root: Path) -> list[Breach]:
                         imp.line,
                         "R5",
                         f"imports {imp.target}: only models/agent/ppo/eto may import transformers/peft/accelerate "
-                        "(scoring: transformers only; sac: accelerate only)",
+                        "(scoring: transformers only; sac, distributed: accelerate only)",
                     )
                 )
             for rule, bad_modules, bad_top, why in transitive:

@@ -1,0 +1,127 @@
+"""Data-parallel runs: which process this is, per-rank seeds and folders, and the few collectives the loop needs.
+
+``torchrun --nproc_per_node 2 train.py ...`` (CPU, gloo) or ``accelerate launch --multi_gpu --num_processes N
+train.py ...`` (GPUs, nccl) start N processes. Each steps its own envs (seeds ``rank_seed``), holds its own replay
+buffer shard and samples its share of the batch; the updater averages gradients, so the weights stay equal on every
+rank. One process (rank 0) logs, evaluates and prints; every rank writes its own checkpoint shard.
+
+Accelerate's process state is used as it is, with one subtlety: on CPU it must be built with ``cpu=True``, or every
+process believes it is alone (``num_processes == 1``) and steps the same seeds.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RANKS_DIRNAME = "ranks"
+
+
+@dataclass
+class Dist:
+    """This process's place in the run.
+
+    Attributes:
+        rank: 0 .. world - 1 (0 is the main process).
+        world: number of processes.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``[obj of rank 0, obj of rank 1, ...]`` on every rank (one collective; ``[obj]`` alone)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """The process state of a launched run (``WORLD_SIZE`` > 1 set by torchrun / accelerate), else a single process.
+
+    Builds accelerate's ``PartialState`` (``cpu=True`` on CPU), which initialises the process group; later
+    ``Accelerator(cpu=...)`` objects share it.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device.type == "cpu")
+    if state.num_processes <= 1:
+        raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate started a single process "
+                           f"(backend {state.backend}); launch with torchrun or accelerate launch")
+    return Dist(rank=state.process_index, world=state.num_processes)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The env and sampling seed of ``rank``: ``seed`` itself on rank 0 (a 1-process run is unchanged), far apart
+    otherwise (episode seeds count up from it)."""
+    return seed + 1_000_003 * rank
+
+
+def rank_dir(run_dir: Path, rank: int) -> Path:
+    """Where rank ``rank`` keeps its checkpoints: the run folder itself for rank 0, ``ranks/rank<k>`` otherwise."""
+    return run_dir if rank == 0 else run_dir / RANKS_DIRNAME / f"rank{rank}"
+
+
+def check_data_parallel(cfg: Any, dist: Dist) -> None:
+    """Refuse what the data-parallel loop does not do yet, naming the option (nothing to check for one process)."""
+    if dist.world == 1:
+        return
+    from sacglam.sac import SACConfig
+
+    if not isinstance(cfg.algo, SACConfig):
+        raise ValueError(f"{dist.world} processes: data-parallel training runs algo=sac only (got algo="
+                         f"{cfg.algo.name}); run PPO and ETO with one process")
+    if cfg.batch_size % dist.world:
+        raise ValueError(f"batch_size={cfg.batch_size} must divide by the {dist.world} processes (each samples its "
+                         "share of the global batch)")
+    if cfg.relabel.source != "oracle" or cfg.logger.episodes:
+        raise ValueError(f"{dist.world} processes: relabel.source={cfg.relabel.source} and logger.episodes="
+                         f"{cfg.logger.episodes} are single-process only for now; use relabel.source=oracle and "
+                         "logger.episodes=false")
+
+
+def resolve_rank_resume(resume: str, run_dir: Path, dist: Dist) -> Path | None:
+    """This rank's checkpoint to resume from: ``never`` -> None; ``auto`` -> the newest step all ranks hold (None
+    when there is none); an explicit path is not supported with several processes."""
+    from sacglam.checkpoint import checkpoint_path, list_checkpoints
+
+    if resume == "never":
+        return None
+    if resume != "auto":
+        raise ValueError(f"resume={resume!r}: with {dist.world} processes use resume=auto (each rank reads its own "
+                         "shard from the run folder)")
+    mine = [int(p.stem.split("_")[-1]) for p in list_checkpoints(rank_dir(run_dir, dist.rank))]
+    step = common_step(dist.gather(mine))
+    return None if step is None else checkpoint_path(rank_dir(run_dir, dist.rank), step)
+
+
+def common_step(steps_by_rank: Sequence[Sequence[int]]) -> int | None:
+    """The newest checkpoint step every rank holds (ranks save one after another, so a crash can leave rank 0 one
+    checkpoint ahead); None when they share none."""
+    common = set(steps_by_rank[0]).intersection(*map(set, steps_by_rank[1:])) if steps_by_rank else set()
+    return max(common) if common else None
+
+
+__all__ = ["RANKS_DIRNAME", "Dist", "check_data_parallel", "common_step", "init_distributed", "rank_dir", "rank_seed",
+           "resolve_rank_resume"]

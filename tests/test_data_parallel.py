@@ -1,0 +1,120 @@
+"""Data-parallel ``train.py`` under ``torchrun --nproc_per_node 2`` (gloo on CPU): one coherent metrics file, ranks
+with their own env seeds and equal weights, twice the env steps per vector step, exact SIGKILL + resume, and a
+2-process checkpoint refused by 1 process with both world sizes named. Plus the helpers by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from sacglam.distributed import common_step, rank_dir, rank_seed
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+SMALL = ["env.num_envs=4", "batch_size=8", "learning_starts=48", "eval.episodes_per_category=2", "eval.num_envs=2",
+         "env.corpus_episodes=20", "time_limit_min=0", "threads=1", "logger.progress=false", "seed=3",
+         "total_env_steps=320", "eval.every=160", "checkpoint.every=80", "checkpoint.keep=3"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def launch(args: list[str], run_dir: Path, procs: int, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    cmd = [str(TORCHRUN), "--nproc_per_node", str(procs), "--master_port", str(29500 + os.getpid() % 1000)]
+    if procs == 1:
+        cmd = [sys.executable]
+    return subprocess.run([*cmd, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def final_state(run_dir: Path, rank: int) -> dict[str, Any]:
+    path = sorted((rank_dir(run_dir, rank) / "checkpoints").glob("step_*.pt"))[-1]
+    from sacglam.checkpoint import load_checkpoint
+
+    return load_checkpoint(path, weights_only=False)  # type: ignore[no-any-return]
+
+
+def test_helpers_by_hand() -> None:
+    assert rank_seed(7, 0) == 7 and rank_seed(7, 1) != rank_seed(7, 0)
+    assert rank_dir(Path("r"), 0) == Path("r") and rank_dir(Path("r"), 2) == Path("r/ranks/rank2")
+    assert common_step([[80, 160, 240], [80, 160]]) == 160  # rank 0 one checkpoint ahead
+    assert common_step([[80], [160]]) is None
+
+
+def test_two_processes_make_one_coherent_run(tmp_path: Path) -> None:
+    two = tmp_path / "two"
+    result = launch(SMALL, two, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("final greedy success") == 1
+    rows = read_metrics(two)
+    steps = [r["step"] for r in rows]
+    # strictly increasing, each step once, but for the final evaluation's row at the last step (as with 1 process)
+    assert steps[:-1] == sorted(set(steps[:-1])) and steps[-1] == steps[-2] and "eval/greedy/success" in rows[-1]
+    assert len({json.dumps(r, sort_keys=True) for r in rows}) == len(rows), "no row written twice"
+    assert steps[-1] == 320 and any("eval/greedy/success" in r for r in rows)
+    assert steps[1] - steps[0] == 2 * 4, "one vector step of 2 ranks x 4 envs"
+    r0, r1 = final_state(two, 0), final_state(two, 1)
+    assert r0["world"] == r1["world"] == 2
+    assert r0["collector"]["seed"] != r1["collector"]["seed"], "each rank steps its own env seeds"
+    assert r0["collector"]["observations"] != r1["collector"]["observations"]
+    for k, v in r0["agent"].items():  # gradients averaged: the same weights on both ranks after the last update
+        assert torch.equal(v, r1["agent"][k]), k
+    assert any(r.get("charts/updates", 0) > 0 for r in rows)
+
+    one = tmp_path / "one"
+    result = launch(SMALL, one, 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = [r["step"] for r in read_metrics(one)]
+    assert single[1] - single[0] == 4 and single[-1] == 320
+    assert len(single) - 1 == 2 * (len(steps) - 1), "the same global budget in half the vector steps with 2 ranks"
+
+    result = launch([*SMALL, "resume=auto"], two, 1, timeout=120)  # a 2-process checkpoint, 1 process
+    assert result.returncode != 0
+    assert "2 process(es)" in result.stderr and "this run has 1" in result.stderr
+
+
+def test_sigkill_of_two_processes_then_resume_matches(tmp_path: Path) -> None:
+    args = [*SMALL, "total_env_steps=960"]  # long enough for the kill at 160 to land mid-run
+    reference = tmp_path / "reference"
+    result = launch(args, reference, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(30500 + os.getpid() % 1000),
+           str(ROOT / "train.py"), *args, f"hydra.run.dir={killed}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    target = rank_dir(killed, 1) / "checkpoints" / f"step_{160:010d}.pt"
+    while not target.exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+    proc.wait()
+    assert not (killed / "success.png").exists(), "the run finished before the kill"
+
+    result = launch([*args, "resume=auto"], killed, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    assert read_metrics(killed) == read_metrics(reference)
+
+
+@pytest.mark.parametrize("bad", [["batch_size=7"], ["algo=ppo"]])
+def test_what_two_processes_refuse(bad: list[str], tmp_path: Path) -> None:
+    result = launch([*SMALL, *bad], tmp_path, 2, timeout=120)
+    assert result.returncode != 0
+    assert ("batch_size=7" in result.stderr) or ("algo=sac only" in result.stderr)
