@@ -49,6 +49,7 @@ from sacglam.builders import (  # re-exported: scripts build runs through train.
 )
 from sacglam.checkpoint import (
     capture_rng_state,
+    check_run_state,
     find_latest_checkpoint,
     load_checkpoint,
     resolve_resume,
@@ -109,12 +110,7 @@ def main(dcfg: DictConfig) -> float:
     next_eval, next_ckpt = cfg.eval.every, cfg.checkpoint.every
     if ckpt_path is not None:
         state = load_checkpoint(ckpt_path, map_location=device, weights_only=False)  # our own file
-        if state.get("algo") != cfg.algo.name:
-            raise ValueError(f"{ckpt_path} was written by algo={state.get('algo')}, this run is "
-                             f"algo={cfg.algo.name}; resume with the same algo")
-        if state.get("world", 1) != dist.world:
-            raise ValueError(f"{ckpt_path} was written by a run of {state.get('world', 1)} process(es); this run has "
-                             f"{dist.world}; resume with the same number of processes")
+        check_run_state(state, ckpt_path, cfg.algo.name, dist.world)
         agent.load_state_dict(state["agent"])
         learner.load_state_dict(state["learner"])
         if state["envs"] is not None:

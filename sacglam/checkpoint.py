@@ -57,8 +57,10 @@ __all__ = [
     "CheckpointConfig",
     "CheckpointError",
     "capture_rng_state",
+    "check_run_state",
     "checkpoint_dir",
     "checkpoint_path",
+    "checkpoint_step",
     "find_latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -104,9 +106,24 @@ def checkpoint_path(run_dir: str | os.PathLike[str], step: int) -> Path:
     return checkpoint_dir(run_dir) / f"step_{step:010d}.pt"
 
 
-def _step_of(path: Path) -> int | None:
+def checkpoint_step(path: Path) -> int | None:
+    """The step a final-named checkpoint file belongs to (``step_<step:010d>.pt``), None for any other name."""
     match = _FINAL_RE.match(path.name)
     return int(match.group(1)) if match else None
+
+
+def check_run_state(state: dict[str, Any], path: str | os.PathLike[str], algo: str, world: int = 1) -> None:
+    """Refuse to resume from a checkpoint of another algorithm or another number of processes (names both).
+
+    Raises:
+        ValueError: ``state["algo"]`` is not ``algo``, or ``state["world"]`` (1 when absent) is not ``world``.
+    """
+    if state.get("algo") != algo:
+        raise ValueError(f"{path} was written by algo={state.get('algo')}, this run is algo={algo}; resume with the "
+                         "same algo")
+    if state.get("world", 1) != world:
+        raise ValueError(f"{path} was written by a run of {state.get('world', 1)} process(es); this run has {world}; "
+                         "resume with the same number of processes")
 
 
 def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
@@ -114,7 +131,7 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
-    found = [(step, p) for p in folder.iterdir() if (step := _step_of(p)) is not None and p.is_file()]
+    found = [(step, p) for p in folder.iterdir() if (step := checkpoint_step(p)) is not None and p.is_file()]
     return [p for _, p in sorted(found)]
 
 
@@ -231,7 +248,7 @@ def save_checkpoint(run_dir: str | os.PathLike[str], step: int, state: dict[str,
 
 def _prune(run_dir: str | os.PathLike[str], keep: int, protect: Path) -> None:
     paths = list_checkpoints(run_dir)
-    newer = [p.name for p in paths if (_step_of(p) or 0) > (_step_of(protect) or 0)]
+    newer = [p.name for p in paths if (checkpoint_step(p) or 0) > (checkpoint_step(protect) or 0)]
     if newer:
         # A resume from an explicit, older checkpoint: the newer files belong to an abandoned continuation, and
         # "auto" resume would prefer them. We do not delete them silently, but say so.

@@ -104,14 +104,14 @@ def check_data_parallel(cfg: Any, dist: Dist) -> None:
 def resolve_rank_resume(resume: str, run_dir: Path, dist: Dist) -> Path | None:
     """This rank's checkpoint to resume from: ``never`` -> None; ``auto`` -> the newest step all ranks hold (None
     when there is none); an explicit path is not supported with several processes."""
-    from sacglam.checkpoint import checkpoint_path, list_checkpoints
+    from sacglam.checkpoint import checkpoint_path, checkpoint_step, list_checkpoints
 
     if resume == "never":
         return None
     if resume != "auto":
         raise ValueError(f"resume={resume!r}: with {dist.world} processes use resume=auto (each rank reads its own "
                          "shard from the run folder)")
-    mine = [int(p.stem.split("_")[-1]) for p in list_checkpoints(rank_dir(run_dir, dist.rank))]
+    mine = [s for p in list_checkpoints(rank_dir(run_dir, dist.rank)) if (s := checkpoint_step(p)) is not None]
     step = common_step(dist.gather(mine))
     return None if step is None else checkpoint_path(rank_dir(run_dir, dist.rank), step)
 

@@ -35,6 +35,7 @@ from sacglam.agent import Agent
 from sacglam.builders import build_model, make_agent, make_env_fn, make_evaluator, seed_everything
 from sacglam.checkpoint import (
     capture_rng_state,
+    check_run_state,
     load_checkpoint,
     resolve_resume,
     restore_rng_state,
@@ -298,9 +299,7 @@ def run_eto(cfg: TrainConfig, dcfg: DictConfig, run_dir: Path, device: torch.dev
     next_eval, logged = cfg.eval.every, -1  # logged: the env step of the last metrics line written
     if ckpt_path is not None:
         state = load_checkpoint(ckpt_path, map_location=device, weights_only=False)  # our own file
-        if state.get("algo") != "eto":
-            raise ValueError(f"{ckpt_path} was written by algo={state.get('algo')}, this run is algo=eto; resume "
-                             "with the same algo")
+        check_run_state(state, ckpt_path, "eto")
         agent.load_state_dict(state["agent"])
         phase_lr = eto.sft_lr if state["eto"]["phase"] == "sft" else eto.lr(int(state["eto"]["round"]))
         trainer.load_state_dict(state["eto"], phase_lr)
