@@ -58,7 +58,14 @@ from sacglam.checkpoint import (
 )
 from sacglam.collector import Collector, episode_metrics
 from sacglam.config import ALGOS, TrainConfig, register_configs
-from sacglam.distributed import check_data_parallel, init_distributed, rank_dir, rank_seed, resolve_rank_resume
+from sacglam.distributed import (
+    check_data_parallel,
+    init_distributed,
+    rank_device,
+    rank_dir,
+    rank_seed,
+    resolve_rank_resume,
+)
 from sacglam.episode_log import EpisodeLog
 from sacglam.episodes import EpisodeTracker
 from sacglam.eto import ETOConfig
@@ -82,7 +89,8 @@ def main(dcfg: DictConfig) -> float:
     device = resolve_device(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    dist = init_distributed(device)  # one process, or this rank of a torchrun / accelerate launch
+    dist = init_distributed(device)  # one process, or this rank of a torchrun / accelerate launch / submitit job
+    device = rank_device(device, dist)
     check_data_parallel(cfg, dist)
     if isinstance(cfg.algo, ETOConfig):
         return run_eto(cfg, dcfg, run_dir, device)  # rounds of explore -> pair -> DPO instead of this step loop

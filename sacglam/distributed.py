@@ -1,7 +1,8 @@
 """Data-parallel runs: which process this is, per-rank seeds and folders, and the few collectives the loop needs.
 
 ``torchrun --nproc_per_node 2 train.py ...`` (CPU, gloo) or ``accelerate launch --multi_gpu --num_processes N
-train.py ...`` (GPUs, nccl) start N processes. Each steps its own envs (seeds ``rank_seed``), holds its own replay
+train.py ...`` (GPUs, nccl) start N processes; so does a submitit job of N tasks (SLURM, ``hydra/launcher=slurm_multigpu``),
+whose variables ``export_submitit_env`` turns into torchrun's. Each steps its own envs (seeds ``rank_seed``), holds its own replay
 buffer shard and samples its share of the batch; the updater averages gradients, so the weights stay equal on every
 rank. One process (rank 0) logs, evaluates and prints; every rank writes its own checkpoint shard.
 
@@ -56,11 +57,13 @@ class Dist:
 
 
 def init_distributed(device: torch.device) -> Dist:
-    """The process state of a launched run (``WORLD_SIZE`` > 1 set by torchrun / accelerate), else a single process.
+    """The process state of a launched run (``WORLD_SIZE`` > 1 set by torchrun / accelerate, or by
+    ``export_submitit_env`` in a submitit job of several tasks), else a single process.
 
     Builds accelerate's ``PartialState`` (``cpu=True`` on CPU), which initialises the process group; later
     ``Accelerator(cpu=...)`` objects share it.
     """
+    export_submitit_env()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist()
     from accelerate import PartialState
@@ -70,6 +73,47 @@ def init_distributed(device: torch.device) -> Dist:
         raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate started a single process "
                            f"(backend {state.backend}); launch with torchrun or accelerate launch")
     return Dist(rank=state.process_index, world=state.num_processes)
+
+
+def export_submitit_env() -> bool:
+    """Inside a submitit job of several tasks (SLURM's ``tasks_per_node`` > 1, or the local executor's), set the
+    variables torchrun would have set (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``LOCAL_WORLD_SIZE``) from the job's environment, so accelerate's state forms one run of all the tasks. Returns
+    whether it did; nothing is touched outside submitit, in one-task jobs, or when a launcher already set ``RANK``.
+
+    Every task must see all of its node's GPUs (``LOCAL_RANK`` picks one, as under torchrun): give the job
+    ``gpus_per_node`` = ``tasks_per_node`` and no ``gpus_per_task`` (``conf/hydra/launcher/slurm_multigpu.yaml``).
+    """
+    if not os.environ.get("SUBMITIT_EXECUTOR") or "RANK" in os.environ:
+        return False
+    from submitit.helpers import TorchDistributedEnvironment
+
+    env = TorchDistributedEnvironment()
+    if env.world_size <= 1:
+        return False
+    env.export(set_cuda_visible_devices=False)
+    if torch.cuda.is_available() and env.local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"submitit task {env.rank} is local rank {env.local_rank} but sees "
+                           f"{torch.cuda.device_count()} GPU(s): give every task all of the node's GPUs "
+                           "(gpus_per_node = tasks_per_node, no gpus_per_task)")
+    return True
+
+
+def rank_device(device: torch.device, dist: Dist) -> torch.device:
+    """This process's device: ``cuda`` becomes the GPU accelerate made current for it (``cuda:<LOCAL_RANK>``), so
+    every tensor and comparison names it; other devices are returned as they are.
+
+    Raises:
+        ValueError: a GPU index given (``device=cuda:0``) with several processes, which would put every rank on it.
+    """
+    if device.type != "cuda":
+        return device
+    if device.index is not None:
+        if dist.world > 1:
+            raise ValueError(f"device={device} with {dist.world} processes would put every rank on one GPU; use "
+                             "device=auto (or cuda): each process takes the GPU of its LOCAL_RANK")
+        return device
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -123,5 +167,5 @@ def common_step(steps_by_rank: Sequence[Sequence[int]]) -> int | None:
     return max(common) if common else None
 
 
-__all__ = ["RANKS_DIRNAME", "Dist", "check_data_parallel", "common_step", "init_distributed", "rank_dir", "rank_seed",
-           "resolve_rank_resume"]
+__all__ = ["RANKS_DIRNAME", "Dist", "check_data_parallel", "common_step", "export_submitit_env", "init_distributed",
+           "rank_device", "rank_dir", "rank_seed", "resolve_rank_resume"]

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.scripts_util import load_script
@@ -78,3 +79,50 @@ def test_optuna_sweep_preset_reports_its_best_trial(tmp_path: Path) -> None:
     assert math.isclose(best["best_value"], top)
     winners = [p for v, p in trials if v == top]
     assert any(all(math.isclose(float(p[k]), float(v)) for k, v in best["best_params"].items()) for p in winners)
+
+
+def test_slurm_multigpu_preset_asks_slurm_for_one_task_per_gpu(tmp_path: Path) -> None:
+    """The sbatch file the launcher writes for ``hydra/launcher=slurm_multigpu``, caught by a stand-in ``sbatch`` (it
+    copies the file and fails; ``srun`` only has to exist): N tasks on one node, N GPUs for the node, none bound
+    per task, the requeue signal set."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("srun", "exit 1"), ("sbatch", 'cp "$1" "$SBATCH_CAPTURE"; exit 1')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    capture = tmp_path / "sbatch.sh"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "SBATCH_CAPTURE": str(capture)}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--multirun", "hydra/launcher=slurm_multigpu",
+                             "hydra.launcher.tasks_per_node=3", "hydra.launcher.partition=gpu",
+                             f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0 and capture.is_file(), result.stderr[-2000:]
+    lines = set(capture.read_text().splitlines())
+    for want in ("#SBATCH --ntasks-per-node=3", "#SBATCH --gpus-per-node=3", "#SBATCH --nodes=1",
+                 "#SBATCH --partition=gpu", "#SBATCH --signal=USR2@120", "export SUBMITIT_EXECUTOR=slurm"):
+        assert want in lines, want
+    assert not any("gpus-per-task" in line or "--gres" in line for line in lines)
+
+
+def test_slurm_task_variables_become_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Task 3 of a 2-node x 2-task SLURM job: rank 3 of 4, local rank 1 of 2, the first node as the rendezvous."""
+    from sacglam.distributed import export_submitit_env
+
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(key, raising=False)
+    assert not export_submitit_env(), "outside submitit nothing is set"
+    assert "RANK" not in os.environ
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2",
+             "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_PROCID": "3", "SLURM_LOCALID": "1"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    assert export_submitit_env()
+    assert {k: os.environ[k] for k in ("MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")} == {
+        "MASTER_ADDR": "gpu07", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert 20000 <= int(os.environ["MASTER_PORT"]) <= 60000  # the same on every task: drawn from the job id
+    assert not export_submitit_env(), "a launcher's RANK is left alone"
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.delenv("RANK")
+    assert not export_submitit_env(), "one task: a single process"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from sacglam.distributed import common_step, rank_dir, rank_seed
+from sacglam.distributed import Dist, common_step, rank_device, rank_dir, rank_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -53,11 +53,22 @@ def test_helpers_by_hand() -> None:
     assert rank_dir(Path("r"), 0) == Path("r") and rank_dir(Path("r"), 2) == Path("r/ranks/rank2")
     assert common_step([[80, 160, 240], [80, 160]]) == 160  # rank 0 one checkpoint ahead
     assert common_step([[80], [160]]) is None
+    assert rank_device(torch.device("cpu"), Dist(1, 2)) == torch.device("cpu")
+    assert rank_device(torch.device("cuda", 1), Dist()) == torch.device("cuda", 1), "one process: as given"
+    with pytest.raises(ValueError, match="cuda:0 with 2 processes"):
+        rank_device(torch.device("cuda", 0), Dist(1, 2))
 
 
-def test_two_processes_make_one_coherent_run(tmp_path: Path) -> None:
-    two = tmp_path / "two"
-    result = launch(SMALL, two, 2)
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """The SMALL run under ``torchrun --nproc_per_node 2`` (shared by the tests that read it)."""
+    two = tmp_path_factory.mktemp("dp") / "two"
+    return two, launch(SMALL, two, 2)
+
+
+def test_two_processes_make_one_coherent_run(
+        two_process_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+    two, result = two_process_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("final greedy success") == 1
     rows = read_metrics(two)
@@ -85,6 +96,24 @@ def test_two_processes_make_one_coherent_run(tmp_path: Path) -> None:
     result = launch([*SMALL, "resume=auto"], two, 1, timeout=120)  # a 2-process checkpoint, 1 process
     assert result.returncode != 0
     assert "2 process(es)" in result.stderr and "this run has 1" in result.stderr
+
+
+def test_a_submitit_job_of_two_tasks_is_the_same_run(
+        two_process_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+    """What a SLURM job with ``tasks_per_node=2`` does, by submitit's local executor: the two tasks find each other
+    (``distributed.export_submitit_env``) and make the torchrun run, row for row."""
+    two, result = two_process_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    sub = subprocess.run([sys.executable, str(ROOT / "train.py"), "--multirun", "hydra/launcher=submitit_local",
+                          "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=run",
+                          *SMALL], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert sub.returncode == 0, sub.stderr[-3000:]
+    logs = sorted((sweep / ".submitit").glob("*/*_log.out"))
+    assert len(logs) == 2, "one job of two tasks"
+    assert [log.read_text().count("final greedy success") for log in logs] == [1, 0], "rank 0 alone prints"
+    assert read_metrics(sweep / "run") == read_metrics(two)
+    assert final_state(sweep / "run", 1)["world"] == 2
 
 
 def test_sigkill_of_two_processes_then_resume_matches(tmp_path: Path) -> None:
