@@ -1,10 +1,11 @@
 """Data-parallel runs: which process this is, per-rank seeds and folders, and the few collectives the loop needs.
 
 ``torchrun --nproc_per_node 2 train.py ...`` (CPU, gloo) or ``accelerate launch --multi_gpu --num_processes N
-train.py ...`` (GPUs, nccl) start N processes; so does a submitit job of N tasks (SLURM, ``hydra/launcher=slurm_multigpu``),
-whose variables ``export_submitit_env`` turns into torchrun's. Each steps its own envs (seeds ``rank_seed``), holds its own replay
-buffer shard and samples its share of the batch; the updater averages gradients, so the weights stay equal on every
-rank. One process (rank 0) logs, evaluates and prints; every rank writes its own checkpoint shard.
+train.py ...`` (GPUs, nccl) start N processes; so does a submitit job of N tasks (SLURM,
+``hydra/launcher=slurm_multigpu``), whose variables ``export_submitit_env`` turns into torchrun's. Each steps its own
+envs (seeds ``rank_seed``), holds its own replay buffer shard and samples its share of the batch; the updater averages
+gradients, so the weights stay equal on every rank. One process (rank 0) logs, evaluates and prints; every rank writes
+its own checkpoint shard.
 
 Accelerate's process state is used as it is, with one subtlety: on CPU it must be built with ``cpu=True``, or every
 process believes it is alone (``num_processes == 1``) and steps the same seeds.
