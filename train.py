@@ -134,7 +134,9 @@ def main(dcfg: DictConfig) -> float:
             print(f"resumed from {ckpt_path} at env step {collector.env_steps * dist.world}")
     steps = lambda: collector.env_steps * dist.world  # noqa: E731 - the global count: every rank steps N envs
     logger = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(dcfg, resolve=True), cfg.total_env_steps,  # type: ignore[arg-type]
-                       resume_from_step=steps() if ckpt_path is not None else None) if dist.is_main else None
+                       resume_from_step=steps() if ckpt_path is not None else None,
+                       keep_lines=state.get("metrics_lines") if ckpt_path is not None else None
+                       ) if dist.is_main else None
     episode_log = EpisodeLog(run_dir, cfg.logger.episodes_max_mb, collector.env_steps if ckpt_path else None
                              ) if cfg.logger.episodes else None
 
@@ -142,7 +144,7 @@ def main(dcfg: DictConfig) -> float:
         state = {"algo": cfg.algo.name, "agent": agent.state_dict(), "learner": learner.state_dict(),
                  "collector": collector.state_dict(), "envs": env_state(vec), "episodes": tracker.state_dict(),
                  "rng": capture_rng_state(generators=learner.generators), "loop": (next_eval, next_ckpt),
-                 "world": dist.world}
+                 "world": dist.world, "metrics_lines": logger.lines if logger is not None else None}
         save_checkpoint(rank_dir(run_dir, dist.rank), steps(), state, keep=cfg.checkpoint.keep)
         dist.barrier()  # every rank's shard is on disk before any goes on
 

@@ -82,8 +82,9 @@ def _floats(metrics: Mapping[str, Any]) -> dict[str, float | None]:
     return {k: out[k] for k in metrics}  # keep the caller's order
 
 
-def _truncate_jsonl(path: Path, max_step: int) -> int:
-    """Keep the lines of ``path`` with ``step <= max_step`` (and drop a torn last line); return how many were kept."""
+def _truncate_jsonl(path: Path, max_step: int, max_lines: int | None = None) -> int:
+    """Keep the lines of ``path`` with ``step <= max_step``, at most the first ``max_lines`` of them (and drop a torn
+    last line); return how many were kept."""
     kept: list[str] = []
     with path.open() as f:
         for line in f:
@@ -92,7 +93,7 @@ def _truncate_jsonl(path: Path, max_step: int) -> int:
             except json.JSONDecodeError:
                 warnings.warn(f"{path}: dropping an unreadable line (a crash mid-write?): {line[:80]!r}", stacklevel=3)
                 continue
-            if int(record.get("step", -1)) <= max_step:
+            if int(record.get("step", -1)) <= max_step and (max_lines is None or len(kept) < max_lines):
                 kept.append(json.dumps(record) + "\n")
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(kept))
@@ -171,9 +172,11 @@ def plot_success(metrics_path: str | Path, out_png: str | Path) -> Path:
 class RunLogger:
     """Metrics sink for one run: ``run_dir/metrics.jsonl``, wandb (lazily imported) and a tqdm progress bar.
 
-    Resume: with ``resume_from_step=s``, an existing ``metrics.jsonl`` keeps only its lines with ``step <= s``, so the
-    file of a resumed run equals that of an uninterrupted one; the wandb run id saved in ``run_dir`` is reused. Without
-    it, an existing file is replaced (with a warning).
+    Resume: with ``resume_from_step=s``, an existing ``metrics.jsonl`` keeps only its lines with ``step <= s`` (and
+    with ``keep_lines=n`` only the first ``n`` of them: the count ``lines`` had when the checkpoint was taken, which
+    tells apart two lines of one step, such as the last training line and the final evaluation), so the file of a
+    resumed run equals that of an uninterrupted one; the wandb run id saved in ``run_dir`` is reused. Without it, an
+    existing file is replaced (with a warning).
     """
 
     def __init__(
@@ -184,6 +187,7 @@ class RunLogger:
         total_steps: int | None = None,
         *,
         resume_from_step: int | None = None,
+        keep_lines: int | None = None,
     ) -> None:
         """Open the sinks: the JSONL file (truncated on resume), wandb (unless disabled) and the progress bar.
 
@@ -193,6 +197,7 @@ class RunLogger:
             config_dict: the run's full configuration, stored in wandb.
             total_steps: total env steps of the run, for the progress bar.
             resume_from_step: the env step of the checkpoint being resumed, or None for a fresh run.
+            keep_lines: on resume, the number of lines the file had at the checkpoint (None: all up to the step).
         """
         mode = "disabled" if os.environ.get("WANDB_MODE") == "disabled" else cfg.wandb_mode
         if mode not in WANDB_MODES:
@@ -209,9 +214,10 @@ class RunLogger:
         self._closed = False
 
         self._file = None
+        self.lines = 0  # metrics lines in the file, this run's and the resumed ones (store it with a checkpoint)
         if cfg.jsonl:
             if resume_from_step is not None and self.metrics_path.exists():
-                _truncate_jsonl(self.metrics_path, resume_from_step)
+                self.lines = _truncate_jsonl(self.metrics_path, resume_from_step, keep_lines)
             elif resume_from_step is None and self.metrics_path.exists() and self.metrics_path.stat().st_size > 0:
                 warnings.warn(f"{self.metrics_path} exists and this is not a resume: starting it afresh", stacklevel=2)
                 self.metrics_path.write_text("")
@@ -272,6 +278,7 @@ class RunLogger:
         if self._file is not None:
             self._file.write(json.dumps({"step": int(step), **values}) + "\n")
             self._file.flush()  # a crash loses at most the line being written
+            self.lines += 1
         if self._wandb is not None:
             try:
                 self._wandb.log({k: v for k, v in values.items() if v is not None}, step=int(step))

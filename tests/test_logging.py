@@ -88,6 +88,25 @@ def test_resume_truncates_to_an_uninterrupted_file(tmp_path: Path) -> None:
     assert (resumed / "metrics.jsonl").read_text() == (full / "metrics.jsonl").read_text()
 
 
+def test_resume_keeps_the_lines_counted_at_the_checkpoint(tmp_path: Path) -> None:
+    """Two lines of one step (the last training line, then the final evaluation): the step alone cannot tell which
+    came after the checkpoint, the line count can."""
+    log = RunLogger(tmp_path, QUIET, {})
+    log.log(100, {"charts/success": 0.5})
+    log.log(200, {"charts/success": 0.6})
+    at_checkpoint = log.lines
+    log.log(200, {"eval/greedy/success": 0.9})
+    log.close()
+    assert at_checkpoint == 2
+    log = RunLogger(tmp_path, QUIET, {}, resume_from_step=200, keep_lines=at_checkpoint)
+    assert log.lines == 2 and [r["step"] for r in _lines(tmp_path / "metrics.jsonl")] == [100, 200]
+    log.log(200, {"eval/greedy/success": 0.9})
+    log.close()
+    assert len(_lines(tmp_path / "metrics.jsonl")) == 3
+    RunLogger(tmp_path, QUIET, {}, resume_from_step=200).close()  # an old checkpoint without the count: by step
+    assert len(_lines(tmp_path / "metrics.jsonl")) == 3
+
+
 def test_fresh_run_replaces_existing_file(tmp_path: Path) -> None:
     _run(tmp_path, range(100, 400, 100))
     with pytest.warns(UserWarning, match="not a resume"):

@@ -126,6 +126,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
     assert _comparable(read_metrics(killed)) == _comparable(read_metrics(reference))
+    # Resumed once more from its final checkpoint (a requeued job that had finished): the final evaluation is
+    # redone in place of the old one, not written a second time.
+    result = run_train([*args, "resume=auto"], killed)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at env step 640" in result.stdout
+    assert _comparable(read_metrics(killed)) == _comparable(read_metrics(reference))
 
 
 # PPO: the same small run without the replay options (algo=ppo refuses them); 4 envs x 8 steps per rollout.
