@@ -71,7 +71,7 @@ from sacglam.episodes import EpisodeTracker
 from sacglam.eto import ETOConfig
 from sacglam.eto_train import run_eto
 from sacglam.logging import RunLogger
-from sacglam.ppo import PPOConfig
+from sacglam.ppo import PPOConfig, PPOLearner
 from sacglam.sac import NonFiniteLossError, SACConfig, SACLearner
 
 __all__ = ["build_model", "env_state", "eval_env_fns", "main", "make_agent", "make_codec", "make_env_fn",
@@ -104,9 +104,13 @@ def main(dcfg: DictConfig) -> float:
     # Each rank: its own env and sampling seeds, its share of the batch, its own replay-buffer shard.
     local = replace(cfg, seed=rank_seed(cfg.seed, dist.rank), batch_size=cfg.batch_size // dist.world,
                     learning_starts=cfg.learning_starts // dist.world)
+    if isinstance(cfg.algo, PPOConfig):  # PPO: its share of every minibatch of its own rollout
+        local = replace(local, algo=replace(cfg.algo, minibatch_size=cfg.algo.minibatch_size // dist.world))
     agent, learner = make_learner(local, model, codec, probe, device)
     if dist.world > 1 and isinstance(learner, SACLearner):
         learner.agree = lambda ready: all(dist.gather(ready))  # update only when every shard can
+    if dist.world > 1 and isinstance(learner, PPOLearner):
+        learner.updater.reduce_mean, learner.updater.world = dist.mean, dist.world
     collector = Collector(vec, learner.act, seed=local.seed)
     tracker = EpisodeTracker(cfg.env.num_envs)  # finished episodes as text, for the relabeller and episode log
     run_eval = make_evaluator(cfg, agent, codec, probe, device)  # greedy (and sampled) success per goal category

@@ -50,6 +50,16 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The elementwise mean of ``t`` over ranks, on every rank (one all-reduce; ``t`` itself alone)."""
+        if self.world == 1:
+            return t
+        import torch.distributed as dist
+
+        out = t.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out / self.world
+
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as dist
@@ -132,18 +142,25 @@ def check_data_parallel(cfg: Any, dist: Dist) -> None:
     """Refuse what the data-parallel loop does not do yet, naming the option (nothing to check for one process)."""
     if dist.world == 1:
         return
+    from sacglam.ppo import PPOConfig
     from sacglam.sac import SACConfig
 
-    if not isinstance(cfg.algo, SACConfig):
-        raise ValueError(f"{dist.world} processes: data-parallel training runs algo=sac only (got algo="
-                         f"{cfg.algo.name}); run PPO and ETO with one process")
-    if cfg.batch_size % dist.world:
-        raise ValueError(f"batch_size={cfg.batch_size} must divide by the {dist.world} processes (each samples its "
-                         "share of the global batch)")
+    if not isinstance(cfg.algo, (SACConfig, PPOConfig)):
+        raise ValueError(f"{dist.world} processes: data-parallel training runs algo=sac and algo=ppo (got algo="
+                         f"{cfg.algo.name}); run ETO with one process")
     if cfg.relabel.source != "oracle" or cfg.logger.episodes:
         raise ValueError(f"{dist.world} processes: relabel.source={cfg.relabel.source} and logger.episodes="
                          f"{cfg.logger.episodes} are single-process only for now; use relabel.source=oracle and "
                          "logger.episodes=false")
+    if isinstance(cfg.algo, PPOConfig):
+        share = dist.world * cfg.algo.grad_accum
+        if cfg.algo.minibatch_size % share:
+            raise ValueError(f"algo.minibatch_size={cfg.algo.minibatch_size} must divide by the {dist.world} "
+                             f"processes x algo.grad_accum={cfg.algo.grad_accum} (each takes its share of every "
+                             "minibatch)")
+    elif cfg.batch_size % dist.world:
+        raise ValueError(f"batch_size={cfg.batch_size} must divide by the {dist.world} processes (each samples its "
+                         "share of the global batch)")
 
 
 def resolve_rank_resume(resume: str, run_dir: Path, dist: Dist) -> Path | None:

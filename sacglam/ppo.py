@@ -450,6 +450,11 @@ class PPOUpdater:
             raise ValueError("PPOUpdater: the agent has no trainable parameter (all frozen?); unfreeze LoRA.")
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr, eps=cfg.adam_eps)
         self.step = 0  # completed updates (rollouts)
+        # Data-parallel: a tensor's mean over the processes (``distributed.Dist.mean``), None for one process. Each
+        # process updates on its own rollout with minibatches of its share; gradients, the advantage normalisation,
+        # the target-KL test and the returned stats are taken over all of them.
+        self.reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.world = 1  # the number of processes reduce_mean averages over
 
     def _loss(self, data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and detached terms of one micro-batch (a dict of [b, ...] tensors on the device)."""
@@ -489,7 +494,8 @@ class PPOUpdater:
             raise ValueError(f"PPOUpdater.update: got {M} transitions, expected {self.batch_size}")
         adv = flat["advantages"]
         if cfg.norm_adv:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+            mean, std = self._adv_moments(adv)
+            adv = (adv - mean) / (std + 1e-8)
         data = {**flat, "advantages": adv}
         micro = cfg.minibatch_size // cfg.grad_accum
         grouped: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -508,6 +514,8 @@ class PPOUpdater:
                     loss, terms = self._loss(mb)
                     (loss / cfg.grad_accum).backward()  # equal micro-batches: the minibatch mean's gradient
                     per_micro.append(terms)
+                if self.reduce_mean is not None:
+                    self._average_gradients(self.reduce_mean)
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
                 norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)  # a list, not a spent generator
                 checked = torch.stack([t.float() for terms in per_micro for t in terms.values()] + [norm.float()])
@@ -525,8 +533,10 @@ class PPOUpdater:
                 grouped["charts/grad_norm"].append(norm.float())
                 epoch_kl += [t["losses/approx_kl"] for t in per_micro]
             epochs_done += 1
-            if cfg.target_kl > 0 and float(torch.stack(epoch_kl).mean()) > cfg.target_kl:
-                break
+            if cfg.target_kl > 0:
+                kl = torch.stack(epoch_kl).mean()
+                if float(kl if self.reduce_mean is None else self.reduce_mean(kl)) > cfg.target_kl:
+                    break  # every process sees the same mean, so all stop after the same epoch
         self.step += 1
         stats: UpdateStats = {k: torch.stack(v).mean() for k, v in grouped.items()}
         assert first_dev is not None
@@ -535,7 +545,35 @@ class PPOUpdater:
         stats["charts/explained_variance"] = 1.0 - (ret - val).var() / ret.var().clamp(min=1e-8)
         stats["charts/return_mean"] = ret.mean()
         stats["charts/epochs"] = torch.tensor(float(epochs_done))
+        if self.reduce_mean is not None:  # means over the processes (explained variance: the mean of theirs)
+            names = sorted(stats)
+            together = self.reduce_mean(torch.stack([stats[k].float().to(self.device) for k in names]))
+            stats = dict(zip(names, together.unbind(0), strict=True))
         return stats
+
+    def _adv_moments(self, adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and (Bessel-corrected) std of the advantages [M]: this rollout's, or with several processes those of
+        all their rollouts together (equal sizes, so the mean of sums is the sum over processes / world)."""
+        if self.reduce_mean is None:
+            return adv.mean(), adv.std()
+        n = adv.shape[0] * self.world
+        mean_sum, mean_sq = self.reduce_mean(torch.stack([adv.sum(), (adv * adv).sum()]).to(self.device)).cpu()
+        mean = mean_sum * self.world / n
+        var = (mean_sq * self.world / n - mean * mean).clamp(min=0.0) * n / max(n - 1, 1)
+        return mean, var.sqrt()
+
+    def _average_gradients(self, reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every gradient by its mean over the processes, in one collective. Every process runs the same
+        code path, so the same parameters hold gradients everywhere; a NaN on one becomes a NaN on all, and they
+        all raise together instead of deadlocking."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        flat = reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "opt": self.opt.state_dict()}

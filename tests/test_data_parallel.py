@@ -142,8 +142,39 @@ def test_sigkill_of_two_processes_then_resume_matches(tmp_path: Path) -> None:
     assert read_metrics(killed) == read_metrics(reference)
 
 
-@pytest.mark.parametrize("bad", [["batch_size=7"], ["algo=ppo"]])
-def test_what_two_processes_refuse(bad: list[str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("bad, message", [(["batch_size=7"], "batch_size=7 must divide by the 2 processes"),
+                                          (["algo=eto"], "run ETO with one process")])
+def test_what_two_processes_refuse(bad: list[str], message: str, tmp_path: Path) -> None:
     result = launch([*SMALL, *bad], tmp_path, 2, timeout=120)
     assert result.returncode != 0
-    assert ("batch_size=7" in result.stderr) or ("algo=sac only" in result.stderr)
+    assert message in result.stderr
+
+
+PPO = [o for o in SMALL if not o.startswith(("batch_size=", "learning_starts="))] + [
+    "algo=ppo", "algo.rollout_steps=8", "algo.minibatch_size=16", "checkpoint.keep=10"]
+
+
+def test_two_processes_run_ppo_and_resume_exactly(tmp_path: Path) -> None:
+    """PPO-GLAM over 2 ranks: each its own rollout of 4 envs x 8 steps and half of every minibatch, gradients
+    averaged (equal weights), one update per 64 global env steps; then resumed from the middle checkpoint of both
+    ranks (the later ones deleted), the rest of the run is the same, row for row."""
+    two = tmp_path / "two"
+    result = launch(PPO, two, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(two)
+    assert [r["step"] for r in rows][:2] == [8, 16] and rows[-1]["step"] == 320
+    updates = [r["step"] for r in rows if "losses/policy" in r]
+    assert updates == [64, 128, 192, 256, 320], "one update per rollout of 2 ranks x 4 envs x 8 steps"
+    r0, r1 = final_state(two, 0), final_state(two, 1)
+    assert r0["collector"]["seed"] != r1["collector"]["seed"]
+    for k, v in r0["agent"].items():
+        assert torch.equal(v, r1["agent"][k]), k
+    reference = read_metrics(two)
+    for rank in (0, 1):
+        for path in (rank_dir(two, rank) / "checkpoints").glob("step_*.pt"):
+            if int(path.stem.split("_")[1]) > 160:
+                path.unlink()
+    result = launch([*PPO, "resume=auto"], two, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at env step 160" in result.stdout
+    assert read_metrics(two) == reference

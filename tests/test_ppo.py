@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
 
 import pytest
 import torch
@@ -184,6 +186,63 @@ def test_grad_accumulation_4x2_equals_minibatch_of_8_and_every_trainable_param_c
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+class _ThreadAllReduce:
+    """Two processes played by two threads: ``for_rank(r)`` is rank r's ``reduce_mean``, which waits for every rank's
+    tensor and returns their mean, as ``Dist.mean``'s all-reduce does (a rank that skips a call times out)."""
+
+    def __init__(self, world: int) -> None:
+        self.barrier = threading.Barrier(world, timeout=60)
+        self.slots: list[torch.Tensor | None] = [None] * world
+
+    def for_rank(self, rank: int):  # type: ignore[no-untyped-def]
+        def mean(t: torch.Tensor) -> torch.Tensor:
+            self.slots[rank] = t.detach().clone()
+            self.barrier.wait()
+            out = torch.stack([s for s in self.slots if s is not None]).mean(0)
+            self.barrier.wait()  # nobody writes the next call's tensor before all have read this one
+            return out
+        return mean
+
+
+@pytest.mark.parametrize("target_kl", [0.0, 1e-6])
+def test_two_processes_on_two_halves_make_the_one_process_update(target_kl: float) -> None:
+    """Data-parallel PPO, exactly: each rank takes half of every minibatch (here the whole rollout, so the shuffle
+    cannot matter); gradients, advantage moments and the target-KL test are means over ranks. Then both ranks hold
+    the weights of one process updating on the whole rollout, and log its losses."""
+    full_agent = _ppo_agent(lora=True)
+    flat = _rollout(full_agent, 16)
+    flat["advantages"] = flat["advantages"] * 3 + 1  # normalisation has work to do
+    halves = [{k: v[r * 8 : (r + 1) * 8] for k, v in flat.items()} for r in (0, 1)]
+    agents = [copy.deepcopy(full_agent) for _ in (0, 1)]
+    cfg = PPOConfig(minibatch_size=16, epochs=3, max_grad_norm=0.5, value_hidden=[16], target_kl=target_kl)
+    full = PPOUpdater(full_agent, cfg, batch_size=16, generator=torch.Generator().manual_seed(0))
+    full_stats = full.update(flat)
+
+    reducer, out = _ThreadAllReduce(2), {}
+    updaters = [PPOUpdater(a, PPOConfig(minibatch_size=8, epochs=3, max_grad_norm=0.5, value_hidden=[16],
+                                        target_kl=target_kl), batch_size=8, generator=torch.Generator().manual_seed(r))
+                for r, a in enumerate(agents)]
+    for r, u in enumerate(updaters):
+        u.reduce_mean, u.world = reducer.for_rank(r), 2
+    threads = [threading.Thread(target=lambda r=r: out.__setitem__(r, updaters[r].update(halves[r]))) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert set(out) == {0, 1}, "a rank hung or raised"
+    expected_epochs = 3 if target_kl == 0 else 2  # one minibatch per epoch: KL 0 in the first, > 1e-6 next
+    assert full_stats["charts/epochs"] == out[0]["charts/epochs"] == out[1]["charts/epochs"] == expected_epochs
+    for (name, p0), p1, pf in zip(agents[0].named_parameters(), agents[1].parameters(), full_agent.parameters(),
+                                  strict=True):
+        assert torch.equal(p0, p1), name  # the same averaged gradients: the same weights on both ranks
+        torch.testing.assert_close(p0, pf, rtol=1e-4, atol=1e-6, msg=name)
+    assert any(not torch.equal(p, q) for p, q in zip(agents[0].parameters(), _ppo_agent(lora=True).parameters(),
+                                                     strict=True))
+    for key in ("losses/policy", "losses/value", "charts/entropy", "losses/approx_kl", "charts/grad_norm"):
+        assert torch.equal(out[0][key], out[1][key]), key
+        torch.testing.assert_close(out[0][key].cpu(), full_stats[key].float(), rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_gradient_norm_clipping_really_clips() -> None:
