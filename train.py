@@ -109,6 +109,7 @@ def main(dcfg: DictConfig) -> float:
     agent, learner = make_learner(local, model, codec, probe, device)
     if dist.world > 1 and isinstance(learner, SACLearner):
         learner.agree = lambda ready: all(dist.gather(ready))  # update only when every shard can
+    pooled = dist.gather if dist.world > 1 else None  # relabel counts of every rank (a collective)
     if dist.world > 1 and isinstance(learner, PPOLearner):
         learner.updater.reduce_mean, learner.updater.world = dist.mean, dist.world
     collector = Collector(vec, learner.act, seed=local.seed)
@@ -180,8 +181,8 @@ def main(dcfg: DictConfig) -> float:
                           "on the whole text (PromptCodec); counted in charts/unfaithful_tokenisation", stacklevel=1)
         metrics.update({"charts/updates": learner.updates, "charts/obs_truncated": codec.truncated_count,
                         "charts/unfaithful_tokenisation": codec.unfaithful_count})
-        if records and isinstance(learner, SACLearner):
-            metrics.update(learner.relabel_metrics())
+        if episodes and isinstance(learner, SACLearner):  # (episodes: every rank's, so all ranks gather or none)
+            metrics.update(learner.relabel_metrics(pooled))
         if cfg.eval.every and steps() >= next_eval:
             if dist.is_main:  # evaluation runs once; the other ranks wait at the next collective
                 metrics.update(run_eval())
@@ -199,7 +200,7 @@ def main(dcfg: DictConfig) -> float:
     final = run_eval() if dist.is_main else {}
     checkpoint()  # (after a background relabeller's last episodes are in the buffer and counted)
     if isinstance(learner, SACLearner):
-        final.update(learner.relabel_metrics())
+        final.update(learner.relabel_metrics(pooled))
     vec.close()
     if episode_log is not None:
         episode_log.close()

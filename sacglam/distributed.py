@@ -148,9 +148,8 @@ def check_data_parallel(cfg: Any, dist: Dist) -> None:
     if not isinstance(cfg.algo, (SACConfig, PPOConfig)):
         raise ValueError(f"{dist.world} processes: data-parallel training runs algo=sac and algo=ppo (got algo="
                          f"{cfg.algo.name}); run ETO with one process")
-    if cfg.relabel.source != "oracle" or cfg.logger.episodes:
-        raise ValueError(f"{dist.world} processes: relabel.source={cfg.relabel.source} and logger.episodes="
-                         f"{cfg.logger.episodes} are single-process only for now; use relabel.source=oracle and "
+    if cfg.logger.episodes:
+        raise ValueError(f"{dist.world} processes: logger.episodes=true is single-process only for now; use "
                          "logger.episodes=false")
     if isinstance(cfg.algo, PPOConfig):
         share = dist.world * cfg.algo.grad_accum

@@ -650,6 +650,21 @@ class RelabelStats:
             getattr(self, name).clear()
             getattr(self, name).update(state[name])
 
+    @classmethod
+    def merged(cls, states: Sequence[dict[str, Any]]) -> RelabelStats:
+        """The counts of several ``state_dict()``s summed (the processes of a data-parallel run), so that precision
+        and recall are the pooled ones, not a mean of ratios."""
+        out = cls()
+        for state in states:
+            out.episodes += int(state["episodes"])
+            out.ms += float(state["ms"])
+            for k, v in state["counts"].items():
+                out.counts[k] = out.counts.get(k, 0) + int(v)
+            for name in ("tp", "fp", "fn"):
+                for cat, v in state[name].items():
+                    getattr(out, name)[cat] += int(v)
+        return out
+
 
 # ---------------------------------------------------------------------------------------------------------- online
 

@@ -428,9 +428,14 @@ class SACLearner:
             if not self.buffer.set_achieved(job.env, job.start, ids):
                 counts["stale"] += 1
 
-    def relabel_metrics(self) -> dict[str, float]:
-        """``relabel/*`` (``RelabelStats.metrics``); {} without a relabeller."""
-        return {} if self.relabeller is None else self.relabeller.stats.metrics()
+    def relabel_metrics(self, gather: Callable[[Any], list[Any]] | None = None) -> dict[str, float]:
+        """``relabel/*`` (``RelabelStats.metrics``); {} without a relabeller. With ``gather`` (``Dist.gather``, a
+        collective: every process must call it together), the counts of all processes pooled."""
+        if self.relabeller is None:
+            return {}
+        if gather is None:
+            return self.relabeller.stats.metrics()
+        return type(self.relabeller.stats).merged(gather(self.relabeller.stats.state_dict())).metrics()
 
     def state_dict(self) -> dict[str, Any]:
         """The learner's state; with a background relabeller, first waits for the episodes it is judging and writes

@@ -143,11 +143,29 @@ def test_sigkill_of_two_processes_then_resume_matches(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bad, message", [(["batch_size=7"], "batch_size=7 must divide by the 2 processes"),
-                                          (["algo=eto"], "run ETO with one process")])
+                                          (["algo=eto"], "run ETO with one process"),
+                                          (["logger.episodes=true"], "logger.episodes=true is single-process")])
 def test_what_two_processes_refuse(bad: list[str], message: str, tmp_path: Path) -> None:
     result = launch([*SMALL, *bad], tmp_path, 2, timeout=120)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_two_processes_relabel_by_rules_and_pool_the_counts(tmp_path: Path) -> None:
+    """relabel.source=rule on both ranks: every rank judges its own episodes, the logged precision and counts are
+    pooled over ranks (the final line's episodes are both ranks' together), the weights stay equal."""
+    run = tmp_path / "rule"
+    result = launch([*SMALL, "experiment=playground_sac_her", "relabel.source=rule"], run, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = read_metrics(run)[-1]
+    r0, r1 = final_state(run, 0), final_state(run, 1)
+    judged = [r["learner"]["relabel"]["episodes"] for r in (r0, r1)]
+    assert min(judged) > 0 and final["relabel/episodes"] == sum(judged)
+    accepted = [r["learner"]["relabel"]["counts"]["accepted"] for r in (r0, r1)]
+    assert final["relabel/accepted"] == sum(accepted) > 0
+    assert final["relabel/precision"] == 1.0  # the Playground rules are exact
+    for k, v in r0["agent"].items():
+        assert torch.equal(v, r1["agent"][k]), k
 
 
 PPO = [o for o in SMALL if not o.startswith(("batch_size=", "learning_starts="))] + [

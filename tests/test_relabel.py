@@ -804,3 +804,17 @@ def test_a_busy_background_judge_skips_episodes_past_max_pending() -> None:
     assert [j.episode.id for j, _ in done] == ["e0k0", "e0k1"]
     assert stats.metrics()["relabel/skipped"] == 3.0 and stats.metrics()["relabel/episodes"] == 2.0
     relabeller.close()
+
+
+def test_merged_stats_pool_the_counts_not_the_ratios() -> None:
+    """Two processes' counts: precision is the pooled tp / said (3 / 5), not the mean of 1/1 and 2/4."""
+    a = {"episodes": 2, "ms": 10.0, "counts": {"accepted": 1, "stale": 1}, "tp": {"grasp": 1}, "fp": {},
+         "fn": {"grasp": 1}}
+    b = {"episodes": 3, "ms": 20.0, "counts": {"accepted": 4}, "tp": {"grasp": 1, "grow_plant": 1},
+         "fp": {"grow_plant": 2}, "fn": {}}
+    m = RelabelStats.merged([a, b]).metrics()
+    assert m["relabel/episodes"] == 5 and m["relabel/judge_ms"] == 6.0
+    assert m["relabel/accepted"] == 5 and m["relabel/stale"] == 1 and m["relabel/rejected"] == 0
+    assert m["relabel/precision"] == 3 / 5 and m["relabel/recall"] == 3 / 4
+    assert m["relabel/precision/grasp"] == 1.0 and m["relabel/precision/grow_plant"] == 1 / 3
+    assert m["relabel/recall/grasp"] == 2 / 3  # tp 1 + 1, fn 1
