@@ -111,7 +111,8 @@ def test_slurm_task_variables_become_torchrun_variables(monkeypatch: pytest.Monk
 
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                 "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so that undo removes what export_submitit_env sets (a bare
+        monkeypatch.delenv(key)  # delenv of an absent key records nothing: the variables leaked into later tests)
     assert not export_submitit_env(), "outside submitit nothing is set"
     assert "RANK" not in os.environ
     slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2",
