@@ -109,9 +109,8 @@ def main(dcfg: DictConfig) -> float:
     agent, learner = make_learner(local, model, codec, probe, device)
     if dist.world > 1 and isinstance(learner, SACLearner):
         learner.agree = lambda ready: all(dist.gather(ready))  # update only when every shard can
-    pooled = dist.gather if dist.world > 1 else None  # relabel counts of every rank (a collective)
     if dist.world > 1 and isinstance(learner, PPOLearner):
-        learner.updater.reduce_mean, learner.updater.world = dist.mean, dist.world
+        learner.updater.dist = dist
     collector = Collector(vec, learner.act, seed=local.seed)
     tracker = EpisodeTracker(cfg.env.num_envs)  # finished episodes as text, for the relabeller and episode log
     run_eval = make_evaluator(cfg, agent, codec, probe, device)  # greedy (and sampled) success per goal category
@@ -182,7 +181,7 @@ def main(dcfg: DictConfig) -> float:
         metrics.update({"charts/updates": learner.updates, "charts/obs_truncated": codec.truncated_count,
                         "charts/unfaithful_tokenisation": codec.unfaithful_count})
         if episodes and isinstance(learner, SACLearner):  # (episodes: every rank's, so all ranks gather or none)
-            metrics.update(learner.relabel_metrics(pooled))
+            metrics.update(learner.relabel_metrics(dist.gather))
         if cfg.eval.every and steps() >= next_eval:
             if dist.is_main:  # evaluation runs once; the other ranks wait at the next collective
                 metrics.update(run_eval())
@@ -200,7 +199,7 @@ def main(dcfg: DictConfig) -> float:
     final = run_eval() if dist.is_main else {}
     checkpoint()  # (after a background relabeller's last episodes are in the buffer and counted)
     if isinstance(learner, SACLearner):
-        final.update(learner.relabel_metrics(pooled))
+        final.update(learner.relabel_metrics(dist.gather))
     vec.close()
     if episode_log is not None:
         episode_log.close()

@@ -14,7 +14,7 @@ process believes it is alone (``num_processes == 1``) and steps the same seeds.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,22 @@ class Dist:
             import torch.distributed as dist
 
             dist.barrier()
+
+
+def average_gradients(params: Sequence[torch.Tensor], reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace the gradient of every parameter that has one by its mean over the processes, in one collective.
+
+    Every process runs the same code path, so the same parameters hold gradients everywhere; a NaN on one process
+    becomes a NaN gradient on all of them, so they all raise together instead of deadlocking.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def init_distributed(device: torch.device) -> Dist:
@@ -184,5 +200,5 @@ def common_step(steps_by_rank: Sequence[Sequence[int]]) -> int | None:
     return max(common) if common else None
 
 
-__all__ = ["RANKS_DIRNAME", "Dist", "check_data_parallel", "common_step", "export_submitit_env", "init_distributed",
-           "rank_device", "rank_dir", "rank_seed", "resolve_rank_resume"]
+__all__ = ["RANKS_DIRNAME", "Dist", "average_gradients", "check_data_parallel", "common_step", "export_submitit_env",
+           "init_distributed", "rank_device", "rank_dir", "rank_seed", "resolve_rank_resume"]

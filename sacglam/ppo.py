@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from sacglam.agent import _hidden_size
+from sacglam.distributed import Dist, average_gradients
 from sacglam.losses import candidate_policy, choose_candidates
 from sacglam.prompting import PromptCodec
 from sacglam.sac import NonFiniteLossError
@@ -450,11 +451,9 @@ class PPOUpdater:
             raise ValueError("PPOUpdater: the agent has no trainable parameter (all frozen?); unfreeze LoRA.")
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr, eps=cfg.adam_eps)
         self.step = 0  # completed updates (rollouts)
-        # Data-parallel: a tensor's mean over the processes (``distributed.Dist.mean``), None for one process. Each
-        # process updates on its own rollout with minibatches of its share; gradients, the advantage normalisation,
-        # the target-KL test and the returned stats are taken over all of them.
-        self.reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self.world = 1  # the number of processes reduce_mean averages over
+        # Data-parallel (``dist.world`` > 1): each process updates on its own rollout with minibatches of its share;
+        # gradients, the advantage normalisation, the target-KL test and the returned stats are means over all.
+        self.dist = Dist()
 
     def _loss(self, data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and detached terms of one micro-batch (a dict of [b, ...] tensors on the device)."""
@@ -514,8 +513,8 @@ class PPOUpdater:
                     loss, terms = self._loss(mb)
                     (loss / cfg.grad_accum).backward()  # equal micro-batches: the minibatch mean's gradient
                     per_micro.append(terms)
-                if self.reduce_mean is not None:
-                    self._average_gradients(self.reduce_mean)
+                if self.dist.world > 1:
+                    average_gradients(self.params, self.dist.mean)
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
                 norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)  # a list, not a spent generator
                 checked = torch.stack([t.float() for terms in per_micro for t in terms.values()] + [norm.float()])
@@ -535,7 +534,7 @@ class PPOUpdater:
             epochs_done += 1
             if cfg.target_kl > 0:
                 kl = torch.stack(epoch_kl).mean()
-                if float(kl if self.reduce_mean is None else self.reduce_mean(kl)) > cfg.target_kl:
+                if float(self.dist.mean(kl)) > cfg.target_kl:
                     break  # every process sees the same mean, so all stop after the same epoch
         self.step += 1
         stats: UpdateStats = {k: torch.stack(v).mean() for k, v in grouped.items()}
@@ -545,35 +544,22 @@ class PPOUpdater:
         stats["charts/explained_variance"] = 1.0 - (ret - val).var() / ret.var().clamp(min=1e-8)
         stats["charts/return_mean"] = ret.mean()
         stats["charts/epochs"] = torch.tensor(float(epochs_done))
-        if self.reduce_mean is not None:  # means over the processes (explained variance: the mean of theirs)
+        if self.dist.world > 1:  # means over the processes (explained variance: the mean of theirs)
             names = sorted(stats)
-            together = self.reduce_mean(torch.stack([stats[k].float().to(self.device) for k in names]))
+            together = self.dist.mean(torch.stack([stats[k].float().to(self.device) for k in names]))
             stats = dict(zip(names, together.unbind(0), strict=True))
         return stats
 
     def _adv_moments(self, adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and (Bessel-corrected) std of the advantages [M]: this rollout's, or with several processes those of
-        all their rollouts together (equal sizes, so the mean of sums is the sum over processes / world)."""
-        if self.reduce_mean is None:
+        all their rollouts together (of equal sizes)."""
+        if self.dist.world == 1:
             return adv.mean(), adv.std()
-        n = adv.shape[0] * self.world
-        mean_sum, mean_sq = self.reduce_mean(torch.stack([adv.sum(), (adv * adv).sum()]).to(self.device)).cpu()
-        mean = mean_sum * self.world / n
-        var = (mean_sq * self.world / n - mean * mean).clamp(min=0.0) * n / max(n - 1, 1)
+        m, n = adv.shape[0], adv.shape[0] * self.dist.world
+        mean_sum, mean_sq = self.dist.mean(torch.stack([adv.sum(), (adv * adv).sum()]).to(self.device)).cpu()
+        mean = mean_sum / m  # the sum over processes is world x the mean of the sums, over n = world x m values
+        var = (mean_sq / m - mean * mean).clamp(min=0.0) * n / max(n - 1, 1)
         return mean, var.sqrt()
-
-    def _average_gradients(self, reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Replace every gradient by its mean over the processes, in one collective. Every process runs the same
-        code path, so the same parameters hold gradients everywhere; a NaN on one becomes a NaN on all, and they
-        all raise together instead of deadlocking."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            return
-        flat = reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "opt": self.opt.state_dict()}

@@ -25,6 +25,7 @@ from accelerate import Accelerator
 
 from sacglam.agent import Agent
 from sacglam.buffer import ReplayBuffer
+from sacglam.distributed import average_gradients
 from sacglam.episodes import EpisodeRecord
 from sacglam.losses import (
     actor_loss,
@@ -246,8 +247,9 @@ class SACUpdater:
             # Dividing by the number of micro-batches makes the accumulated gradient that of the batch mean.
             self.accelerator.backward(loss / cfg.grad_accum)
 
-        if self.accelerator.num_processes > 1:
-            self._average_gradients()
+        if self.accelerator.num_processes > 1:  # each process holds its own batch
+            average_gradients([*self.actor_params, *self.critic_params, self.log_alpha],
+                              lambda t: self.accelerator.reduce(t, reduction="mean"))
 
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         norms = {"charts/grad_norm_critic": self.accelerator.clip_grad_norm_(self.critic_params, max_norm)}
@@ -283,23 +285,6 @@ class SACUpdater:
         stats["charts/alpha"] = self.alpha
         stats["charts/warmup"] = torch.tensor(float(warmup), device=self.device)
         return stats
-
-    def _average_gradients(self) -> None:
-        """Data-parallel: average the gradients over processes in one collective (each holds its own batch).
-
-        Every process runs the same code path, so the same parameters have gradients everywhere; a NaN on one
-        process becomes a NaN gradient on all of them, so they all raise together instead of deadlocking.
-        """
-        params = [*self.actor_params, *self.critic_params, self.log_alpha]
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        flat = self.accelerator.reduce(flat, reduction="mean")
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
 
     def _raise_non_finite(
         self, per_micro: list[dict[str, torch.Tensor]], norms: dict[str, torch.Tensor], batch: Batch

@@ -5,10 +5,12 @@ from __future__ import annotations
 import copy
 import math
 import threading
+from typing import Any
 
 import pytest
 import torch
 
+from sacglam.distributed import Dist
 from sacglam.ppo import (
     PPOAgent,
     PPOConfig,
@@ -188,22 +190,21 @@ def test_grad_accumulation_4x2_equals_minibatch_of_8_and_every_trainable_param_c
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-class _ThreadAllReduce:
-    """Two processes played by two threads: ``for_rank(r)`` is rank r's ``reduce_mean``, which waits for every rank's
-    tensor and returns their mean, as ``Dist.mean``'s all-reduce does (a rank that skips a call times out)."""
+class _ThreadDist(Dist):
+    """Rank ``rank`` of two processes played by two threads: ``mean`` waits for every rank's tensor and returns
+    their mean, as the all-reduce does (a rank that skips a call times out)."""
 
-    def __init__(self, world: int) -> None:
-        self.barrier = threading.Barrier(world, timeout=60)
-        self.slots: list[torch.Tensor | None] = [None] * world
+    def __init__(self, rank: int, shared: dict[str, Any]) -> None:
+        super().__init__(rank=rank, world=2)
+        self.shared = shared
 
-    def for_rank(self, rank: int):  # type: ignore[no-untyped-def]
-        def mean(t: torch.Tensor) -> torch.Tensor:
-            self.slots[rank] = t.detach().clone()
-            self.barrier.wait()
-            out = torch.stack([s for s in self.slots if s is not None]).mean(0)
-            self.barrier.wait()  # nobody writes the next call's tensor before all have read this one
-            return out
-        return mean
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        slots, barrier = self.shared["slots"], self.shared["barrier"]
+        slots[self.rank] = t.detach().clone()
+        barrier.wait()
+        out = torch.stack(slots).mean(0)
+        barrier.wait()  # nobody writes the next call's tensor before all have read this one
+        return out
 
 
 @pytest.mark.parametrize("target_kl", [0.0, 1e-6])
@@ -220,12 +221,13 @@ def test_two_processes_on_two_halves_make_the_one_process_update(target_kl: floa
     full = PPOUpdater(full_agent, cfg, batch_size=16, generator=torch.Generator().manual_seed(0))
     full_stats = full.update(flat)
 
-    reducer, out = _ThreadAllReduce(2), {}
+    shared: dict[str, Any] = {"slots": [None, None], "barrier": threading.Barrier(2, timeout=60)}
+    out = {}
     updaters = [PPOUpdater(a, PPOConfig(minibatch_size=8, epochs=3, max_grad_norm=0.5, value_hidden=[16],
                                         target_kl=target_kl), batch_size=8, generator=torch.Generator().manual_seed(r))
                 for r, a in enumerate(agents)]
     for r, u in enumerate(updaters):
-        u.reduce_mean, u.world = reducer.for_rank(r), 2
+        u.dist = _ThreadDist(r, shared)
     threads = [threading.Thread(target=lambda r=r: out.__setitem__(r, updaters[r].update(halves[r]))) for r in (0, 1)]
     for t in threads:
         t.start()
