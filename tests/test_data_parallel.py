@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from sacglam.distributed import Dist, common_step, rank_device, rank_dir, rank_seed
+from tests.test_train import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -35,10 +36,6 @@ def launch(args: list[str], run_dir: Path, procs: int, timeout: float = 300) -> 
         cmd = [sys.executable]
     return subprocess.run([*cmd, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def final_state(run_dir: Path, rank: int) -> dict[str, Any]:
