@@ -66,23 +66,58 @@ PLANTS: tuple[str, ...] = (
 )
 HERBIVORES: tuple[str, ...] = ("cow", "elephant", "rabbit", "deer", "sheep", "giraffe", "goat", "horse", "bison")
 CARNIVORES: tuple[str, ...] = ("lion", "tiger", "bobcat", "panther", "coyote", "wolf", "leopard", "hyena", "jackal")
+# LittleZoo's big animals (``big_animals=True`` only): a big herbivore eats two grown plants released together, a big
+# carnivore a grown big herbivore or two grown (small) herbivores released together.
+BIG_HERBIVORES: tuple[str, ...] = ("rhinoceros", "hippopotamus", "camel", "moose", "zebra", "buffalo")
+BIG_CARNIVORES: tuple[str, ...] = ("grizzly", "shark", "crocodile", "jaguar", "cheetah", "cougar")
 WATER = "water"
 COLORS: tuple[str, ...] = ("red", "green", "blue")
 # The default held-out objects: the last name of each kind (water is the only supply, so it is never held out).
-DEFAULT_HELD_OUT: tuple[str, ...] = (FURNITURE[-1], PLANTS[-1], HERBIVORES[-1], CARNIVORES[-1])
+# (Big animals never appear unless enabled, so holding their last names out changes nothing for the other scenes.)
+DEFAULT_HELD_OUT: tuple[str, ...] = (
+    FURNITURE[-1],
+    PLANTS[-1],
+    HERBIVORES[-1],
+    CARNIVORES[-1],
+    BIG_HERBIVORES[-1],
+    BIG_CARNIVORES[-1],
+)
 
 GOAL_CATEGORIES: tuple[str, ...] = ("grasp", "grow_plant", "grow_herbivore", "grow_carnivore")
 IMPOSSIBLE = "impossible"
 ALL_GOAL_CATEGORIES: tuple[str, ...] = (*GOAL_CATEGORIES, IMPOSSIBLE)
-STEP_LIMITS: dict[str, int] = {"grasp": 3, "grow_plant": 6, "grow_herbivore": 10, "grow_carnivore": 15, IMPOSSIBLE: 10}
-# Objects a scene needs for a goal of each category (grow carnivore: baby carnivore, baby herbivore, seed, water).
+BIG_GOAL_CATEGORIES: tuple[str, ...] = ("grow_big_herbivore", "grow_big_carnivore")
+KNOWN_GOAL_CATEGORIES: tuple[str, ...] = (*ALL_GOAL_CATEGORIES, *BIG_GOAL_CATEGORIES)
+STEP_LIMITS: dict[str, int] = {
+    "grasp": 3,
+    "grow_plant": 6,
+    "grow_herbivore": 10,
+    "grow_carnivore": 15,
+    IMPOSSIBLE: 10,
+    "grow_big_herbivore": 18,  # LittleZoo's limits: 1.5x its 12-step and 18-step plans
+    "grow_big_carnivore": 27,
+}
+# Objects a scene needs for a goal of each category (grow carnivore: baby carnivore, baby herbivore, seed, water;
+# grow big carnivore: baby, 2 water, 2 seeds and two baby herbivores, or one baby big herbivore).
 _REQUIRED_COUNT: dict[str, int] = {
     "grasp": 1,
     "grow_plant": 2,
     "grow_herbivore": 3,
     "grow_carnivore": 4,
     IMPOSSIBLE: 1,
+    "grow_big_herbivore": 5,
+    "grow_big_carnivore": 7,
 }
+# What makes a young stage grow: each recipe is the stages released onto it in one action (one object, or two with
+# ``Release both``). The first three are the original Playground's; the big animals are LittleZoo's.
+RECIPES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "seed": (("water",),),
+    "baby_herbivore": (("plant",),),
+    "baby_carnivore": (("herbivore",),),
+    "baby_big_herbivore": (("plant", "plant"),),
+    "baby_big_carnivore": (("big_herbivore",), ("herbivore", "herbivore")),
+}
+MAX_WATER = 2  # a scene holds at most two waters (big animals need two plants); every other base at most once
 INVENTORY_SIZE = 2
 
 
@@ -91,15 +126,14 @@ class ObjectInfo:
     """What a display name (``red baby cow``) means.
 
     Attributes:
-        kind: ``furniture``, ``plant``, ``herbivore``, ``carnivore`` or ``water``.
+        kind: ``furniture``, ``plant``, ``herbivore``, ``carnivore``, ``big_herbivore``, ``big_carnivore`` or ``water``.
         base: the object's base name (``cow``); unique within a scene.
         color: its colour, or None.
-        stage: ``furniture``, ``water``, ``seed``, ``plant``, ``baby_herbivore``, ``herbivore``, ``baby_carnivore``
-            or ``carnivore``.
+        stage: ``furniture``, ``water``, ``seed``, ``plant``, ``baby_<kind>`` or ``<kind>`` for the four animal kinds.
         grown: the name it grows into (seeds and babies only), else None.
         source: the name it grew from (grown plants and animals only), else None.
-        feeds: the stage it makes grow when released onto it (water -> seed, plant -> baby_herbivore,
-            herbivore -> baby_carnivore), else None.
+        feeds: the stage it makes grow when released onto it alone (water -> seed, plant -> baby_herbivore,
+            herbivore -> baby_carnivore, big_herbivore -> baby_big_carnivore), else None. Pairs: ``RECIPES``.
     """
 
     kind: str
@@ -122,6 +156,8 @@ def _build_tables() -> dict[str, ObjectInfo]:
             ("plant", PLANTS, "{} seed", "baby_herbivore"),
             ("herbivore", HERBIVORES, "baby {}", "baby_carnivore"),
             ("carnivore", CARNIVORES, "baby {}", None),
+            ("big_herbivore", BIG_HERBIVORES, "baby {}", "baby_big_carnivore"),
+            ("big_carnivore", BIG_CARNIVORES, "baby {}", None),
         ):
             young_stage = "seed" if kind == "plant" else f"baby_{kind}"
             for base in bases:
@@ -148,7 +184,7 @@ def _goal_table() -> dict[str, tuple[str, str]]:
     goals: dict[str, tuple[str, str]] = {}
     for name, info in OBJECTS.items():
         goals[_GRASP_GOAL[name]] = ("grasp", name)
-        if info.stage in ("plant", "herbivore", "carnivore"):
+        if info.stage in ("plant", "herbivore", "carnivore", "big_herbivore", "big_carnivore"):
             goals[_GROW_GOAL[name]] = (f"grow_{info.stage}", name)
         elif info.stage == "furniture":
             goals[_GROW_GOAL[name]] = (IMPOSSIBLE, name)
@@ -173,8 +209,17 @@ class PlaygroundState(NamedTuple):
 
 
 def _visible(state: PlaygroundState) -> list[str]:
-    held = state.held
-    return [o for o in state.objects if o not in held] if held else list(state.objects)
+    """The objects not held, in scene order (of two waters with one held, the later one is the visible one)."""
+    if not state.held:
+        return list(state.objects)
+    held = list(state.held)
+    visible = []
+    for o in state.objects:
+        if o in held:
+            held.remove(o)
+        else:
+            visible.append(o)
+    return visible
 
 
 def playground_observation(state: PlaygroundState) -> str:
@@ -190,7 +235,7 @@ def playground_observation(state: PlaygroundState) -> str:
 def playground_admissible(state: PlaygroundState) -> list[str]:
     """The admissible actions of ``state``: go-tos in scene order, then ``Grasp``, then releases."""
     on = state.on
-    actions = [_GO_TO[o] for o in _visible(state) if o != on]
+    actions = list(dict.fromkeys(_GO_TO[o] for o in _visible(state) if o != on))  # two waters: one "Go to water"
     if on is not None and len(state.held) < INVENTORY_SIZE:
         actions.append("Grasp")
     actions.extend(_RELEASE[h] for h in state.held)
@@ -207,15 +252,30 @@ def growth_result(released: str, target: str | None) -> str | None:
     return OBJECTS[target].grown if feeds is not None and feeds == OBJECTS[target].stage else None
 
 
+def pair_growth_result(first: str, second: str, target: str | None) -> str | None:
+    """The name ``target`` grows into when ``first`` and ``second`` are released onto it together, or None."""
+    if target is None:
+        return None
+    recipes = RECIPES.get(OBJECTS[target].stage, ())
+    pair = sorted((OBJECTS[first].stage, OBJECTS[second].stage))
+    return OBJECTS[target].grown if any(len(r) == 2 and sorted(r) == pair for r in recipes) else None
+
+
+def _without_one(items: tuple[str, ...], obj: str) -> tuple[str, ...]:
+    """``items`` less its first ``obj`` (names repeat only for water)."""
+    i = items.index(obj)
+    return items[:i] + items[i + 1 :]
+
+
 def _release(
     objects: tuple[str, ...], held: tuple[str, ...], on: str | None, obj: str, achieved: list[str]
 ) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
-    held = tuple(h for h in held if h != obj)
+    held = _without_one(held, obj)
     grown = growth_result(obj, on)
     if grown is None:  # no rule: dropped where the agent stands, visible again in its place
         return objects, held, on
     achieved.append(_GROW_GOAL[grown])
-    objects = tuple(grown if o == on else o for o in objects if o != obj)
+    objects = tuple(grown if o == on else o for o in _without_one(objects, obj))
     return objects, held, grown
 
 
@@ -236,6 +296,11 @@ def playground_transition(state: PlaygroundState, action: str) -> tuple[Playgrou
         achieved.append(_GRASP_GOAL[on])
         return PlaygroundState(objects, (*held, on), None), achieved
     if action == "Release both":
+        grown = pair_growth_result(held[0], held[1], on)
+        if grown is not None:  # a big animal eats both at once
+            achieved.append(_GROW_GOAL[grown])
+            objects = tuple(grown if o == on else o for o in _without_one(_without_one(objects, held[0]), held[1]))
+            return PlaygroundState(objects, (), grown), achieved
         for obj in held:
             objects, held, on = _release(objects, held, on, obj, achieved)
         return PlaygroundState(objects, held, on), achieved
@@ -289,18 +354,34 @@ def _grow_action(state: PlaygroundState, target: str) -> str | None:
         return None
     if source in state.held:  # seeds and babies feed nothing, so releasing one is always safe
         return _RELEASE[source]
-    stage = OBJECTS[source].stage
-    fed = [h for h in state.held if OBJECTS[h].feeds == stage]
-    if fed:
-        return _RELEASE[fed[0]] if state.on == source else _GO_TO[source]
-    lying = [v for v in _visible(state) if OBJECTS[v].feeds == stage]
-    if lying:
+    for recipe in RECIPES[OBJECTS[source].stage]:  # the first recipe that can still be made
+        action = _feed_action(state, source, recipe[0], len(recipe))
+        if action is not None:
+            return action
+    return None
+
+
+# The young stage whose growth gives each food stage (water cannot be grown).
+_FOOD_SOURCE: dict[str, str] = {"plant": "seed", "herbivore": "baby_herbivore", "big_herbivore": "baby_big_herbivore"}
+
+
+def _feed_action(state: PlaygroundState, source: str, food: str, count: int) -> str | None:
+    """The next action to release ``count`` objects of stage ``food`` onto ``source`` at once, or None."""
+    held = [h for h in state.held if OBJECTS[h].stage == food]
+    if len(held) >= count:
+        if state.on != source:
+            return _GO_TO[source]
+        return "Release both" if count == 2 else _RELEASE[held[0]]
+    lying = [v for v in _visible(state) if OBJECTS[v].stage == food]
+    if len(held) + len(lying) >= count or lying and count == 1:
         return _fetch(state, state.on if state.on in lying else lying[0])
-    # No food at hand: grow some (a plant for a herbivore, a herbivore for a carnivore); water cannot be grown.
-    food_source_stage = {"baby_herbivore": "seed", "baby_carnivore": "baby_herbivore"}.get(stage)
+    if lying and len(state.held) < INVENTORY_SIZE:  # hold what lies there while the rest grows
+        return _fetch(state, state.on if state.on in lying else lying[0])
+    # Not enough food at hand: grow some (a plant for a herbivore, a herbivore for a carnivore).
+    young = _FOOD_SOURCE.get(food)
     for obj in state.objects:
         info = OBJECTS[obj]
-        if info.stage == food_source_stage and info.grown is not None:
+        if info.stage == young and info.grown is not None:
             action = _grow_action(state, info.grown)
             if action is not None:
                 return action
@@ -338,7 +419,8 @@ class PlaygroundTextEnv(TextEnvBase):
             A pair ``(min, max)`` draws the size uniformly per episode (never below what the goal needs): a
             curriculum, since small scenes make long chains such as growing a plant far likelier to be found.
         goal_categories: the categories goals are sampled from (any of ``grasp``, ``grow_plant``,
-            ``grow_herbivore``, ``grow_carnivore``, ``impossible``).
+            ``grow_herbivore``, ``grow_carnivore``, ``impossible``; with ``big_animals``, also
+            ``grow_big_herbivore`` and ``grow_big_carnivore``).
         goal_weights: sampling weights of the categories (a sequence aligned with ``goal_categories`` or a mapping
             category -> weight); None = uniform.
         impossible_goals: add the ``impossible`` category (``Grow <furniture>``) to ``goal_categories``.
@@ -347,6 +429,13 @@ class PlaygroundTextEnv(TextEnvBase):
         colors: give every object but water a colour, multiplying the goal space.
         invalid_action: ``raise`` (InvalidActionError) or ``noop`` (a wasted step flagged in ``info``).
         render_mode: None or ``ansi``.
+        grown_distractors: the probability that a plant or animal *distractor* starts grown. 0 (the default) is
+            the reference environment: every plant in a scene is a seed and every animal a baby, as in LittleZoo,
+            IMAGINE's playground and WorldLLM. 0.5 is this project's scenes before 2026-12-07, kept for the ablation
+            only: a herbivore (carnivore) goal's scene then often holds a grown plant (herbivore) already, a
+            shortcut that spares the policy the chain. Not the reference.
+        big_animals: add LittleZoo's big herbivores and big carnivores (goal categories ``grow_big_herbivore``,
+            ``grow_big_carnivore``; also as distractors). Off by default.
     """
 
     def __init__(
@@ -360,6 +449,8 @@ class PlaygroundTextEnv(TextEnvBase):
         colors: bool = False,
         invalid_action: str = "raise",
         render_mode: str | None = None,
+        grown_distractors: float = 0.0,
+        big_animals: bool = False,
     ) -> None:
         super().__init__(invalid_action=invalid_action)
         if isinstance(goal_categories, str):
@@ -367,11 +458,18 @@ class PlaygroundTextEnv(TextEnvBase):
         cats = list(dict.fromkeys(goal_categories))
         if impossible_goals and IMPOSSIBLE not in cats:
             cats.append(IMPOSSIBLE)
-        unknown = [c for c in cats if c not in ALL_GOAL_CATEGORIES]
+        unknown = [c for c in cats if c not in KNOWN_GOAL_CATEGORIES]
         if unknown or not cats:
             raise ValueError(
-                f"unknown goal categories {unknown} (got {cats}); choose from {list(ALL_GOAL_CATEGORIES)}"
+                f"unknown goal categories {unknown} (got {cats}); choose from {list(KNOWN_GOAL_CATEGORIES)}"
             )
+        big = [c for c in cats if c in BIG_GOAL_CATEGORIES]
+        if big and not big_animals:
+            raise ValueError(f"goal categories {big} need the big animals: pass big_animals=True")
+        if not 0.0 <= float(grown_distractors) <= 1.0:
+            raise ValueError(f"grown_distractors is a probability in [0, 1], got {grown_distractors}")
+        self.grown_distractors = float(grown_distractors)
+        self.big_animals = bool(big_animals)
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         bases = {o.base for o in OBJECTS.values()}
@@ -382,7 +480,7 @@ class PlaygroundTextEnv(TextEnvBase):
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self.goal_categories: list[str] = cats
         # Every category a step can achieve, whatever the episodes' goals are drawn from (achieved-goal sources).
-        self.all_goal_categories: list[str] = list(GOAL_CATEGORIES)
+        self.all_goal_categories: list[str] = [*GOAL_CATEGORIES, *(BIG_GOAL_CATEGORIES if big_animals else ())]
         self.split = split
         self.held_out: frozenset[str] = frozenset(held_out)
         self.colors = colors
@@ -395,11 +493,10 @@ class PlaygroundTextEnv(TextEnvBase):
             self.n_objects_min, self.n_objects = int(n_objects[0]), int(n_objects[1])
         self._weights = self._category_weights(goal_weights)
         # Bases a scene may hold: training scenes never show a held-out object.
-        self._scene_bases: list[str] = [
-            b
-            for b in (WATER, *FURNITURE, *PLANTS, *HERBIVORES, *CARNIVORES)
-            if split == "test" or b not in self.held_out
-        ]
+        kinds = (WATER, *FURNITURE, *PLANTS, *HERBIVORES, *CARNIVORES)
+        if big_animals:
+            kinds = (*kinds, *BIG_HERBIVORES, *BIG_CARNIVORES)
+        self._scene_bases: list[str] = [b for b in kinds if split == "test" or b not in self.held_out]
         need = max(_REQUIRED_COUNT[c] for c in cats)
         if not need <= self.n_objects <= len(self._scene_bases):
             raise ValueError(
@@ -438,6 +535,11 @@ class PlaygroundTextEnv(TextEnvBase):
             raise ValueError(f"goal_weights must be non-negative with a positive sum, got {w.tolist()} for {cats}")
         return np.cumsum(w / w.sum())
 
+    def set_goal_weights(self, goal_weights: Sequence[float] | Mapping[str, float]) -> None:
+        """Reweight the categories that later resets draw from (a goal curriculum's hook; the rules of the
+        ``goal_weights`` argument). Takes effect at the next reset, auto-resets of a vector env included."""
+        self._weights = self._category_weights(goal_weights)
+
     def _sample_category(self) -> int:
         """Index of a category drawn by weight (clipped so that float rounding never picks past the last one)."""
         index = int(np.searchsorted(self._weights, self.np_random.random(), "right"))
@@ -454,8 +556,8 @@ class PlaygroundTextEnv(TextEnvBase):
         cached = self._goal_spaces.get(key)
         if cached is not None:
             return list(cached)
-        if category not in ALL_GOAL_CATEGORIES:
-            raise ValueError(f"unknown goal category {category!r}; choose from {list(ALL_GOAL_CATEGORIES)}")
+        if category not in KNOWN_GOAL_CATEGORIES:
+            raise ValueError(f"unknown goal category {category!r}; choose from {list(KNOWN_GOAL_CATEGORIES)}")
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         goals = [g for g, (c, name) in _GOALS.items() if c == category and self._goal_in_split(name, split)]
@@ -466,13 +568,21 @@ class PlaygroundTextEnv(TextEnvBase):
         info = OBJECTS[name]
         if (info.color is not None) != self.colors and info.kind != "water":
             return False
+        if info.kind.startswith("big_") and not self.big_animals:
+            return False
         return (info.base in self.held_out) == (split == "test")
 
     def _parse_goal(self, goal: str) -> tuple[str, str]:
         parsed = _GOALS.get(goal)
-        if parsed is None or ((OBJECTS[parsed[1]].color is not None) != self.colors and parsed[1] != WATER):
+        info = OBJECTS[parsed[1]] if parsed is not None else None
+        if (
+            info is None
+            or ((info.color is not None) != self.colors and info.kind != WATER)
+            or (info.kind.startswith("big_") and not self.big_animals)
+        ):
             raise ValueError(
-                f"unknown Playground-Text goal {goal!r} (colors={self.colors}); {_goal_examples()}; "
+                f"unknown Playground-Text goal {goal!r} (colors={self.colors}, big_animals={self.big_animals}); "
+                f"{_goal_examples()}; "
                 f"env.goal_space(category, split) lists them all"
             )
         return parsed
@@ -484,7 +594,8 @@ class PlaygroundTextEnv(TextEnvBase):
     def goal_step_limit(self, goal: str) -> int:
         """The step limit of an episode with ``goal``; pure. Unknown goal -> ValueError.
 
-        Grasp 3, grow plant 6, grow herbivore 10, grow carnivore 15, impossible 10 (1.5x the optimal plan).
+        Grasp 3, grow plant 6, grow herbivore 10, grow carnivore 15, impossible 10, grow big herbivore 18, grow big
+        carnivore 27 (1.5x the optimal plan).
         """
         return STEP_LIMITS[self._parse_goal(goal)[0]]
 
@@ -497,7 +608,8 @@ class PlaygroundTextEnv(TextEnvBase):
         return f"{self._pick(COLORS)} {name}" if self.colors else name
 
     def _sample_scene(self, category: str, target: str) -> tuple[str, ...]:
-        """What the goal needs (the target first), then distractors of unused bases up to ``n_objects``, shuffled."""
+        """Exactly what the goal needs (the target first), then distractors of unused bases up to ``n_objects``,
+        shuffled. Every plant and animal but a grasp goal's target starts young (``grown_distractors`` aside)."""
         info = OBJECTS[target]
         scene = [info.source if info.source is not None and category != "grasp" else target]
         used = {info.base}
@@ -509,10 +621,20 @@ class PlaygroundTextEnv(TextEnvBase):
             used.add(base)
             scene.append(self._colored(fmt.format(base)))
 
+        if category == "grow_big_carnivore":  # LittleZoo: a big herbivore or two small ones, with equal odds
+            if self.np_random.integers(2):
+                add_young(BIG_HERBIVORES, "baby {}")
+            else:
+                add_young(HERBIVORES, "baby {}")
+                add_young(HERBIVORES, "baby {}")
         if category == "grow_carnivore":
             add_young(HERBIVORES, "baby {}")
         if category in ("grow_carnivore", "grow_herbivore"):
             add_young(PLANTS, "{} seed")
+        if category in ("grow_big_herbivore", "grow_big_carnivore"):
+            add_young(PLANTS, "{} seed")
+            add_young(PLANTS, "{} seed")
+            scene.append(WATER)
         if category.startswith("grow_"):
             scene.append(WATER)
             used.add(WATER)
@@ -530,12 +652,16 @@ class PlaygroundTextEnv(TextEnvBase):
         return tuple(scene[int(i)] for i in order)
 
     def _distractor(self, base: str) -> str:
+        """A distractor of ``base``: furniture or water as is, a living kind young (grown with ``grown_distractors``)."""
         if base == WATER:
             return WATER
         if base in FURNITURE:
             return self._colored(base)
+        p = self.grown_distractors
+        # 0.5 draws as the pre-reference scenes did (one fair integer), so the ablation replays them draw for draw.
+        grown = p > 0 and (bool(self.np_random.integers(2)) if p == 0.5 else self.np_random.random() < p)
         fmt = "{} seed" if base in PLANTS else "baby {}"
-        return self._colored(base if self.np_random.integers(2) else fmt.format(base))
+        return self._colored(base if grown else fmt.format(base))
 
     def _check_scene(self, objects: Sequence[str]) -> tuple[str, ...]:
         scene = tuple(objects)
@@ -546,9 +672,14 @@ class PlaygroundTextEnv(TextEnvBase):
             raise ValueError(
                 f"options['objects'] holds unknown object names {unknown} (colors={self.colors}): {scene}"
             )
-        bases = [OBJECTS[o].base for o in scene]
-        if len(set(bases)) != len(bases):
-            raise ValueError(f"options['objects'] must name each base at most once (one water), got {scene}")
+        bases = [OBJECTS[o].base for o in scene if o != WATER]
+        if len(set(bases)) != len(bases) or scene.count(WATER) > MAX_WATER:
+            raise ValueError(
+                f"options['objects'] must name each base at most once (water at most {MAX_WATER} times), got {scene}"
+            )
+        big = [o for o in scene if OBJECTS[o].kind.startswith("big_")]
+        if big and not self.big_animals:
+            raise ValueError(f"options['objects'] holds big animals {big}: pass big_animals=True")
         return scene
 
     # -- gymnasium API ------------------------------------------------------------------------------------------
@@ -582,10 +713,11 @@ class PlaygroundTextEnv(TextEnvBase):
             requested: str | None = options.get("goal_category")
             if requested is None:
                 category = self.goal_categories[self._sample_category()]
-            elif requested in ALL_GOAL_CATEGORIES:
+            elif requested in ALL_GOAL_CATEGORIES or requested in BIG_GOAL_CATEGORIES and self.big_animals:
                 category = requested
             else:
-                raise ValueError(f"unknown goal category {requested!r}; choose from {list(ALL_GOAL_CATEGORIES)}")
+                known = [*ALL_GOAL_CATEGORIES, *(BIG_GOAL_CATEGORIES if self.big_animals else ())]
+                raise ValueError(f"unknown goal category {requested!r}; choose from {known}")
             goal = self._pick(self.goal_space(category, self.split))
             target = _GOALS[goal][1]
         if "objects" in options:
