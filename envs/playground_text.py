@@ -5,7 +5,18 @@ releasing a supply or food onto the right object makes it grow:
 
 - water released on ``X seed`` grows the plant ``X`` (the water is consumed);
 - a grown plant released on ``baby H`` (a herbivore) grows ``H`` (the plant is consumed);
-- a grown herbivore released on ``baby C`` (a carnivore) grows ``C`` (the herbivore is consumed).
+- a grown herbivore released on ``baby C`` (a carnivore) grows ``C`` (the herbivore is consumed);
+- with ``big_animals=True`` (LittleZoo's): two grown plants released together (``Release both``) on ``baby B`` (a big
+  herbivore) grow ``B``; a grown big herbivore, or two grown herbivores released together, on ``baby K`` (a big
+  carnivore) grow ``K``.
+
+Scenes are built as every reference version builds them (LittleZoo's ``reset_with_goal``, IMAGINE's playground,
+WorldLLM): the goal's target (young, for a grow goal) and exactly its supplies -- grow plant: water; grow herbivore:
+water + a seed; grow carnivore: water + a seed + a baby herbivore; grow big herbivore: 2 water + 2 seeds; grow big
+carnivore: 2 water + 2 seeds + a baby big herbivore or two baby herbivores (even odds) -- then distractors up to
+``n_objects``. Every plant and animal starts young, distractors included; only a grasp goal's target is named as
+stated (``Grasp cow`` puts a grown cow in the scene). ``grown_distractors=0.5`` brings back this project's earlier
+scenes (half the living distractors grown, so food was often lying ready): an ablation, not the reference.
 
 Observation (three lines)::
 
@@ -24,18 +35,24 @@ Semantics decided here (the published description leaves them open):
   standing where it was. With a growth rule the released object is consumed and the object stood on turns into its
   grown form, which the agent now stands on.
 - ``Release both`` releases the first-held object, then the second, each onto whatever is stood on at that moment.
-- Every object name in a scene has a distinct base (never ``carrot seed`` next to ``carrot``, at most one water),
-  so every action string names one object.
+- Every object name in a scene has a distinct base (never ``carrot seed`` next to ``carrot``), so every action
+  string names one object; only water may appear twice (big-animal scenes), and the two are interchangeable: ``Go to
+  water`` (offered once) goes to the first one not held.
 - With ``colors=True`` every object but water gets a colour (``red baby cow`` grows into ``red cow``).
 
 Goals, by category (step limits, 1.5x the optimal plan rounded down, in parentheses):
 ``grasp`` (3) ``Grasp <any object>``; ``grow_plant`` (6) ``Grow <plant>``; ``grow_herbivore`` (10)
-``Grow <herbivore>``; ``grow_carnivore`` (15) ``Grow <carnivore>``; ``impossible`` (10) ``Grow <furniture>``.
+``Grow <herbivore>``; ``grow_carnivore`` (15) ``Grow <carnivore>``; ``impossible`` (10) ``Grow <furniture>``; with
+big animals ``grow_big_herbivore`` (18) and ``grow_big_carnivore`` (27), LittleZoo's limits.
 ``info["achieved_goals"]`` lists ``Grasp <obj>`` for every grasp and ``Grow <obj>`` for every growth of the step,
 whatever the episode's goal.
 
-Held-out split: by default the last name of each kind (bed, onion, bison, jackal) never appears in ``split="train"``
-goals or scenes; ``split="test"`` goals name only held-out objects (their scenes may hold any object).
+Held-out split: by default the last name of each kind (bed, onion, bison, jackal; buffalo, cougar) never appears in
+``split="train"`` goals or scenes; ``split="test"`` goals name only held-out objects (their scenes may hold any
+object).
+
+Names: our four base kinds keep this project's object lists (elephant and lion are ordinary herbivore and carnivore
+here, as in the SAC-GLAM description); the big animals take names of LittleZoo's big kinds that no other list uses.
 
 The room's dynamics are pure module-level functions of a ``PlaygroundState`` (``playground_transition``,
 ``playground_admissible``, ``playground_observation``, ``playground_expert``), so tests and planners can search
@@ -126,7 +143,7 @@ class ObjectInfo:
     """What a display name (``red baby cow``) means.
 
     Attributes:
-        kind: ``furniture``, ``plant``, ``herbivore``, ``carnivore``, ``big_herbivore``, ``big_carnivore`` or ``water``.
+        kind: ``furniture``, ``plant``, ``herbivore``, ``carnivore``, ``big_herbivore``, ``big_carnivore``, ``water``.
         base: the object's base name (``cow``); unique within a scene.
         color: its colour, or None.
         stage: ``furniture``, ``water``, ``seed``, ``plant``, ``baby_<kind>`` or ``<kind>`` for the four animal kinds.
@@ -373,9 +390,8 @@ def _feed_action(state: PlaygroundState, source: str, food: str, count: int) -> 
             return _GO_TO[source]
         return "Release both" if count == 2 else _RELEASE[held[0]]
     lying = [v for v in _visible(state) if OBJECTS[v].stage == food]
-    if len(held) + len(lying) >= count or lying and count == 1:
-        return _fetch(state, state.on if state.on in lying else lying[0])
-    if lying and len(state.held) < INVENTORY_SIZE:  # hold what lies there while the rest grows
+    # Enough lying around: fetch it (freeing a hand if needed); too little: hold what lies there while the rest grows.
+    if lying and (len(held) + len(lying) >= count or len(state.held) < INVENTORY_SIZE):
         return _fetch(state, state.on if state.on in lying else lying[0])
     # Not enough food at hand: grow some (a plant for a herbivore, a herbivore for a carnivore).
     young = _FOOD_SOURCE.get(food)
@@ -576,7 +592,8 @@ class PlaygroundTextEnv(TextEnvBase):
         parsed = _GOALS.get(goal)
         info = OBJECTS[parsed[1]] if parsed is not None else None
         if (
-            info is None
+            parsed is None
+            or info is None
             or ((info.color is not None) != self.colors and info.kind != WATER)
             or (info.kind.startswith("big_") and not self.big_animals)
         ):
@@ -652,7 +669,7 @@ class PlaygroundTextEnv(TextEnvBase):
         return tuple(scene[int(i)] for i in order)
 
     def _distractor(self, base: str) -> str:
-        """A distractor of ``base``: furniture or water as is, a living kind young (grown with ``grown_distractors``)."""
+        """A distractor of ``base``: furniture or water as is, a living one young (grown: ``grown_distractors``)."""
         if base == WATER:
             return WATER
         if base in FURNITURE:
@@ -713,7 +730,7 @@ class PlaygroundTextEnv(TextEnvBase):
             requested: str | None = options.get("goal_category")
             if requested is None:
                 category = self.goal_categories[self._sample_category()]
-            elif requested in ALL_GOAL_CATEGORIES or requested in BIG_GOAL_CATEGORIES and self.big_animals:
+            elif requested in ALL_GOAL_CATEGORIES or (requested in BIG_GOAL_CATEGORIES and self.big_animals):
                 category = requested
             else:
                 known = [*ALL_GOAL_CATEGORIES, *(BIG_GOAL_CATEGORIES if self.big_animals else ())]

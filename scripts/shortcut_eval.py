@@ -3,12 +3,15 @@
     python scripts/shortcut_eval.py outputs/2026-12-06/10-00-00                # newest checkpoint of a run folder
     python scripts/shortcut_eval.py RUN --episodes 128 --categories grow_herbivore
 
-A distractor of a living kind is young or grown with equal odds, so a herbivore goal's scene may already hold a grown
-plant (48% of them) and a carnivore goal's a grown herbivore (40%): then the goal takes 4 actions (go to the food,
-grasp it, go to the baby, release) instead of the whole chain (water -> seed -> plant -> herbivore -> carnivore).
-Evaluation success mixes both kinds of scene; this script evaluates each kind apart (``reset`` is redrawn with
-derived seeds until the scene has, or lacks, the grown food), which tells whether a policy learned the chain or the
-shortcut. The run is rebuilt from its own ``.hydra/config.yaml`` and newest checkpoint (``scripts/run_tools.py``).
+For the ``grown_distractors`` ablation. Reference scenes (the default, ``grown_distractors=0``) start every plant and
+animal young, so a herbivore goal needs the whole chain (water -> seed -> plant -> herbivore). With
+``env.kwargs.grown_distractors=0.5`` (this project's scenes before 2026-12-07) a living distractor is grown with
+even odds, so a herbivore goal's scene may already hold a grown plant (48% of them) and a carnivore goal's a grown
+herbivore (40%): the goal then takes 4 actions (go to the food, grasp it, go to the baby, release) instead of the
+chain. This script evaluates each kind of scene apart, on ablation scenes (the run's own ``grown_distractors``, or
+0.5 for a run trained on reference scenes): ``reset`` is redrawn with derived seeds until the scene has, or lacks,
+the grown food. It tells whether a policy learned the chain or the shortcut. The run is rebuilt from its own
+``.hydra/config.yaml`` and newest checkpoint (``scripts/run_tools.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from sacglam.pipeline import make_act_fn
 
 FOOD_STAGE = {"grow_herbivore": "plant", "grow_carnivore": "herbivore"}  # the grown food each goal category eats
 MAX_REDRAWS = 1000
+ABLATION_GROWN = 0.5  # grown_distractors of the evaluation scenes for a run trained on reference scenes
 
 
 def has_shortcut(objects: Sequence[str], category: str) -> bool:
@@ -69,7 +73,10 @@ def load_run(run_dir: Path) -> tuple[TrainConfig, Callable[[], Any], Any]:
     run = run_tools.load_run(run_dir, ["device=cpu"])
     if run.cfg.env.id != "sacglam/PlaygroundText-v0":
         raise ValueError(f"{run_dir} trained on {run.cfg.env.id}; this script is for Playground-Text runs")
-    env_fn = train.make_env_fn(run.cfg, **run.cfg.env.eval_kwargs)  # evaluation scenes, as train.py evaluates
+    # Evaluation scenes as train.py builds them, with grown distractors so that both kinds of scene exist.
+    eval_kwargs = {**run.cfg.env.kwargs, **run.cfg.env.eval_kwargs}
+    grown = float(eval_kwargs.get("grown_distractors", 0.0)) or ABLATION_GROWN
+    env_fn = train.make_env_fn(run.cfg, **{**run.cfg.env.eval_kwargs, "grown_distractors": grown})
     print(f"{run.checkpoint}", flush=True)
     return run.cfg, env_fn, make_act_fn(run.agent, run.codec, greedy=True, device=run.device)
 

@@ -90,7 +90,7 @@ def test_reference_scene_has_one_water_and_nothing_grown() -> None:
     """A smaller carnivore scene: its one water is the goal's, and nothing in it starts grown."""
     env = PlaygroundTextEnv(n_objects=6)
     for seed in range(200):
-        _, info = env.reset(seed=seed, options={"goal_category": "grow_carnivore"})
+        env.reset(seed=seed, options={"goal_category": "grow_carnivore"})
         young = sorted(OBJECTS[o].stage for o in env.state.objects if OBJECTS[o].kind != "furniture")
         assert "baby_carnivore" in young and young.count("water") == 1, env.state.objects
         assert not [o for o in env.state.objects if OBJECTS[o].stage in GROWN]

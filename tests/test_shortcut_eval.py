@@ -38,7 +38,8 @@ def test_has_shortcut_by_hand() -> None:
 @pytest.mark.parametrize("shortcut", [True, False])
 def test_scene_filter_returns_only_the_asked_scenes_reproducibly(shortcut: bool) -> None:
     def make() -> object:
-        env = gymnasium.make("sacglam/PlaygroundText-v0", goal_categories=["grow_herbivore", "grow_carnivore"])
+        env = gymnasium.make("sacglam/PlaygroundText-v0", goal_categories=["grow_herbivore", "grow_carnivore"],
+                             grown_distractors=0.5)
         return se.SceneFilter(env.unwrapped, shortcut)
 
     a, b = make(), make()
