@@ -58,6 +58,7 @@ from sacglam.checkpoint import (
 )
 from sacglam.collector import Collector, episode_metrics
 from sacglam.config import ALGOS, TrainConfig, register_configs
+from sacglam.curriculum import make_curriculum, resume_curriculum
 from sacglam.distributed import (
     check_data_parallel,
     init_distributed,
@@ -99,6 +100,8 @@ def main(dcfg: DictConfig) -> float:
     # Environments, model, agent and the algorithm's own part of the loop.
     env_fn = make_env_fn(cfg)
     probe = env_fn()
+    # curriculum=alp: goal-category weights from the learning progress of the training episodes (None: uniform).
+    curriculum = make_curriculum(cfg.curriculum, probe, cfg.env.id, cfg.env.kwargs)
     vec = make_vector_env(cfg.env.id, cfg.env.num_envs, env_kwargs=dict(cfg.env.kwargs), mode=cfg.env.vector)
     model, _, codec = build_model(cfg, probe, device)
     # Each rank: its own env and sampling seeds, its share of the batch, its own replay-buffer shard.
@@ -132,10 +135,13 @@ def main(dcfg: DictConfig) -> float:
             tracker.load_state_dict(state["episodes"])
         if state["envs"] is None:
             tracker.drop_running()
+        resume_curriculum(curriculum, state.get("curriculum"), ckpt_path)  # (older checkpoints have none)
         restore_rng_state(state["rng"], generators=learner.generators)
         next_eval, next_ckpt = state["loop"]
         if dist.is_main:
             print(f"resumed from {ckpt_path} at env step {collector.env_steps * dist.world}")
+    if curriculum is not None:  # the envs draw from p from their next reset on (no RNG is used to set it)
+        vec.call("set_goal_weights", curriculum.weights())
     steps = lambda: collector.env_steps * dist.world  # noqa: E731 - the global count: every rank steps N envs
     logger = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(dcfg, resolve=True), cfg.total_env_steps,  # type: ignore[arg-type]
                        resume_from_step=steps() if ckpt_path is not None else None,
@@ -147,6 +153,7 @@ def main(dcfg: DictConfig) -> float:
     def checkpoint() -> None:
         state = {"algo": cfg.algo.name, "agent": agent.state_dict(), "learner": learner.state_dict(),
                  "collector": collector.state_dict(), "envs": env_state(vec), "episodes": tracker.state_dict(),
+                 "curriculum": curriculum.state_dict() if curriculum is not None else None,
                  "rng": capture_rng_state(generators=learner.generators), "loop": (next_eval, next_ckpt),
                  "world": dist.world, "metrics_lines": logger.lines if logger is not None else None}
         save_checkpoint(rank_dir(run_dir, dist.rank), steps(), state, keep=cfg.checkpoint.keep)
@@ -164,6 +171,9 @@ def main(dcfg: DictConfig) -> float:
         shared = dist.gather((episodes, time_up))
         episodes = [e for part, _ in shared for e in part]
         metrics: dict[str, Any] = episode_metrics(episodes) if episodes else {}
+        if curriculum is not None and episodes:  # every rank: the same pooled episodes, so the same p everywhere
+            curriculum.update(episodes)
+            vec.call("set_goal_weights", curriculum.weights())  # this step's auto-resets drew from the old p
         try:
             metrics.update(learner.observe(step, records))
         except NonFiniteLossError as exc:
@@ -180,6 +190,8 @@ def main(dcfg: DictConfig) -> float:
                           "on the whole text (PromptCodec); counted in charts/unfaithful_tokenisation", stacklevel=1)
         metrics.update({"charts/updates": learner.updates, "charts/obs_truncated": codec.truncated_count,
                         "charts/unfaithful_tokenisation": codec.unfaithful_count})
+        if curriculum is not None:
+            metrics.update(curriculum.metrics())
         if episodes and isinstance(learner, SACLearner):  # (episodes: every rank's, so all ranks gather or none)
             metrics.update(learner.relabel_metrics(dist.gather))
         if cfg.eval.every and steps() >= next_eval:

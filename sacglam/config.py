@@ -16,6 +16,7 @@ from omegaconf import MISSING
 from sacglam.agent import AgentConfig
 from sacglam.buffer import BufferConfig
 from sacglam.checkpoint import CheckpointConfig
+from sacglam.curriculum import CurriculumConfig
 from sacglam.eto import ETOConfig
 from sacglam.logging import LoggerConfig
 from sacglam.models import ModelConfig
@@ -82,6 +83,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     relabel: RelabelConfig = field(default_factory=RelabelConfig)  # where achieved goals come from
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)  # goal categories: uniform | alp
     seed: int = 0  # seeds envs, model init, sampling
     total_env_steps: int = 200_000  # stop after this many env steps (summed over envs)
     time_limit_min: float = 0.0  # also stop after this many wall-clock minutes (0 = no limit)
@@ -95,6 +97,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.resume:
             raise ValueError('resume is empty; use "never", "auto" or a checkpoint path')
+        if self.curriculum.kind != "uniform" and getattr(self.algo, "name", None) == "eto":
+            # ETO explores a fixed list of task seeds per round (eto.py), with no episode stream to reweight.
+            raise ValueError(f"curriculum={self.curriculum.kind} reweights the goal categories of the training "
+                             "episodes, which algo=eto does not draw (it explores fixed task seeds); use "
+                             "curriculum=uniform with ETO")
 
 
 def register_configs() -> None:
