@@ -197,6 +197,7 @@ def main(dcfg: DictConfig) -> float:
         if cfg.eval.every and steps() >= next_eval:
             if dist.is_main:  # evaluation runs once; the other ranks wait at the next collective
                 metrics.update(run_eval())
+                metrics["perf/minutes"] = (time.monotonic() - start) / 60  # this process's wall clock, evals included
             next_eval += cfg.eval.every
         if logger is not None:
             logger.log(steps(), metrics)
@@ -209,6 +210,7 @@ def main(dcfg: DictConfig) -> float:
             break
 
     final = run_eval() if dist.is_main else {}
+    final["perf/minutes"] = (time.monotonic() - start) / 60
     checkpoint()  # (after a background relabeller's last episodes are in the buffer and counted)
     if isinstance(learner, SACLearner):
         final.update(learner.relabel_metrics(dist.gather))
