@@ -236,7 +236,7 @@ def test_evaluate_cli_matches_sacglam_evaluate_on_the_same_seeds(sac_run: Path, 
                      "--json", str(tmp_path / "e.json"))
     assert result.returncode == 0, result.stderr[-3000:]
     table = _rates(result.stdout)
-    assert len(table) == 2 * 2 * 2  # splits x categories x modes
+    assert len(table) == 2 * 4 * 2  # splits x categories (the default four) x modes
     # Independently, as scripts/shortcut_eval.py used to: conf/ + the run's overrides, train.py's builders.
     overrides = yaml.safe_load((sac_run / ".hydra" / "overrides.yaml").read_text())
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
@@ -314,7 +314,7 @@ def test_zero_shot_grid_on_the_tiny_model(tmp_path: Path) -> None:
                      "--variant", "plain:", "--variant", hot, "--sample", "--json", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith(("| plain", "| hot"))]
-    assert len(rows) == 2 * 2 * 2 + 2 * 1 * 2  # variant x split x category x mode
+    assert len(rows) == 2 * 4 * 2 + 2 * 1 * 2  # variant x split x category (plain: the default four) x mode
     assert all(" | 3 | " in r for r in rows)
     assert "env seed 1000000 + j" in result.stdout
     saved = json.loads(out.read_text())["variants"]

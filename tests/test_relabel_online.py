@@ -159,7 +159,8 @@ def test_a_source_that_misses_goals_leaves_them_out_of_the_buffer(world: dict[st
     """Rules that never see water grasped: ``Grasp water`` is absent from the buffer (never relabelled to), every
     other achievement is there, precision stays 1 and recall counts exactly what was missed."""
     space = GoalSpace.from_env(world["probe"])
-    no_water = [{"pattern": r"^You are standing on: (?P<obj>(?!water$).+)\n.*\n> Grasp$", "goal": "Grasp {obj}"}]
+    grasp = {"pattern": r"^You are standing on: (?P<obj>(?!water$).+)\n.*\n> Grasp$", "goal": "Grasp {obj}"}
+    no_water = [grasp, *world["rules"][1:]]  # the env's growth rules as they are
     relabeller = OnlineRelabeller(RuleSource(no_water, space), RelabelStats(space))
     lrn = feed(learner(world, relabeller, HERConfig(), rows=200), world)
     ref = feed(learner(world, None, HERConfig(), rows=200), world)
