@@ -333,8 +333,10 @@ def test_eto_rounds_beat_the_warm_start_alone_on_grasp(tmp_path: Path) -> None:
 
     The preset's 1,024 tasks (the expert's 2,048 env steps) with a small warm start (3 epochs on 32 of the expert's
     episodes; the preset's own, 10 epochs on all 1,024, already reaches 0.99 on grasp and leaves a round nothing to
-    show), then one round of about 2,900 steps. Measured (docs/results.md, "ETO"): warm start 0.17-0.23, after the
-    round 0.77-1.00 (5 of 5 seeds); the test asks for a gap of 0.3 on each of 2 seeds. About 1.5 minutes."""
+    show), then one round of about 2,900 steps. Measured on the old scenes (docs/results.md, "ETO"): warm start
+    0.17-0.23, after the round 0.77-1.00 (5 of 5 seeds). On the reference scenes (2026-12-07, this test's seeds 0
+    and 1) the warm start is stronger, 0.45 and 0.50, and the round brings 0.75 and 0.80 (gaps 0.30 both); the test
+    asks for a gap of 0.2 on each of 2 seeds. About 1.5 minutes."""
     common = ["experiment=playground_eto", "env.kwargs.goal_categories=[grasp]", "eval.episodes_per_category=64",
               "algo.warm_start_episodes=32", "algo.sft_epochs=3",
               "time_limit_min=0", "threads=1", "logger.progress=false", "checkpoint.every=0",
@@ -348,7 +350,7 @@ def test_eto_rounds_beat_the_warm_start_alone_on_grasp(tmp_path: Path) -> None:
         w = read_metrics(tmp_path / f"warm{seed}")[-1]["eval/greedy/success"]
         e = read_metrics(tmp_path / f"eto{seed}")[-1]["eval/greedy/success"]
         gaps.append(e - w)
-    assert min(gaps) >= 0.3, f"ETO minus warm start, per seed: {gaps}"
+    assert min(gaps) >= 0.2, f"ETO minus warm start, per seed: {gaps}"
 
 
 def test_sweep_eto_variants_replace_the_swept_keys_and_parse() -> None:

@@ -56,7 +56,7 @@ def test_default_recipe_learns_the_herbivore_chain(tmp_path: Path) -> None:
                     tmp_path / "run", timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
     got = {c: final_success(tmp_path / "run", c) for c in ("grasp", "grow_plant", "grow_herbivore")}
-    assert got["grasp"] >= 0.9 and got["grow_plant"] >= 0.4 and got["grow_herbivore"] >= 0.4, got
+    assert got["grasp"] >= 0.9 and got["grow_plant"] >= 0.4 and got["grow_herbivore"] >= 0.25, got
 
 
 BITFLIP = [
