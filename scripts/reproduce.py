@@ -65,8 +65,9 @@ METHODS: dict[str, dict[str, list[str]]] = {
     },
 }
 METHOD_LABELS = {"sac_her": "SAC + HER", "sac": "SAC", "ppo": "PPO-GLAM", "eto": "ETO",
-                 "eto_ws32": "ETO, small warm start"}  # the last: a variant's runs linked in by hand (docs/results.md)
-# Playground-Text goal categories of every run (the preset's default is grasp + grow_plant): the comparison of the
+                 "eto_ws32": "ETO, small warm start",  # these two: variants linked in by hand (results.md)
+                 "sac_her_alp": "SAC + HER, ALP curriculum"}
+# Playground-Text goal categories of every run (the preset's default since 2026-12-07 too): the comparison of the
 # SAC-GLAM paper covers all four.
 CATEGORIES = "grasp,grow_plant,grow_herbivore,grow_carnivore"
 THRESHOLDS = (0.5, 0.8, 0.9)
@@ -427,7 +428,7 @@ def plot(results: dict[str, dict[str, dict[str, Summary]]], out_png: str | Path)
     fig = Figure(figsize=(4.5 * cols, 3.4 * rows))
     FigureCanvasAgg(fig)
     colors = {"sac": "tab:blue", "sac_her": "tab:red", "ppo": "tab:green", "eto": "tab:purple",
-              "eto_ws32": "tab:orange"}
+              "eto_ws32": "tab:orange", "sac_her_alp": "tab:brown"}
     for i, (env, name) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
         for method in _method_order(results[env]):
