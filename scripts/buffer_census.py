@@ -3,6 +3,7 @@
     python scripts/buffer_census.py outputs/2026-11-21/10-00-00            # the newest checkpoint of a run folder
     python scripts/buffer_census.py path/to/checkpoints/step_0000100000.pt --top 10
     python scripts/buffer_census.py RUN --env sacglam/PlaygroundText-v0   # group by the env's goal categories
+    python scripts/buffer_census.py RUN --env sacglam/PlaygroundText-v0 --env-kwargs '{"big_animals": true}'
 
 HER can only teach goals that were achieved somewhere in the buffer, so this is the first thing to look at when a
 goal category does not learn. Goals are grouped by their first word (``Grasp``, ``Grow``, ``Make``, ...), or with
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=0, help="also list the N most achieved single goals")
     parser.add_argument("--env", default=None, help="group by this env id's goal categories, e.g. "
                         "sacglam/PlaygroundText-v0 (default: by first word)")
+    parser.add_argument("--env-kwargs", default="{}", help="JSON keyword arguments of that env, e.g. "
+                        "'{\"big_animals\": true}' for a run with Playground-Text's big animals")
     opts = parser.parse_args()
     path = resolve_resume("auto", opts.path) if opts.path.is_dir() else opts.path
     if path is None:
@@ -72,7 +76,7 @@ def main() -> None:
 
         import envs  # noqa: F401 - registers the envs
 
-        env = gymnasium.make(opts.env).unwrapped
+        env = gymnasium.make(opts.env, **json.loads(opts.env_kwargs)).unwrapped
         groups = {k: by_category(v, env.goal_category) for k, v in counts.items()}  # type: ignore[attr-defined]
     else:
         groups = {k: by_first_word(v) for k, v in counts.items()}
