@@ -1,4 +1,4 @@
-"""Playground-Text: the SAC-GLAM environment, built from its published description (see ENVIRONMENTS.md).
+"""Playground-Text: the SAC-GLAM environment, built from its published description (docs/design/ENVIRONMENTS.md).
 
 A room of objects described in text. The agent walks between objects, grasps them (two hands) and releases them;
 releasing a supply or food onto the right object makes it grow:
