@@ -284,6 +284,16 @@ def _without_one(items: tuple[str, ...], obj: str) -> tuple[str, ...]:
     return items[:i] + items[i + 1 :]
 
 
+def _grow(
+    objects: tuple[str, ...], eaten: Sequence[str], on: str | None, grown: str, achieved: list[str]
+) -> tuple[str, ...]:
+    """``objects`` with ``eaten`` consumed and the stood-on object turned into ``grown`` (recorded in ``achieved``)."""
+    achieved.append(_GROW_GOAL[grown])
+    for obj in eaten:
+        objects = _without_one(objects, obj)
+    return tuple(grown if o == on else o for o in objects)
+
+
 def _release(
     objects: tuple[str, ...], held: tuple[str, ...], on: str | None, obj: str, achieved: list[str]
 ) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
@@ -291,9 +301,7 @@ def _release(
     grown = growth_result(obj, on)
     if grown is None:  # no rule: dropped where the agent stands, visible again in its place
         return objects, held, on
-    achieved.append(_GROW_GOAL[grown])
-    objects = tuple(grown if o == on else o for o in _without_one(objects, obj))
-    return objects, held, grown
+    return _grow(objects, (obj,), on, grown, achieved), held, grown
 
 
 def playground_transition(state: PlaygroundState, action: str) -> tuple[PlaygroundState, list[str]]:
@@ -315,9 +323,7 @@ def playground_transition(state: PlaygroundState, action: str) -> tuple[Playgrou
     if action == "Release both":
         grown = pair_growth_result(held[0], held[1], on)
         if grown is not None:  # a big animal eats both at once
-            achieved.append(_GROW_GOAL[grown])
-            objects = tuple(grown if o == on else o for o in _without_one(_without_one(objects, held[0]), held[1]))
-            return PlaygroundState(objects, (), grown), achieved
+            return PlaygroundState(_grow(objects, held, on, grown, achieved), (), grown), achieved
         for obj in held:
             objects, held, on = _release(objects, held, on, obj, achieved)
         return PlaygroundState(objects, held, on), achieved
@@ -497,6 +503,7 @@ class PlaygroundTextEnv(TextEnvBase):
         self.goal_categories: list[str] = cats
         # Every category a step can achieve, whatever the episodes' goals are drawn from (achieved-goal sources).
         self.all_goal_categories: list[str] = [*GOAL_CATEGORIES, *(BIG_GOAL_CATEGORIES if big_animals else ())]
+        self._requestable: list[str] = [*self.all_goal_categories, IMPOSSIBLE]  # reset(goal_category=...)
         self.split = split
         self.held_out: frozenset[str] = frozenset(held_out)
         self.colors = colors
@@ -580,23 +587,19 @@ class PlaygroundTextEnv(TextEnvBase):
         self._goal_spaces[key] = goals
         return list(goals)
 
+    def _known(self, info: ObjectInfo) -> bool:
+        """Whether this env's objects include ``info``'s: coloured iff ``colors`` (water never), big animals only
+        with ``big_animals``."""
+        colour_ok = (info.color is not None) == self.colors or info.kind == WATER
+        return colour_ok and (self.big_animals or not info.kind.startswith("big_"))
+
     def _goal_in_split(self, name: str, split: str) -> bool:
         info = OBJECTS[name]
-        if (info.color is not None) != self.colors and info.kind != "water":
-            return False
-        if info.kind.startswith("big_") and not self.big_animals:
-            return False
-        return (info.base in self.held_out) == (split == "test")
+        return self._known(info) and (info.base in self.held_out) == (split == "test")
 
     def _parse_goal(self, goal: str) -> tuple[str, str]:
         parsed = _GOALS.get(goal)
-        info = OBJECTS[parsed[1]] if parsed is not None else None
-        if (
-            parsed is None
-            or info is None
-            or ((info.color is not None) != self.colors and info.kind != WATER)
-            or (info.kind.startswith("big_") and not self.big_animals)
-        ):
+        if parsed is None or not self._known(OBJECTS[parsed[1]]):
             raise ValueError(
                 f"unknown Playground-Text goal {goal!r} (colors={self.colors}, big_animals={self.big_animals}); "
                 f"{_goal_examples()}; "
@@ -730,11 +733,10 @@ class PlaygroundTextEnv(TextEnvBase):
             requested: str | None = options.get("goal_category")
             if requested is None:
                 category = self.goal_categories[self._sample_category()]
-            elif requested in ALL_GOAL_CATEGORIES or (requested in BIG_GOAL_CATEGORIES and self.big_animals):
+            elif requested in self._requestable:
                 category = requested
             else:
-                known = [*ALL_GOAL_CATEGORIES, *(BIG_GOAL_CATEGORIES if self.big_animals else ())]
-                raise ValueError(f"unknown goal category {requested!r}; choose from {known}")
+                raise ValueError(f"unknown goal category {requested!r}; choose from {self._requestable}")
             goal = self._pick(self.goal_space(category, self.split))
             target = _GOALS[goal][1]
         if "objects" in options:
