@@ -33,20 +33,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from envs.vector import make_vector_env
-from sacglam.builders import (  # re-exported: scripts build runs through train.make_env_fn and the like
-    build_model,
-    env_state,
-    eval_env_fns,
-    make_agent,
-    make_codec,
-    make_env_fn,
-    make_evaluator,
-    make_learner,
-    make_relabeller,
-    model_codec,
-    resolve_device,
-    seed_everything,
-)
+from sacglam.algos.eto.dpo import ETOConfig
+from sacglam.algos.eto.trainer import run_eto
+from sacglam.algos.ppo.learner import PPOConfig, PPOLearner
+from sacglam.algos.sac.learner import NonFiniteLossError, SACConfig, SACLearner
 from sacglam.checkpoint import (
     capture_rng_state,
     check_run_state,
@@ -69,11 +59,21 @@ from sacglam.distributed import (
 )
 from sacglam.episode_log import EpisodeLog
 from sacglam.episodes import EpisodeTracker
-from sacglam.eto import ETOConfig
-from sacglam.eto_train import run_eto
 from sacglam.logging import RunLogger
-from sacglam.ppo import PPOConfig, PPOLearner
-from sacglam.sac import NonFiniteLossError, SACConfig, SACLearner
+from sacglam.run.builders import (  # re-exported: scripts build runs through train.make_env_fn and the like
+    build_model,
+    env_state,
+    eval_env_fns,
+    make_agent,
+    make_codec,
+    make_env_fn,
+    make_evaluator,
+    make_learner,
+    make_relabeller,
+    model_codec,
+    resolve_device,
+    seed_everything,
+)
 
 __all__ = ["build_model", "env_state", "eval_env_fns", "main", "make_agent", "make_codec", "make_env_fn",
            "make_evaluator", "make_learner", "make_relabeller", "model_codec", "resolve_device", "seed_everything"]

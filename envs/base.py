@@ -1,4 +1,4 @@
-"""The shared contract of every text environment (see ENVIRONMENTS.md) and its error types.
+"""The shared contract of every text environment (see docs/design/ENVIRONMENTS.md) and its error types.
 
 Every env here is a ``gymnasium.Env[str, str]`` whose ``reset``/``step`` return text and whose ``info`` holds:
 

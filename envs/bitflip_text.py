@@ -40,8 +40,10 @@ class BitFlipTextEnv(TextEnvBase):
         n_bits: number of bits (>= 1); also the step limit.
         invalid_action: ``raise`` (InvalidActionError) or ``noop`` (a wasted step flagged in ``info``).
         render_mode: None or ``ansi``.
-        bit_words: ``digits`` (``0 1 1 0``, the ENVIRONMENTS.md form) or ``indexed`` (``1off 2on 3on 4off``).
-        actions: ``flip`` (``Flip bit i``, the ENVIRONMENTS.md form) or ``set`` (``Set 3on``: the word the action
+        bit_words: ``digits`` (``0 1 1 0``, the docs/design/ENVIRONMENTS.md form) or ``indexed`` (``1off 2on 3on
+        4off``).
+        actions: ``flip`` (``Flip bit i``, the docs/design/ENVIRONMENTS.md form) or ``set`` (``Set 3on``: the word the
+        action
             writes; needs ``bit_words="indexed"``).
     """
 

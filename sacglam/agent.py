@@ -1,6 +1,7 @@
 """The agent: an LLM actor scoring candidate actions, twin Q heads on the same forward pass, and a Polyak target.
 
-ALGORITHM.md sections 1-2. One forward pass of the language model over ``[prompt, candidates]`` (``scoring.py``)
+docs/design/ALGORITHM.md sections 1-2. One forward pass of the language model over ``[prompt, candidates]``
+(``scoring.py``)
 gives both the policy (candidate log-likelihoods, softmaxed over the candidate set) and, through small MLP heads on
 each candidate's last hidden state, the critics ``Q_i(s, a)``.
 
@@ -8,7 +9,7 @@ Target network:
   * LoRA (a ``peft.PeftModel``): a second adapter named ``"target"`` (a copy of the adapter the critic reads) plus a
     copy of the heads. Only adapter and head weights are averaged, never the frozen base.
   * Full fine-tuning (a plain ``PreTrainedModel``): a deep copy of the trunk plus the heads; the calibration
-    prototype found a Polyak copy of the trunk (not only of the heads) helped (CALIBRATION.md).
+    prototype found a Polyak copy of the trunk (not only of the heads) helped (docs/design/CALIBRATION.md).
 
 Bootstrap state ``s'``: with a shared trunk the target pass yields both ``pi_targ(.|s')`` and ``Q_targ(s', .)``, so
 a SAC update costs one forward on ``s`` with gradient and one target forward on ``s'``; the policy in ``V_targ`` is

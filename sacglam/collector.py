@@ -2,7 +2,7 @@
 
 The collector is the only place where the environments meet the policy, and it sees the policy only as an
 ``ActFn`` (``(goals, observations, candidates) -> ActOutput``): it imports neither the agent, the SAC updater nor the
-buffer (ARCHITECTURE.md), and never imports ``envs`` -- the vector env comes in as an argument typed by the
+buffer (docs/design/ARCHITECTURE.md), and never imports ``envs`` -- the vector env comes in as an argument typed by the
 ``VectorTextEnv`` Protocol below (``envs.vector.SyncVectorTextEnv`` / ``SubprocVectorTextEnv`` satisfy it).
 
 n-step returns are **not** computed here: the buffer computes them at sample time, so that HER can recompute them
@@ -114,7 +114,7 @@ def _info_field(info: Mapping[str, Any], key: str, env_index: int, where: str) -
         raise KeyError(
             f"env {env_index}: {where} info has no {key!r} (keys: {sorted(info)}); every env must fill "
             f"info['goal'], info['goal_category'], info['admissible_actions'] and info['achieved_goals'] "
-            f"(see envs/base.py and ENVIRONMENTS.md)"
+            f"(see envs/base.py and docs/design/ENVIRONMENTS.md)"
         ) from None
 
 

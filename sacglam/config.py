@@ -14,15 +14,15 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from sacglam.agent import AgentConfig
-from sacglam.buffer import BufferConfig
+from sacglam.algos.eto.dpo import ETOConfig
+from sacglam.algos.ppo.learner import PPOConfig
+from sacglam.algos.sac.learner import SACConfig
 from sacglam.checkpoint import CheckpointConfig
 from sacglam.curriculum import CurriculumConfig
-from sacglam.eto import ETOConfig
 from sacglam.logging import LoggerConfig
 from sacglam.models import ModelConfig
-from sacglam.ppo import PPOConfig
 from sacglam.relabel import RelabelConfig, RuleConfig
-from sacglam.sac import SACConfig
+from sacglam.replay.buffer import BufferConfig
 
 ALGOS: dict[str, type] = {"sac": SACConfig, "ppo": PPOConfig, "eto": ETOConfig}
 """``algo.name`` -> the schema of the ``algo`` group (each ``conf/algo/*.yaml`` extends ``<name>_schema``)."""

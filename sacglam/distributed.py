@@ -158,8 +158,8 @@ def check_data_parallel(cfg: Any, dist: Dist) -> None:
     """Refuse what the data-parallel loop does not do yet, naming the option (nothing to check for one process)."""
     if dist.world == 1:
         return
-    from sacglam.ppo import PPOConfig
-    from sacglam.sac import SACConfig
+    from sacglam.algos.ppo.learner import PPOConfig
+    from sacglam.algos.sac.learner import SACConfig
 
     if not isinstance(cfg.algo, (SACConfig, PPOConfig)):
         raise ValueError(f"{dist.world} processes: data-parallel training runs algo=sac and algo=ppo (got algo="

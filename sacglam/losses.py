@@ -1,4 +1,4 @@
-"""Discrete soft actor-critic losses over variable candidate sets (ALGORITHM.md sections 1, 3 and 9).
+"""Discrete soft actor-critic losses over variable candidate sets (docs/design/ALGORITHM.md sections 1, 3 and 9).
 
 Pure functions over tensors, in the TorchRL manner: no optimizer, no module state, each returning its named terms.
 Expectations over the candidate set are exact (sums weighted by ``pi``), never sampled. Absent candidate slots
@@ -169,7 +169,8 @@ def critic_target(reward: torch.Tensor, discount: torch.Tensor, next_v: torch.Te
 def critic_loss(q_taken: torch.Tensor, y: torch.Tensor, huber: bool = False) -> CriticLoss:
     """Critic loss ``mean over i and batch of (Q_i(s, a) - y)^2`` (or Huber with delta 1).
 
-    The mean (not the sum) over critics follows ALGORITHM.md section 3; with Adam the overall scale barely matters,
+    The mean (not the sum) over critics follows docs/design/ALGORITHM.md section 3; with Adam the overall scale barely
+    matters,
     but it keeps the critic's weight against the actor loss on a shared trunk independent of ``n_q``.
 
     Args:
@@ -253,7 +254,8 @@ def hindsight_bc_loss(
     within_limit: bool = True,
     discount: float | None = None,
 ) -> HindsightBCLoss:
-    """Hindsight supervised term ``-log pi(a_t | s_t, g')`` on HER-relabelled transitions (ALGORITHM.md section 9).
+    """Hindsight supervised term ``-log pi(a_t | s_t, g')`` on HER-relabelled transitions (docs/design/ALGORITHM.md
+    section 9).
 
     A relabelled goal ``g'`` was achieved at step ``t' = t + goal_gap`` of the same episode, so the taken action is
     a demonstration for it. With ``within_limit`` only transitions with ``t' - t + 1 <= limit`` count (when the goal's

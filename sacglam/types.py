@@ -164,7 +164,7 @@ class AchievedGoalsFn(Protocol):
 
 
 class TextEnv(Protocol):
-    """The environment contract of ENVIRONMENTS.md (implemented by ``envs.base.TextEnvBase``)."""
+    """The environment contract of docs/design/ENVIRONMENTS.md (implemented by ``envs.base.TextEnvBase``)."""
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None

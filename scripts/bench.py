@@ -21,7 +21,8 @@ GPU models are random-init from configs shaped like the real ones (``scripts/ben
 published, and a word-level tokenizer built from the env's text (about one token per word; a real BPE tokenizer
 gives roughly 1.3x more tokens per prompt, so real-model token counts and update times are somewhat higher).
 
-Reference (ALGORITHM.md section 8): the published stack (Flan-T5-base, 4-bit LoRA, 32 envs) does about 4,000
+Reference (docs/design/ALGORITHM.md section 8): the published stack (Flan-T5-base, 4-bit LoRA, 32 envs) does about
+4,000
 episodes per hour on one RTX 4090, and 500k episodes in 80 H100-hours (6,250 episodes per H100-hour).
 """
 
@@ -48,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-# Published stack (ALGORITHM.md section 8).
+# Published stack (docs/design/ALGORITHM.md section 8).
 PUBLISHED_4090_EPISODES_PER_HOUR = 4000.0
 PUBLISHED_H100_EPISODES_PER_HOUR = 500_000 / 80
 GPU_MODELS = ("flan-t5-base", "smollm2-135m", "qwen2.5-0.5b")
@@ -233,11 +234,11 @@ def bench_model(
     """
     from envs.vector import make_vector_env
     from sacglam.agent import Agent
-    from sacglam.buffer import ReplayBuffer
+    from sacglam.algos.sac.learner import SACUpdater
     from sacglam.collector import Collector
     from sacglam.models import describe, is_seq2seq
     from sacglam.pipeline import StepEncoder, env_corpus, make_act_fn
-    from sacglam.sac import SACUpdater
+    from sacglam.replay.buffer import ReplayBuffer
     from train import make_codec, make_env_fn
 
     cfg = published_config([*opts.overrides, *extra])

@@ -19,7 +19,8 @@ chunks of ``--chunk`` calls, and a rate is the median over its chunks. A drift o
 row alike, and the ratios against SB3 compare like with like. SB3 samples on one thread (numpy) whatever
 ``--threads`` says; our native sampler splits a batch over torch's intra-op threads.
 
-On a CPU our buffer samples with the native C sampler (``buffer.native``, sacglam/csrc/sample.c; ``--sampler torch``
+On a CPU our buffer samples with the native C sampler (``buffer.native``, sacglam/replay/csrc/sample.c; ``--sampler
+torch``
 measures the ~100-op torch path it replaces). At capacity 500k both buffers are then bound by random reads of ~1-2 KB
 of token rows per transition, and ours also by writing ~4.8 KB of int64 ids and masks per transition; int16 tokens
 halve the bytes read. ``--sampler compiled`` (BufferConfig.compile) is slower than eager on CPU: its generated
@@ -38,10 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from sacglam import native
-from sacglam.buffer import BufferConfig, ReplayBuffer
-from sacglam.her import HERConfig
 from sacglam.prompting import PromptPieces
+from sacglam.replay import native
+from sacglam.replay.buffer import BufferConfig, ReplayBuffer
+from sacglam.replay.her import HERConfig
 from sacglam.types import Batch, TransitionBatch
 
 LO, K, LC, G, N_GOALS, VOCAB = 128, 16, 8, 2, 64, 30000

@@ -165,8 +165,8 @@ def run_one(name: str, path: str, opts: argparse.Namespace) -> dict[str, Any]:
     from bench import published_config
 
     from sacglam.agent import Agent
+    from sacglam.algos.sac.learner import SACUpdater
     from sacglam.models import apply_lora
-    from sacglam.sac import SACUpdater
     from sacglam.scoring import score_candidates
 
     if opts.threads:

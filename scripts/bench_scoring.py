@@ -35,7 +35,8 @@ Scorer = Callable[..., ScoreOutput]
 
 
 def tiny_model(vocab: int = 256, hidden: int = 64, layers: int = 2, heads: int = 2, inter: int = 128) -> nn.Module:
-    """The project's default tiny Llama-style model (CALIBRATION.md), vocabulary of a word-level env tokenizer."""
+    """The project's default tiny Llama-style model (docs/design/CALIBRATION.md), vocabulary of a word-level env
+    tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(

@@ -42,8 +42,8 @@ from peft import PeftModel
 from safetensors.torch import save_file
 
 from sacglam.agent import Agent
+from sacglam.algos.ppo.learner import PPOAgent, PPOConfig
 from sacglam.models import SMOLLM2, TINY, hidden_size, is_seq2seq
-from sacglam.ppo import PPOAgent, PPOConfig
 
 POLICY_FILE = "sacglam_policy.json"
 HEADS_FILE = "heads.safetensors"
@@ -62,7 +62,7 @@ def heads_description(run: run_tools.LoadedRun) -> tuple[dict[str, Any], dict[st
     if isinstance(agent, PPOAgent):
         assert isinstance(cfg.algo, PPOConfig)
         desc = {"value_head": {
-            "prefix": "value_head.", "module": "sacglam.ppo.ValueHead", "in_dim": width,
+            "prefix": "value_head.", "module": "sacglam.algos.ppo.learner.ValueHead", "in_dim": width,
             "hidden": list(cfg.algo.value_hidden), "activation": cfg.algo.value_activation,
             "input": "ScoreOutput.prompt_hidden [B, H] of sacglam.scoring.score_candidates (the prompt's last token)",
             "output": "V(s) [B]",
@@ -139,7 +139,8 @@ def loading_snippet(run: run_tools.LoadedRun, lora: bool, separate: bool) -> str
         '    log_pi, pi = candidate_policy(out.logp, out.valid, policy["agent"]["temperature"])',
     ]
     if isinstance(run.agent, PPOAgent):
-        lines += ["from sacglam.ppo import ValueHead", 'spec = json.load(open("OUT/heads.json"))["value_head"]',
+        lines += ["from sacglam.algos.ppo.learner import ValueHead",
+                  'spec = json.load(open("OUT/heads.json"))["value_head"]',
                   'head = ValueHead(spec["in_dim"], spec["hidden"], spec["activation"])',
                   'head.load_state_dict({k[len(spec["prefix"]):]: v for k, v in load_file("OUT/heads.safetensors")'
                   '.items()})', "value = head(out.prompt_hidden)  # V(s)"]

@@ -42,6 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (the run's own builders)
 from sacglam.agent import Agent  # noqa: E402
+from sacglam.algos.eto.dpo import ETOConfig  # noqa: E402
+from sacglam.algos.ppo.learner import PPOAgent, PPOConfig  # noqa: E402
+from sacglam.algos.sac.learner import SACConfig  # noqa: E402
 from sacglam.checkpoint import (  # noqa: E402
     CHECKPOINT_DIRNAME,
     CheckpointError,
@@ -51,13 +54,10 @@ from sacglam.checkpoint import (  # noqa: E402
     load_checkpoint,
 )
 from sacglam.config import ALGOS, TrainConfig  # noqa: E402
-from sacglam.eto import ETOConfig  # noqa: E402
 from sacglam.evaluate import evaluate_splits as evaluate_env_splits  # noqa: E402
 from sacglam.evaluate import wilson_interval  # noqa: E402
 from sacglam.pipeline import make_act_fn  # noqa: E402
-from sacglam.ppo import PPOAgent, PPOConfig  # noqa: E402
 from sacglam.prompting import PromptCodec  # noqa: E402
-from sacglam.sac import SACConfig  # noqa: E402
 
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run_tools
 import torch
 
-from sacglam.ppo import PPOAgent, PPOConfig
+from sacglam.algos.ppo.learner import PPOAgent, PPOConfig
 
 
 def split_overrides(text: str) -> list[str]:

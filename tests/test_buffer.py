@@ -16,9 +16,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sacglam.buffer import BufferConfig, ReplayBuffer
-from sacglam.her import HERConfig
 from sacglam.prompting import PromptPieces
+from sacglam.replay.buffer import BufferConfig, ReplayBuffer
+from sacglam.replay.her import HERConfig
 from sacglam.types import Batch, TransitionBatch
 
 torch.set_num_threads(1)

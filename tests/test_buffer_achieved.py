@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from sacglam import native
-from sacglam.buffer import BufferConfig, ReplayBuffer
-from sacglam.her import HERConfig
 from sacglam.prompting import PromptPieces
+from sacglam.replay import native
+from sacglam.replay.buffer import BufferConfig, ReplayBuffer
+from sacglam.replay.her import HERConfig
 from sacglam.types import Batch, TransitionBatch
 
 torch.set_num_threads(1)

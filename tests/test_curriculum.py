@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 import envs  # noqa: F401 - registers the sacglam/ env ids
+from sacglam.algos.eto.dpo import ETOConfig
+from sacglam.algos.sac.learner import SACConfig
 from sacglam.checkpoint import load_checkpoint
 from sacglam.config import TrainConfig
 from sacglam.curriculum import ALPCurriculum, CurriculumConfig, make_curriculum, resume_curriculum
 from sacglam.distributed import rank_dir
-from sacglam.eto import ETOConfig
-from sacglam.sac import SACConfig
 from tests.test_data_parallel import SMALL as DP_SMALL
 from tests.test_data_parallel import launch
 from tests.test_train import SMALL, _comparable, read_metrics, run_train

@@ -1,4 +1,4 @@
-"""ETO's pieces (sacglam.eto): config, pairing, the DPO loss, trajectory log-likelihoods, the pairs file.
+"""ETO's pieces (sacglam.algos.eto.dpo): config, pairing, the DPO loss, trajectory log-likelihoods, the pairs file.
 
 The DPO case by hand, beta = 0.1, two pairs of trajectories with known per-step log-probs:
 
@@ -25,8 +25,7 @@ import pytest
 import torch
 
 from sacglam.agent import Agent, AgentConfig
-from sacglam.episodes import EpisodeRecord
-from sacglam.eto import (
+from sacglam.algos.eto.dpo import (
     ETOConfig,
     best_trajectories,
     dpo_loss,
@@ -39,8 +38,9 @@ from sacglam.eto import (
     trajectory_logp,
     write_pairs,
 )
+from sacglam.algos.ppo.learner import PPOAgent, PPOConfig
+from sacglam.episodes import EpisodeRecord
 from sacglam.models import ModelConfig, build_tiny_model, build_tiny_tokenizer
-from sacglam.ppo import PPOAgent, PPOConfig
 from sacglam.prompting import PromptCodec
 
 torch.set_num_threads(1)

@@ -1,4 +1,5 @@
-"""ETO in the harness (sacglam.eto_rollout, sacglam.eto_train, ``train.py algo=eto``): tasks and expert play, a round's
+"""ETO in the harness (sacglam.algos.eto.rollout, sacglam.algos.eto.trainer, ``train.py algo=eto``): tasks and expert
+play, a round's
 reference and pairs, exact resume inside a round, env-step accounting, the user-file DPO path, and the learning
 test (slow): an SFT warm start followed by ETO rounds beats the warm start alone on grasp goals."""
 
@@ -21,11 +22,11 @@ import torch
 
 import envs  # noqa: F401 - registers the envs
 from sacglam.agent import Agent
-from sacglam.builders import build_model, make_agent, seed_everything
-from sacglam.eto import read_pairs, reference_logps, task_id
-from sacglam.eto_rollout import TaskRunner, training_tasks
-from sacglam.eto_train import ETOTrainer
+from sacglam.algos.eto.dpo import read_pairs, reference_logps, task_id
+from sacglam.algos.eto.rollout import TaskRunner, training_tasks
+from sacglam.algos.eto.trainer import ETOTrainer
 from sacglam.pipeline import make_act_fn
+from sacglam.run.builders import build_model, make_agent, seed_everything
 from scripts.run_tools import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]

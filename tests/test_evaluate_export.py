@@ -191,8 +191,8 @@ def test_export_eto_lora_policy_reloads_and_scores_as_in_training(eto_run: Path,
 def test_export_ppo_value_head(ppo_run: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
+    from sacglam.algos.ppo.learner import ValueHead
     from sacglam.losses import candidate_policy
-    from sacglam.ppo import ValueHead
     from sacglam.scoring import score_candidates
 
     run = run_tools.load_run(ppo_run, ["device=cpu"])

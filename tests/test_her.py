@@ -1,5 +1,5 @@
 """HER tests: the strategies against a plain-Python reference over random episode layouts (hypothesis), ratio 0,
-the relabelled fraction, and the pure helpers of sacglam.her on hand-computed values."""
+the relabelled fraction, and the pure helpers of sacglam.replay.her on hand-computed values."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sacglam.her import HERConfig, equality_reward, n_step_window, pick_achieving_rank, pick_goal_of_step
+from sacglam.replay.her import HERConfig, equality_reward, n_step_window, pick_achieving_rank, pick_goal_of_step
 from sacglam.types import Batch
 from tests.test_buffer import Sim, check_row
 

@@ -1,11 +1,13 @@
-"""ARCHITECTURE.md's import rules, checked by walking the AST imports of every module in sacglam/ and envs/.
+"""docs/design/ARCHITECTURE.md's import rules, checked by walking the AST imports of every module in sacglam/ and
+envs/.
 
 Rules (ids used in the failure messages):
     R1  sacglam never imports envs.
     R2  envs imports nothing from sacglam but sacglam.types.
     R3  buffer, her, losses, types, prompting import neither sacglam.agent nor transformers/peft/accelerate, directly
         or through other project modules (the chain is reported).
-    R4  collector imports neither sacglam.agent, sacglam.sac nor sacglam.buffer, directly or through project modules.
+    R4  collector imports neither sacglam.agent, sacglam.algos.sac.learner nor sacglam.replay.buffer, directly or
+    through project modules.
     R5  only models, agent, scoring, sac, distributed and the baselines ppo/eto import transformers/peft/accelerate
         (directly); sac and distributed take accelerate only, scoring transformers only.
 
@@ -27,15 +29,16 @@ PACKAGES = ("sacglam", "envs")
 HF = frozenset({"transformers", "peft", "accelerate"})
 # R5: which sacglam modules (by file stem) may import which Hugging Face libraries.
 HF_ALLOWED: dict[str, frozenset[str]] = {
-    "models": HF,
-    "agent": HF,
-    "ppo": HF,
-    "eto": HF,
-    "sac": frozenset({"accelerate"}),
-    "distributed": frozenset({"accelerate"}),  # accelerate's process state (data-parallel runs)
-    "scoring": frozenset({"transformers"}),
+    "sacglam.models": HF,
+    "sacglam.agent": HF,
+    "sacglam.algos.ppo.learner": HF,
+    "sacglam.algos.eto.dpo": HF,
+    "sacglam.algos.sac.learner": frozenset({"accelerate"}),
+    "sacglam.distributed": frozenset({"accelerate"}),  # accelerate's process state (data-parallel runs)
+    "sacglam.scoring": frozenset({"transformers"}),
 }
-R3_MODULES = frozenset({"buffer", "her", "losses", "types", "prompting"})
+R3_MODULES = frozenset({"sacglam.replay.buffer", "sacglam.replay.her", "sacglam.losses", "sacglam.types",
+                        "sacglam.prompting"})
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class Import:
 
 @dataclass(frozen=True)
 class Module:
-    name: str  # dotted, e.g. "sacglam.buffer"; a package's __init__ is the package name
+    name: str  # dotted, e.g. "sacglam.replay.buffer"; a package's __init__ is the package name
     path: Path
     rel: str  # path relative to the root, for messages
     imports: tuple[Import, ...]
@@ -161,15 +164,15 @@ def check_import_rules(root: Path) -> list[Breach]:
     for mod in modules.values():
         in_sacglam = mod.package == "sacglam"
         transitive: list[tuple[str, frozenset[str], frozenset[str], str]] = []
-        if in_sacglam and mod.stem in R3_MODULES:
+        if mod.name in R3_MODULES:
             transitive.append(
                 ("R3", frozenset({"sacglam.agent"}), HF, "must import neither agent nor " + "/".join(sorted(HF)))
             )
-        if in_sacglam and mod.stem == "collector":
+        if mod.name == "sacglam.collector":
             transitive.append(
                 (
                     "R4",
-                    frozenset({"sacglam.agent", "sacglam.sac", "sacglam.buffer"}),
+                    frozenset({"sacglam.agent", "sacglam.algos.sac.learner", "sacglam.replay.buffer"}),
                     frozenset(),
                     "must import neither agent, sac nor buffer",
                 )
@@ -184,7 +187,7 @@ def check_import_rules(root: Path) -> list[Breach]:
                         mod.rel, imp.line, "R2", f"imports {imp.target}: envs imports nothing from sacglam but types"
                     )
                 )
-            allowed = HF_ALLOWED.get(mod.stem, frozenset()) if in_sacglam else frozenset()
+            allowed = HF_ALLOWED.get(mod.name, frozenset())
             if top in HF and top not in allowed:
                 breaches.append(
                     Breach(
@@ -213,28 +216,32 @@ def test_repository_follows_the_import_rules() -> None:
     # Guard against a walker that silently checks nothing.
     assert {"sacglam.types", "envs.base", "envs"} <= set(modules)
     breaches = check_import_rules(REPO)
-    assert not breaches, "Import-rule breaches (ARCHITECTURE.md, 'Import rules'):\n" + "\n".join(map(str, breaches))
+    rules = "Import-rule breaches (docs/design/ARCHITECTURE.md, 'Import rules'):\n"
+    assert not breaches, rules + "\n".join(map(str, breaches))
 
 
 _FAKE_TREE = {
     "sacglam/__init__.py": '"""fake"""\n',
     "sacglam/types.py": "import torch\n",
-    "sacglam/buffer.py": "import torch\nfrom .prompting import PromptCodec\nfrom sacglam import agent\n",
+    "sacglam/replay/__init__.py": "",
+    "sacglam/replay/buffer.py": "import torch\nfrom ..prompting import PromptCodec\nfrom sacglam import agent\n",
     "sacglam/prompting.py": (
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from transformers import PreTrainedTokenizerBase\n"
     ),
-    "sacglam/collector.py": "import envs.vector\ndef f():\n    from sacglam.sac import SACUpdater\n",
-    "sacglam/sac.py": "import accelerate\nfrom peft import PeftModel\nfrom .agent import Agent\n",
+    "sacglam/collector.py": "import envs.vector\ndef f():\n    from sacglam.algos.sac.learner import SACUpdater\n",
+    "sacglam/algos/__init__.py": "",
+    "sacglam/algos/sac/__init__.py": "",
+    "sacglam/algos/sac/learner.py": "import accelerate\nfrom peft import PeftModel\nfrom ...agent import Agent\n",
     "sacglam/scoring.py": "from transformers import PreTrainedModel\n",
     "sacglam/models.py": "import transformers, peft\n",
     "sacglam/agent.py": "from . import models\nfrom transformers import AutoModel\n",
-    "sacglam/baselines/__init__.py": "",
-    "sacglam/baselines/ppo.py": "from ..agent import Agent\nimport peft\n",
-    "sacglam/her.py": "from sacglam.baselines import ppo\n",
+    "sacglam/algos/ppo/__init__.py": "",
+    "sacglam/algos/ppo/learner.py": "from ...agent import Agent\nimport peft\n",
+    "sacglam/replay/her.py": "from sacglam.algos.ppo import learner\n",
     "envs/__init__.py": "from envs.base import TextEnvBase\n",
     "envs/base.py": "from sacglam.types import TextStep\nfrom sacglam import types\n",
     "envs/x.py": (
-        "from sacglam.buffer import ReplayBuffer\nimport importlib\nimportlib.import_module('transformers')\n"
+        "from sacglam.replay.buffer import ReplayBuffer\nimport importlib\nimportlib.import_module('transformers')\n"
     ),
 }
 
@@ -247,20 +254,20 @@ def test_checker_reports_each_breach_with_file_and_line(tmp_path: Path) -> None:
     assert [(b.rel, b.line, b.rule) for b in breaches] == [
         ("envs/x.py", 1, "R2"),
         ("envs/x.py", 3, "R5"),
-        ("sacglam/buffer.py", 2, "R3"),
-        ("sacglam/buffer.py", 3, "R3"),
+        ("sacglam/algos/sac/learner.py", 2, "R5"),
         ("sacglam/collector.py", 1, "R1"),
         ("sacglam/collector.py", 3, "R4"),
-        ("sacglam/her.py", 1, "R3"),
         ("sacglam/prompting.py", 3, "R3"),
         ("sacglam/prompting.py", 3, "R5"),
-        ("sacglam/sac.py", 2, "R5"),
+        ("sacglam/replay/buffer.py", 2, "R3"),
+        ("sacglam/replay/buffer.py", 3, "R3"),
+        ("sacglam/replay/her.py", 1, "R3"),
     ]
     text = {(b.rel, b.line, b.rule): str(b) for b in breaches}
-    assert text[("sacglam/buffer.py", 2, "R3")] == (
-        "sacglam/buffer.py:2: [R3] imports sacglam.prompting, which leads to sacglam/prompting.py:3 imports "
+    assert text[("sacglam/replay/buffer.py", 2, "R3")] == (
+        "sacglam/replay/buffer.py:2: [R3] imports sacglam.prompting, which leads to sacglam/prompting.py:3 imports "
         "transformers: buffer must import neither agent nor accelerate/peft/transformers"
     )
-    # The chain goes through the package __init__ and the submodule: her -> baselines.ppo -> agent.
-    assert "sacglam/baselines/ppo.py:1 imports sacglam.agent" in text[("sacglam/her.py", 1, "R3")]
+    # The chain goes through the package __init__ and the submodule: her -> algos.ppo.learner -> agent.
+    assert "sacglam/algos/ppo/learner.py:1 imports sacglam.agent" in text[("sacglam/replay/her.py", 1, "R3")]
     assert text[("sacglam/collector.py", 1, "R1")].startswith("sacglam/collector.py:1: [R1] imports envs.vector")

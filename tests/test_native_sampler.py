@@ -1,4 +1,4 @@
-"""The native CPU code (sacglam/csrc/): its add leaves the torch path's storage, its sampler returns its batch.
+"""The native CPU code (sacglam/replay/csrc/): its add leaves the torch path's storage, its sampler returns its batch.
 
 Both buffers get the same adds (random episode layouts with wrap-around, achievements, terminations and truncations)
 and the same generator seed. After every add every saved field and derived table must be equal. Integer and boolean
@@ -19,10 +19,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sacglam import native
-from sacglam.buffer import BufferConfig, ReplayBuffer
-from sacglam.her import HERConfig
 from sacglam.prompting import PromptPieces
+from sacglam.replay import native
+from sacglam.replay.buffer import BufferConfig, ReplayBuffer
+from sacglam.replay.her import HERConfig
 from sacglam.types import Batch, TransitionBatch
 
 torch.set_num_threads(1)

@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from sacglam.distributed import Dist
-from sacglam.ppo import (
+from sacglam.algos.ppo.learner import (
     PPOAgent,
     PPOConfig,
     PPOLearner,
@@ -20,6 +19,7 @@ from sacglam.ppo import (
     clipped_value_loss,
     compute_gae,
 )
+from sacglam.distributed import Dist
 from sacglam.scoring import score_candidates, score_candidates_naive
 from sacglam.types import TextStep
 from tests.test_agent import make_batch, tiny_lora, tiny_model

@@ -125,8 +125,8 @@ def test_assemble_runs_on_tensor_device_without_loop() -> None:
 
 def test_buffer_assembles_the_same_tokens_as_encode_prompts() -> None:
     """Acting (encode_prompts) and training (buffer.sample) must see identical prompt tokens."""
-    from sacglam.buffer import BufferConfig, ReplayBuffer
-    from sacglam.her import HERConfig
+    from sacglam.replay.buffer import BufferConfig, ReplayBuffer
+    from sacglam.replay.her import HERConfig
     from sacglam.types import TransitionBatch
 
     codec, _ = make_codec(bos_id=1)

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from sacglam.her import HERConfig
+from sacglam.replay.her import HERConfig
 from sacglam.types import Batch
 from tests.test_buffer import Sim, check_row, decode
 

@@ -1,4 +1,5 @@
-"""Achieved-goal sources (sacglam/relabel.py, ALGORITHM.md section 6): rules over step text, the LLM proposer + judge
+"""Achieved-goal sources (sacglam/relabel.py, docs/design/ALGORITHM.md section 6): rules over step text, the LLM
+proposer + judge
 (scripted roles, a tiny random model, and the real SmolLM2 in the slow test), precision/recall against the oracle, and
 the online relabeller.
 

@@ -21,15 +21,15 @@ import yaml
 import envs  # noqa: F401 - registers the text envs
 from envs.vector import make_vector_env
 from sacglam.agent import Agent, AgentConfig
-from sacglam.buffer import BufferConfig, ReplayBuffer
+from sacglam.algos.sac.learner import SACConfig, SACLearner
 from sacglam.collector import Collector
 from sacglam.episodes import EpisodeTracker
-from sacglam.her import HERConfig
 from sacglam.models import ModelConfig, build_tiny_model, build_tiny_tokenizer
 from sacglam.pipeline import StepEncoder, tokenizer_corpus
 from sacglam.prompting import PromptCodec
 from sacglam.relabel import GoalSpace, OnlineRelabeller, OracleSource, RelabelStats, RuleSource
-from sacglam.sac import SACConfig, SACLearner
+from sacglam.replay.buffer import BufferConfig, ReplayBuffer
+from sacglam.replay.her import HERConfig
 from sacglam.types import ActOutput
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def canonical(lrn: SACLearner) -> tuple[torch.Tensor, torch.Tensor]:
 def goal_free(lrn: SACLearner) -> dict[str, torch.Tensor]:
     """The buffer's tables with every goal id put in canonical numbering (-1 stays -1), running episodes' achieved
     goals cleared (never sampled)."""
-    from sacglam.buffer import _ACHB, _F, _GOAL
+    from sacglam.replay.buffer import _ACHB, _F, _GOAL
 
     b = lrn.buffer
     to_new, to_old = canonical(lrn)
@@ -166,7 +166,7 @@ def test_a_source_that_misses_goals_leaves_them_out_of_the_buffer(world: dict[st
     ref = feed(learner(world, None, HERConfig(), rows=200), world)
 
     def stored(lrn: SACLearner) -> list[str]:  # achieved goals of finished, stored episodes, as strings
-        from sacglam.buffer import _F
+        from sacglam.replay.buffer import _F
 
         names = sorted(lrn.encoder.goal_ids)
         return sorted(names[int(g)] for g in goal_free(lrn)["rows"][..., _F:].flatten().tolist() if g >= 0)

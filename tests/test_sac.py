@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sacglam.agent import Agent
-from sacglam.sac import NonFiniteLossError, SACConfig, SACUpdater
+from sacglam.algos.sac.learner import NonFiniteLossError, SACConfig, SACUpdater
 from sacglam.types import Batch
 from tests.test_agent import make_batch, tiny_agent
 
@@ -165,7 +165,7 @@ _DP_WORKER = """
 import sys, torch
 sys.path.insert(0, {root!r})
 from accelerate import Accelerator
-from sacglam.sac import SACConfig, SACUpdater
+from sacglam.algos.sac.learner import SACConfig, SACUpdater
 from tests.test_agent import make_batch, tiny_agent
 torch.set_num_threads(1)
 acc = Accelerator(cpu=True)

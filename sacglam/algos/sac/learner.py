@@ -1,4 +1,5 @@
-"""The discrete SAC update over candidate sets, with the hindsight supervised term (ALGORITHM.md sections 3 and 9).
+"""The discrete SAC update over candidate sets, with the hindsight supervised term (docs/design/ALGORITHM.md sections
+3 and 9).
 
 One call of :meth:`SACUpdater.update` on a sampled :class:`sacglam.types.Batch`:
 
@@ -24,7 +25,6 @@ import torch
 from accelerate import Accelerator
 
 from sacglam.agent import Agent
-from sacglam.buffer import ReplayBuffer
 from sacglam.distributed import average_gradients
 from sacglam.episodes import EpisodeRecord
 from sacglam.losses import (
@@ -39,6 +39,7 @@ from sacglam.losses import (
 from sacglam.pipeline import StepEncoder, make_act_fn
 from sacglam.prompting import PromptCodec
 from sacglam.relabel import OnlineRelabeller, RelabelJob, Relabelled
+from sacglam.replay.buffer import ReplayBuffer
 from sacglam.types import ActFn, Batch, TextStep, UpdateStats
 
 
@@ -46,7 +47,8 @@ from sacglam.types import ActFn, Batch, TextStep, UpdateStats
 class SACConfig:
     """Options of the SAC update. gamma and n-step returns are folded into ``Batch.reward/discount`` by the buffer.
 
-    Defaults follow CALIBRATION.md (tiny model on CPU); the published SAC-GLAM values are lr 1e-4 (actor, critic),
+    Defaults follow docs/design/CALIBRATION.md (tiny model on CPU); the published SAC-GLAM values are lr 1e-4 (actor,
+               critic),
     1e-3 (alpha), alpha 0.05 and no hindsight term (``hindsight_bc_coef = 0``).
     """
 

@@ -1,9 +1,10 @@
-"""``python train.py algo=eto``: ETO's rounds in the shared harness (ALGORITHM.md section 7).
+"""``python train.py algo=eto``: ETO's rounds in the shared harness (docs/design/ALGORITHM.md section 7).
 
     expert  -> the env's expert plays the training tasks (the warm start's data and the pairs' references)
     sft     -> behaviour cloning on ``warm_start_episodes`` expert trajectories, ``sft_epochs`` epochs; evaluate
     round r -> explore: the policy plays every training task once (greedy, or sampled)
-               pair:    per task, explored vs reference (``sacglam.eto.make_pairs``); written to pairs/round<r>.jsonl
+               pair:    per task, explored vs reference (``sacglam.algos.eto.dpo.make_pairs``); written to
+               pairs/round<r>.jsonl
                DPO:     ``epochs`` epochs of the sigmoid DPO loss against the policy the round starts from
                evaluate, log one line at the round's env-step count
 
@@ -13,7 +14,8 @@ end. Every env step of the expert and of exploration counts toward ``total_env_s
 Rounds stop at ``algo.rounds`` or when the budget is spent (exploration stops starting waves once it is).
 
 With ``algo.pairs_file=PATH`` the run is the DPO phase alone on a user's pairs (ETO's conversation layout with
-candidates, ``sacglam.eto.read_pairs``): ``epochs`` epochs with round 0's beta and lr, then the usual evaluation.
+candidates, ``sacglam.algos.eto.dpo.read_pairs``): ``epochs`` epochs with round 0's beta and lr, then the usual
+evaluation.
 
 Checkpoints (``checkpoint.every`` > 0) are written at every phase boundary: after the expert, after each SFT and
 DPO epoch, after exploration and at each round's end; ``resume=auto`` continues exactly (same metrics file, same
@@ -32,19 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sacglam.agent import Agent
-from sacglam.builders import build_model, make_agent, make_env_fn, make_evaluator, seed_everything
-from sacglam.checkpoint import (
-    capture_rng_state,
-    check_run_state,
-    load_checkpoint,
-    resolve_resume,
-    restore_rng_state,
-    save_checkpoint,
-)
-from sacglam.config import TrainConfig
-from sacglam.episode_log import EpisodeLog
-from sacglam.episodes import EpisodeRecord
-from sacglam.eto import (
+from sacglam.algos.eto.dpo import (
     ETOConfig,
     Pair,
     best_trajectories,
@@ -59,10 +49,22 @@ from sacglam.eto import (
     trajectory_logp,
     write_pairs,
 )
-from sacglam.eto_rollout import Task, TaskRunner, training_tasks
+from sacglam.algos.eto.rollout import Task, TaskRunner, training_tasks
+from sacglam.checkpoint import (
+    capture_rng_state,
+    check_run_state,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng_state,
+    save_checkpoint,
+)
+from sacglam.config import TrainConfig
+from sacglam.episode_log import EpisodeLog
+from sacglam.episodes import EpisodeRecord
 from sacglam.logging import RunLogger
 from sacglam.pipeline import make_act_fn
 from sacglam.prompting import PromptCodec
+from sacglam.run.builders import build_model, make_agent, make_env_fn, make_evaluator, seed_everything
 
 PAIRS_DIRNAME = "pairs"
 

@@ -1,6 +1,7 @@
 """ETO (Exploration-based Trajectory Optimisation, Song et al. 2024) on candidate-action envs: the reusable pieces.
 
-ALGORITHM.md section 7. A round of ETO: (1) the current policy explores every training task once; (2) per task id
+docs/design/ALGORITHM.md section 7. A round of ETO: (1) the current policy explores every training task once; (2) per
+task id
 the explored trajectory is paired with the expert's (or the best one seen), the lower-reward one rejected, ties
 dropped, the rejected one cut at the chosen one's length plus ``margin`` turns (:func:`make_pairs`); (3) DPO with the
 sigmoid loss (:func:`dpo_loss`), the reference being the checkpoint the round starts from. The trajectory
@@ -8,7 +9,8 @@ log-likelihood is ``sum_t log pi(a_t | s_t)`` under the candidate-set policy (:f
 policy the SAC actor and ``Agent.act`` use. Pairs can be stored in ETO's conversation layout (:func:`write_pairs`,
 :func:`read_pairs`).
 
-The training loop (``python train.py algo=eto``) is ``sacglam.eto_train``; tasks are played by ``sacglam.eto_rollout``.
+The training loop (``python train.py algo=eto``) is ``sacglam.algos.eto.trainer``; tasks are played by
+``sacglam.algos.eto.rollout``.
 
 Shape letters: P trajectories (or pairs), N flattened steps, K candidate slots.
 """
@@ -35,7 +37,7 @@ from sacglam.prompting import PromptCodec
 
 @dataclass
 class ETOConfig:
-    """Options of ETO. Defaults are the published ones (ALGORITHM.md section 7)."""
+    """Options of ETO. Defaults are the published ones (docs/design/ALGORITHM.md section 7)."""
 
     name: str = "eto"  # which algorithm train.py runs
     tasks: int = 256  # training tasks (reset seed + goal category), each explored once per round
@@ -326,7 +328,7 @@ def _step_log_pi(
 ) -> torch.Tensor:
     """[B, K] log pi of the online actor of ``agent``, as ``Agent.act`` computes it (no critic pass)."""
     from sacglam.agent import Agent
-    from sacglam.ppo import PPOAgent
+    from sacglam.algos.ppo.learner import PPOAgent
 
     if isinstance(agent, Agent):
         out = agent._score(agent.actor_adapter, prompt_ids, prompt_mask, cand_ids, cand_mask)
@@ -354,7 +356,7 @@ def trajectory_logp(
     The module's train/eval mode is respected (call ``agent.eval()`` for dropout-free values).
 
     Args:
-        agent: a :class:`sacglam.agent.Agent` (its online actor) or a :class:`sacglam.ppo.PPOAgent`.
+        agent: a :class:`sacglam.agent.Agent` (its online actor) or a :class:`sacglam.algos.ppo.learner.PPOAgent`.
         codec: the prompt codec the agent acts with.
         episodes: P episodes; ``episodes[i].candidates[t]`` and ``actions[t]`` give state t's candidates and action.
         device: where the model is.

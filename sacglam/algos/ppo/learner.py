@@ -1,4 +1,4 @@
-"""PPO-GLAM over candidate sets: the on-policy baseline in the same harness (ALGORITHM.md section 7).
+"""PPO-GLAM over candidate sets: the on-policy baseline in the same harness (docs/design/ALGORITHM.md section 7).
 
 The policy is the one SAC trains: ``pi(a|s) = softmax over A(s) of score(a|s) / temperature`` with
 ``score = sum_t log_softmax`` over the candidate's tokens (``sacglam.scoring``, ``losses.candidate_policy``), on the
@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from sacglam.agent import _hidden_size
+from sacglam.algos.sac.learner import NonFiniteLossError
 from sacglam.distributed import Dist, average_gradients
 from sacglam.losses import candidate_policy, choose_candidates
 from sacglam.prompting import PromptCodec
-from sacglam.sac import NonFiniteLossError
 from sacglam.types import ActOutput, TextStep, UpdateStats
 
 

@@ -7,7 +7,8 @@ policy (greedy or sampled) or by the env's built-in expert, in waves of N plain 
     explored = runner.play(tasks, act=act_greedy, budget=5000, tag="r0")  # stops starting waves past the budget
 
 Two plays of one task reset the env identically (same seed, same category), so they share
-``sacglam.eto.task_id`` (goal + first observation) and can be paired. Like the collector and the evaluation, this
+``sacglam.algos.eto.dpo.task_id`` (goal + first observation) and can be paired. Like the collector and the evaluation,
+this
 module never imports ``envs``: envs come in as a factory.
 """
 

@@ -1,6 +1,6 @@
-/* The replay buffer's CPU add as one C function (sacglam/native.py builds it with sample.c and loads it).
+/* The replay buffer's CPU add as one C function (sacglam/replay/native.py builds it with sample.c and loads it).
  *
- * It computes exactly what ReplayBuffer._add_torch computes with ~80 torch ops on [N] vectors (see sacglam/buffer.py
+ * It computes exactly what ReplayBuffer._add_torch computes with ~80 torch ops on [N] vectors (see sacglam/replay/buffer.py
  * for the storage layout and the meaning of every column): one step of N envs is checked, then written into row
  * P % C of every column together with the derived tables (_rows, _ranks, _eps, the rarity marks) and the per-env
  * episode bookkeeping. All checks run before the first write, so a refused step leaves the buffer unchanged; the

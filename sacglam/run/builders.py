@@ -18,15 +18,15 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 
 from sacglam.agent import Agent
-from sacglam.buffer import ReplayBuffer
+from sacglam.algos.ppo.learner import PPOAgent, PPOConfig, PPOLearner, check_on_policy
+from sacglam.algos.sac.learner import SACConfig, SACLearner
 from sacglam.config import TrainConfig
 from sacglam.evaluate import evaluate_splits
 from sacglam.models import is_seq2seq, load_model
 from sacglam.pipeline import StepEncoder, check_context, make_act_fn, tokenizer_corpus
-from sacglam.ppo import PPOAgent, PPOConfig, PPOLearner, check_on_policy
 from sacglam.prompting import PromptCodec
 from sacglam.relabel import GoalSpace, OnlineRelabeller, RelabelStats, make_source
-from sacglam.sac import SACConfig, SACLearner
+from sacglam.replay.buffer import ReplayBuffer
 
 
 def make_env_fn(cfg: TrainConfig, **overrides: Any) -> Callable[[], Any]:

@@ -27,13 +27,15 @@ counts at that call). It refuses a running episode and returns False when the ri
 episode's first row.
 
 ``Batch.goal_gap`` is t' - t for relabelled rows and -1 otherwise. With ``her.strategy`` ``final`` or ``episode`` the
-source step can precede t, so a relabelled row can carry a negative gap too: a hindsight supervised term (ALGORITHM.md
+source step can precede t, so a relabelled row can carry a negative gap too: a hindsight supervised term
+(docs/design/ALGORITHM.md
 section 9) must select ``relabelled & (goal_gap >= 0)``.
 
-On a CPU buffer ``sample`` is one C call (``sacglam/csrc/sample.c``, built on first use by ``sacglam.native``;
+On a CPU buffer ``sample`` is one C call (``sacglam/replay/csrc/sample.c``, built on first use by
+``sacglam.replay.native``;
 ``BufferConfig.native``) that computes the torch path below from the same draws and tables, equal field for field
 (tests/test_native_sampler.py), 2.5-4x faster than it (scripts/bench_buffer.py); ``sample(out=batch)`` writes into an
-earlier batch instead of allocating one. ``add`` is one C call too (``sacglam/csrc/add.c``: the same storage and
+earlier batch instead of allocating one. ``add`` is one C call too (``sacglam/replay/csrc/add.c``: the same storage and
 tables after it as the torch path's ~80 ops, about 10x faster). On a GPU, and wherever the C code does not apply (int64
 tokens; for sampling also a custom reward function or ``compile``), the torch path runs.
 
@@ -72,14 +74,14 @@ from typing import Any
 
 import torch
 
-from sacglam import native
-from sacglam.her import HERConfig, equality_reward, n_step_window, pick_achieving_rank
 from sacglam.prompting import PromptAssembler, PromptCodec, PromptPieces
+from sacglam.replay import native
+from sacglam.replay.her import HERConfig, equality_reward, n_step_window, pick_achieving_rank
 from sacglam.types import Batch, RewardFn, TransitionBatch
 
 _TOKEN_DTYPES = {"int16": torch.int16, "int32": torch.int32, "int64": torch.int64}
 _NATIVE_MODES = ("auto", "on", "off")
-_STRATEGY_CODES = {"future": 0, "episode": 1, "final": 2}  # as sacglam/csrc/sample.c numbers them
+_STRATEGY_CODES = {"future": 0, "episode": 1, "final": 2}  # as sacglam/replay/csrc/sample.c numbers them
 # Batch fields in declaration order, and the SampleArgs field the native sampler writes each through (goal_limit and
 # policy_version end in _out there, since the inputs of those names are the buffer's tables).
 _BATCH_FIELDS = tuple(f.name for f in fields(Batch))
@@ -120,7 +122,7 @@ class BufferConfig:
     token_dtype: str = "int32"  # int16 halves token memory and is exact when the vocabulary has < 32768 ids
     her: HERConfig = field(default_factory=HERConfig)  # hindsight relabelling (ratio 0 disables it)
     compile: bool = False  # torch.compile the sampling path (one-off compile per batch size; slower than eager on CPU)
-    # CPU buffers add and sample with one C call each (sacglam/native.py) instead of ~80 / ~100 torch ops; same
+    # CPU buffers add and sample with one C call each (sacglam/replay/native.py) instead of ~80 / ~100 torch ops; same
     # result, several times faster. auto: when it builds (else torch, with a warning); on: required (an error says why
     # not); off: torch.
     native: str = "auto"
@@ -424,7 +426,7 @@ class ReplayBuffer:
             self._add_torch(t)
 
     def _add_native(self, t: TransitionBatch) -> None:
-        """``_add_torch`` in one C call (``sacglam/csrc/add.c``): the same storage and tables after it."""
+        """``_add_torch`` in one C call (``sacglam/replay/csrc/add.c``): the same storage and tables after it."""
         lib, a = self._native_add, self._aargs
         assert lib is not None
         x = {name: getattr(t, name).to("cpu", dtype).contiguous() for name, dtype, _ in _ADD_INPUTS}
@@ -1039,7 +1041,7 @@ class ReplayBuffer:
         a.scratch, a.stats = self._add_scratch.data_ptr(), self._add_stats.data_ptr()
 
     def _sample_native(self, draws: torch.Tensor, rare_u: torch.Tensor | None, out: Batch | None) -> Batch:
-        """``_sample_from_draws`` in one C call (``sacglam/csrc/sample.c``): the same batch from the same draws,
+        """``_sample_from_draws`` in one C call (``sacglam/replay/csrc/sample.c``): the same batch from the same draws,
         written into ``out`` (checked by ``_check_out``) or into a new ``Batch`` (one plain allocation per field)."""
         a, lib = self._nargs, self._native
         assert lib is not None

@@ -1,8 +1,9 @@
 """Hindsight experience replay for text goals: goal strategies, a reward over goal ids and n-step returns.
 
 Everything here runs on tensors of the sampled batch, on its device, with no host-device synchronisation; the
-replay buffer (``sacglam.buffer``) gathers the stored rows and calls these functions. Storage is never modified:
-relabelling changes the sampled copy only (ALGORITHM.md section 4). The reward comes from a function over goal ids,
+replay buffer (``sacglam.replay.buffer``) gathers the stored rows and calls these functions. Storage is never modified:
+relabelling changes the sampled copy only (docs/design/ALGORITHM.md section 4). The reward comes from a function over
+goal ids,
 never from an env object, so a buffer can be saved and resumed without its env (a choice SB3's HER does not make).
 
 This module imports torch only.

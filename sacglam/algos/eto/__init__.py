@@ -1,0 +1,1 @@
+"""ETO: expert warm start, then rounds of explore -> pair -> DPO."""

@@ -1,0 +1,1 @@
+"""PPO-GLAM over candidate sets: the on-policy baseline."""

@@ -1,0 +1,1 @@
+"""Discrete soft actor-critic over candidate sets, with hindsight relabelling and a hindsight supervised term."""
