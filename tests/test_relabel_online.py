@@ -96,7 +96,9 @@ def canonical(lrn: SACLearner) -> tuple[torch.Tensor, torch.Tensor]:
 def goal_free(lrn: SACLearner) -> dict[str, torch.Tensor]:
     """The buffer's tables with every goal id put in canonical numbering (-1 stays -1), running episodes' achieved
     goals cleared (never sampled)."""
-    from sacglam.replay.buffer import _ACHB, _F, _GOAL
+    from sacglam.replay.storage import ACHB as _ACHB
+    from sacglam.replay.storage import GOAL as _GOAL
+    from sacglam.replay.storage import F as _F
 
     b = lrn.buffer
     to_new, to_old = canonical(lrn)
@@ -166,7 +168,7 @@ def test_a_source_that_misses_goals_leaves_them_out_of_the_buffer(world: dict[st
     ref = feed(learner(world, None, HERConfig(), rows=200), world)
 
     def stored(lrn: SACLearner) -> list[str]:  # achieved goals of finished, stored episodes, as strings
-        from sacglam.replay.buffer import _F
+        from sacglam.replay.storage import F as _F
 
         names = sorted(lrn.encoder.goal_ids)
         return sorted(names[int(g)] for g in goal_free(lrn)["rows"][..., _F:].flatten().tolist() if g >= 0)

@@ -1,10 +1,16 @@
-"""Hindsight experience replay for text goals: goal strategies, a reward over goal ids and n-step returns.
+"""Hindsight experience replay for text goals: goal strategies, the relabelling of a sampled batch, a reward over
+goal ids and n-step returns.
 
-Everything here runs on tensors of the sampled batch, on its device, with no host-device synchronisation; the
-replay buffer (``sacglam.replay.buffer``) gathers the stored rows and calls these functions. Storage is never modified:
-relabelling changes the sampled copy only (docs/design/ALGORITHM.md section 4). The reward comes from a function over
-goal ids,
-never from an env object, so a buffer can be saved and resumed without its env (a choice SB3's HER does not make).
+Everything here runs on tensors of the sampled batch, on its device, with no host-device synchronisation; the torch
+sampler (``sacglam.replay.sampler``) gathers the stored rows and calls ``relabel`` (and ``n_step_window``) on them.
+Storage is never modified: relabelling changes the sampled copy only (docs/design/ALGORITHM.md section 4). The reward
+comes from a function over goal ids, never from an env object, so a buffer can be saved and resumed without its env (a
+choice SB3's HER does not make). The sources come from the storage's ``ranks`` table (at row start + r: the r-th
+achieving step's index t', its goal count, max(count - 1, 0) and goals), so a relabelled goal is one gather away.
+
+``Batch.goal_gap`` is t' - t for relabelled rows and -1 otherwise. With ``her.strategy`` ``final`` or ``episode`` the
+source step can precede t, so a relabelled row can carry a negative gap too: a hindsight supervised term
+(docs/design/ALGORITHM.md section 9) must select ``relabelled & (goal_gap >= 0)``.
 
 This module imports torch only.
 """
@@ -12,55 +18,11 @@ This module imports torch only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
+from sacglam.replay.config import STRATEGIES, HERConfig, Strategy
 from sacglam.types import RewardFn
-
-Strategy = Literal["future", "final", "episode"]
-STRATEGIES: tuple[str, ...] = ("future", "final", "episode")
-
-
-@dataclass
-class HERConfig:
-    """Hindsight relabelling options.
-
-    Attributes:
-        strategy: which achieved goal replaces the stored one. ``future``: a goal achieved at a step t' >= t of the
-            same episode (uniform over the achieving steps); ``final``: a goal achieved at the episode's last achieving
-            step (it may precede t, then t' - t < 0); ``episode``: a goal achieved at any step of the episode.
-        ratio: probability that a sampled transition is relabelled (0.8 = SB3's 4 relabelled per real sample).
-            Transitions with no eligible achieved goal keep their goal.
-        rarity_draws: m achieving steps drawn per relabelled transition; the goal achieved fewest times so far (over
-            the whole run, counted by the buffer) wins, ties to the first draw. 1 = plain HER. Rare achievements
-            (growing a plant among hundreds of grasps) then become the relabel goal whenever the episode offers one.
-        rare_fraction: fraction of each batch drawn not uniformly but in proportion to ``1 / count(g)``, where g is
-            the rarest goal achieved within its step limit after the row, in the same episode (rows with none are
-            drawn only when nothing else is stored). 0 = uniform sampling. Prioritised replay of what was rarely
-            achieved: the few transitions that lead to a rare goal are replayed far more often than uniform sampling
-            would, while the rest of the batch stays uniform.
-    """
-
-    strategy: str = "future"  # future | final | episode
-    ratio: float = 0.8  # in [0, 1]; 0 disables HER
-    rarity_draws: int = 1  # >= 1; m draws, the rarest goal wins
-    rare_fraction: float = 0.0  # in [0, 1]; share of the batch sampled by rarity
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"her.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"her.ratio must be in [0, 1], got {self.ratio}")
-        if self.rarity_draws < 1:
-            raise ValueError(f"her.rarity_draws must be >= 1, got {self.rarity_draws}")
-        if not 0.0 <= self.rare_fraction <= 1.0:
-            raise ValueError(f"her.rare_fraction must be in [0, 1], got {self.rare_fraction}")
-
-    @property
-    def counts_goals(self) -> bool:
-        """Whether the buffer must count achievements per goal (a rarity option is on)."""
-        return self.rarity_draws > 1 or self.rare_fraction > 0
 
 
 def equality_reward(achieved: torch.Tensor, goal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,12 +124,104 @@ def n_step_window(
     return ret, discount, k.long(), term_end, trunc_end
 
 
+@dataclass
+class Relabelled:
+    """A sampled batch after relabelling: the goal per row [B] long, whether it was relabelled [B] bool, t' - t of
+    its source (-1 where not relabelled) [B] long, and the window's rewards [B, n] float32 and terminations [B, n]
+    bool for that goal."""
+
+    goal: torch.Tensor
+    relabelled: torch.Tensor
+    goal_gap: torch.Tensor
+    reward: torch.Tensor
+    terminated: torch.Tensor
+
+
+def pick_source(
+    her: HERConfig, draws: torch.Tensor, z: torch.Tensor, t: torch.Tensor, count_before: torch.Tensor,
+    count_total: torch.Tensor, ranks_flat: torch.Tensor, goal_count: torch.Tensor, n_envs: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sampled row's relabelling source: a ``ranks`` entry of its episode and one goal achieved there.
+
+    With ``her.rarity_draws`` m > 1, m sources are drawn and the goal achieved fewest times wins (argmin takes the
+    first of ties).
+
+    Args:
+        her: the options (strategy, rarity_draws).
+        draws: [B, 3 + m] float64 uniforms (column 2 the rank draw, 3 the goal-in-step draw, 4.. the other m - 1
+            rank draws).
+        z: [B] long, ``a * N + col`` of each sampled step (only used modulo C * N).
+        t: [B] int32, the sampled step's index in its episode.
+        count_before: [B] int32, achieving steps of the episode before t; count_total: [B] int32, in the episode.
+        ranks_flat: [C * N, 3 + G] int32, the storage's ``ranks`` table.
+        goal_count: [max_goals] long, achievements per goal (read when m > 1).
+        n_envs: N.
+
+    Returns:
+        src: [B, 3 + G] int32, the source entry (column 0 its step t'); new_goal: [B] int32 (>= 0 where eligible);
+        eligible: [B] bool, the strategy has a goal to offer.
+    """
+    N, CN, B, m = n_envs, ranks_flat.shape[0], draws.shape[0], her.rarity_draws
+    if m == 1:
+        rank, eligible = pick_achieving_rank(her.strategy, count_before, count_total, draws[:, 2])
+        src = ranks_flat.index_select(0, torch.add(z, rank - t, alpha=N) % CN)  # [B, 3 + G]
+        # pick_goal_of_step on the source step's goals, with count and max(count - 1, 0) precomputed by add.
+        q = torch.minimum((draws[:, 3] * src[:, 1]).long(), src[:, 2])
+        return src, src[:, 3:].gather(1, q.unsqueeze(1)).squeeze(1), eligible
+    u = torch.cat([draws[:, 2:3], draws[:, 4:]], 1)  # [B, m]
+    rank, eligible = pick_achieving_rank(her.strategy, count_before[:, None], count_total[:, None], u)
+    srcs = ranks_flat.index_select(0, (torch.add(z.unsqueeze(1), rank - t.unsqueeze(1), alpha=N)
+                                       % CN).view(-1)).view(B, m, -1)  # [B, m, 3 + G]
+    q = torch.minimum((draws[:, 3:4] * srcs[:, :, 1]).long(), srcs[:, :, 2])
+    goals = srcs[:, :, 3:].gather(2, q.unsqueeze(2)).squeeze(2)  # [B, m]
+    count = goal_count.index_select(0, goals.clamp(min=0).view(-1).long()).view(B, m)
+    best = count.argmin(1, keepdim=True)  # [B, 1]
+    src = srcs.gather(1, best.unsqueeze(2).expand(B, 1, srcs.shape[2])).squeeze(1)
+    return src, goals.gather(1, best).squeeze(1), eligible[:, 0]
+
+
+def relabel(
+    her: HERConfig, reward_fn: RewardFn, draws: torch.Tensor, z: torch.Tensor, row: dict[str, torch.Tensor],
+    window: dict[str, torch.Tensor], ranks_flat: torch.Tensor, goal_count: torch.Tensor, n_envs: int,
+) -> Relabelled:
+    """Relabel sampled rows with probability ``her.ratio`` (where the strategy offers a goal), recomputing the
+    window's rewards and terminations for the new goal with ``reward_fn``.
+
+    Args:
+        her: the options; reward_fn: reward and termination over goal ids.
+        draws: [B, 3 + m] float64 uniforms (column 1 the relabel coin; see ``pick_source``).
+        z: [B] long, ``a * N + col`` of each sampled step.
+        row: the sampled step's ``t``, ``goal`` (stored), ``count_before`` and ``count_total`` [B] int32.
+        window: the n-step window's stored ``achieved`` [B, n, G] int32, ``reward`` [B, n] float32 and
+            ``terminated`` [B, n] bool.
+        ranks_flat, goal_count, n_envs: as ``pick_source``.
+    """
+    t = row["t"]
+    src, new_goal, eligible = pick_source(her, draws, z, t, row["count_before"], row["count_total"], ranks_flat,
+                                          goal_count, n_envs)
+    # An eligible source is an achieving step: its picked goal is >= 0 (the check pick_goal_of_step needs).
+    relabelled = (draws[:, 1] < her.ratio) & eligible
+    goal = torch.where(relabelled, new_goal, row["goal"]).long()
+    B, n, G = window["achieved"].shape
+    achieved = window["achieved"].long().view(B * n, G)
+    r_new, term_new = reward_fn(achieved, goal if n == 1 else goal.repeat_interleave(n))
+    rel = relabelled.unsqueeze(1)
+    reward = torch.where(rel, r_new.view(B, n).to(torch.float32), window["reward"])
+    term = torch.where(rel, term_new.view(B, n).bool(), window["terminated"])
+    goal_gap = torch.where(relabelled, src[:, 0] - t, -1).long()
+    return Relabelled(goal, relabelled, goal_gap, reward, term)
+
+
 __all__ = [
     "STRATEGIES",
     "HERConfig",
+    "Relabelled",
     "RewardFn",
+    "Strategy",
     "equality_reward",
     "n_step_window",
     "pick_achieving_rank",
     "pick_goal_of_step",
+    "pick_source",
+    "relabel",
 ]

@@ -1,10 +1,11 @@
-/* The replay buffer's CPU add as one C function (sacglam/replay/native.py builds it with sample.c and loads it).
+/* The replay buffer's CPU add as one C function (sacglam/replay/clib.py builds it with sample.c and loads it;
+ * sacglam/replay/native.py's NativeWriter calls it).
  *
- * It computes exactly what ReplayBuffer._add_torch computes with ~80 torch ops on [N] vectors (see sacglam/replay/buffer.py
- * for the storage layout and the meaning of every column): one step of N envs is checked, then written into row
- * P % C of every column together with the derived tables (_rows, _ranks, _eps, the rarity marks) and the per-env
- * episode bookkeeping. All checks run before the first write, so a refused step leaves the buffer unchanged; the
- * caller turns the returned code and the statistics into the torch path's error messages.
+ * It computes exactly what TorchWriter.add (sacglam/replay/writer.py) computes with ~80 torch ops on [N] vectors (see
+ * sacglam/replay/storage.py for the storage layout and the meaning of every column): one step of N envs is checked,
+ * then written into row P % C of every column together with the derived tables (rows, ranks, eps, the rarity marks)
+ * and the per-env episode bookkeeping. All checks run before the first write, so a refused step leaves the buffer
+ * unchanged; the caller turns the returned code and the statistics into the torch path's error messages.
  *
  * Inputs are contiguous CPU arrays in canonical dtypes (int64 ids and lengths, uint8 flags, float32 reward and logp);
  * their widths (Lo_in, K_in, Lc_in, G_in) may differ from the storage's: narrower is padded, wider must be padding.
@@ -13,7 +14,7 @@
 #include <string.h>
 
 typedef struct {
-    /* storage [C, N, ...] (see buffer.py) */
+    /* storage [C, N, ...] (see storage.py) */
     void *tok;                    /* [C * N, tok_w] token records [obs | cands | cand_len | next_obs | ...] */
     int16_t *obs_len, *next_obs_len;
     uint8_t *terminated, *truncated;
@@ -196,7 +197,8 @@ int sacglam_add(const AddArgs *a) {
     }
 
     if (a->counts_goals) {
-        /* _mark_rare: count every env's achievements first, then mark the rows that lead to each env's rarest one. */
+        /* mark_rare (rarity.py): count every env's achievements first, then mark the rows that lead to each env's
+         * rarest one. */
         for (int64_t e = 0; e < N; e++)
             for (int64_t j = 0; j < counts[e]; j++) a->goal_count[a->rows[(row * N + e) * a->row_w + F + j]] += 1;
         for (int64_t e = 0; e < N; e++) a->rare_goal[row * N + e] = -1;  /* the row was just overwritten */

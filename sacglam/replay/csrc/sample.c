@@ -1,7 +1,9 @@
-/* The replay buffer's CPU sampling path as one C function (sacglam/replay/native.py builds and loads it).
+/* The replay buffer's CPU sampling path as one C function (sacglam/replay/clib.py builds and loads it;
+ * sacglam/replay/native.py's NativeSampler calls it).
  *
- * It computes exactly what ReplayBuffer._sample_from_draws computes with ~100 torch ops, from the same draws and the
- * same derived tables (see sacglam/replay/buffer.py for their layout), in passes over the batch:
+ * It computes exactly what TorchSampler.sample_from_draws (sacglam/replay/sampler.py) computes with ~100 torch ops,
+ * from the same draws and the same derived tables (see sacglam/replay/storage.py for their layout), in passes over the
+ * batch:
  *   A. the sampled storage row of each transition (column window + uniform offset, or a rarity row);
  *   B0, A2. prefetches: the rows pass B reads (episode, n-step window, HER sources), then the token records;
  *   B. per transition, the scalars: HER relabelling (plain or rarest-of-m), the reward and termination recomputed for
@@ -196,7 +198,8 @@ static inline void write_cands(const SampleArgs *a, int64_t *ids, uint8_t *mask,
  * On x86-64 with glibc it is compiled three times (x86-64-v4 = AVX-512, v3 = AVX2, baseline) and the loader picks
  * the one the CPU runs: the token widening (int16/int32 -> int64) is most of its instructions, and AVX2 widens 4 ids
  * per instruction where the baseline needs several per id. The library stays portable across a cluster's machines.
- * A compiler without these target names (GCC < 12) builds it once, with -DSACGLAM_NO_CLONES (sacglam/replay/native.py). */
+ * A compiler without these target names (GCC < 12) builds it once, with -DSACGLAM_NO_CLONES
+ * (sacglam/replay/clib.py). */
 #if defined(__x86_64__) && defined(__GLIBC__) && !defined(SACGLAM_NO_CLONES)
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #endif
