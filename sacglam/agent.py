@@ -17,6 +17,8 @@ thus the Polyak-lagged one (a deliberate saving of a third pass). With ``separat
 ``pi(.|s')`` comes from the online actor adapter (no gradient) and ``Q_targ`` from the critic's target adapter.
 
 Shape letters: B states, K candidate slots, Lp prompt tokens, Lc tokens per candidate, H hidden size, n_q critics.
+
+The options (:class:`AgentConfig`) live in the light ``sacglam.config`` (the Hydra schema) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from sacglam.config import AgentConfig
 from sacglam.losses import candidate_policy, choose_candidates
 from sacglam.types import ActOutput
 
@@ -39,17 +42,6 @@ ScoreFn = Callable[..., Any]
 TARGET_ADAPTER = "target"
 CRITIC_ADAPTER = "critic"
 CRITIC_TARGET_ADAPTER = "critic_target"
-
-
-@dataclass
-class AgentConfig:
-    """Options of the actor, the critics and the target network."""
-
-    n_q: int = 2  # number of critics; the targets and the actor use the min over them (twin Q, 1 = published)
-    critic_hidden: list[int] = field(default_factory=lambda: [1024, 1024])  # hidden sizes of each Q head's MLP
-    temperature: float = 1.0  # policy temperature: pi = softmax(score / temperature) over the candidates
-    length_norm: bool = False  # score a candidate by its mean (not summed) token log-prob
-    separate_adapter: bool = False  # the critic reads its own LoRA adapter instead of sharing the actor's (peft only)
 
 
 @dataclass

@@ -15,6 +15,9 @@ skips such files with a warning instead of loading them.
 
 RNG states (Python ``random``, numpy's global generator, torch CPU and CUDA, and named ``torch.Generator`` objects)
 are captured as plain tensors, ints and strings, so a checkpoint loads with ``torch.load(weights_only=True)``.
+
+The options (:class:`CheckpointConfig`) live in the light ``sacglam.config`` (the Hydra schema) and are re-exported
+here.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ import uuid
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+
+from sacglam.config import CheckpointConfig
 
 FORMAT_VERSION = 1
 MAGIC = b"SACGLAMC"
@@ -69,24 +73,6 @@ __all__ = [
     "save_checkpoint",
     "verify_checkpoint",
 ]
-
-
-@dataclass
-class CheckpointConfig:
-    """When to save checkpoints and how many to keep (where to resume from is the run's top-level ``resume``)."""
-
-    every: int = 10_000  # save every this many env steps (summed over the N parallel envs); 0 disables checkpoints
-    keep: int = 3  # keep only the newest `keep` checkpoints of the run (oldest pruned first); 0 keeps all
-
-    def __post_init__(self) -> None:
-        if self.every < 0:
-            raise ValueError(
-                f"CheckpointConfig.every={self.every} is negative; use a step interval > 0, or 0 to disable."
-            )
-        if self.keep < 0:
-            raise ValueError(
-                f"CheckpointConfig.keep={self.keep} is negative; use K >= 1 to keep the last K, or 0 for all."
-            )
 
 
 class CheckpointError(RuntimeError):

@@ -24,6 +24,8 @@ The issue asked for the category through the ``goal_category`` reset option; vec
 so the env is given the weights instead, which is the same distribution.
 
 This module is pure (numpy only): it imports neither torch nor the envs.
+Its options (:class:`CurriculumConfig`, ``KINDS``) live in the light ``sacglam.config`` (the Hydra schema) and are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -31,35 +33,11 @@ from __future__ import annotations
 import warnings
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-KINDS = ("uniform", "alp")
-
-
-@dataclass
-class CurriculumConfig:
-    """How the goal category of each training episode is chosen (``conf/curriculum/*.yaml``)."""
-
-    kind: str = "uniform"  # uniform (the env's own draw, as before) | alp (absolute learning progress, this module)
-    window: int = 50  # outcomes per sliding window; ALP_c needs 2 * window outcomes of category c
-    eps_start: float = 1.0  # uniform share of p at the first episode
-    eps_end: float = 0.2  # uniform share of p from anneal_episodes on
-    anneal_episodes: int = 2000  # training episodes (summed over ranks) over which eps goes linearly to eps_end
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"curriculum.kind={self.kind!r} is unknown; use one of {list(KINDS)}")
-        if self.window < 1:
-            raise ValueError(f"curriculum.window={self.window} must be at least 1 outcome")
-        for name in ("eps_start", "eps_end"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"curriculum.{name}={getattr(self, name)} is a probability in [0, 1]")
-        if self.anneal_episodes < 0:
-            raise ValueError(f"curriculum.anneal_episodes={self.anneal_episodes} is negative; use 0 for eps_end "
-                             "from the start")
+from sacglam.config import KINDS, CurriculumConfig
 
 
 class EpisodeLike(Protocol):

@@ -3,9 +3,10 @@
 ``torchrun --nproc_per_node 2 train.py ...`` (CPU, gloo) or ``accelerate launch --multi_gpu --num_processes N
 train.py ...`` (GPUs, nccl) start N processes; so does a submitit job of N tasks (SLURM,
 ``hydra/launcher=slurm_multigpu``), whose variables ``export_submitit_env`` turns into torchrun's. Each steps its own
-envs (seeds ``rank_seed``), holds its own replay buffer shard and samples its share of the batch; the updater averages
-gradients, so the weights stay equal on every rank. One process (rank 0) logs, evaluates and prints; every rank writes
-its own checkpoint shard.
+envs (seeds ``rank_seed``), holds its own replay buffer shard and samples its share of the batch
+(``sacglam.run.builders.rank_config``); the learner is given this process's :class:`Dist` when it is built
+(``make_learner(..., dist=...)``) and its updater averages gradients, so the weights stay equal on every rank. One
+process (rank 0) logs, evaluates and prints; every rank writes its own checkpoint shard (``sacglam.run.harness``).
 
 Accelerate's process state is used as it is, with one subtlety: on CPU it must be built with ``cpu=True``, or every
 process believes it is alone (``num_processes == 1``) and steps the same seeds.
@@ -158,12 +159,14 @@ def check_data_parallel(cfg: Any, dist: Dist) -> None:
     """Refuse what the data-parallel loop does not do yet, naming the option (nothing to check for one process)."""
     if dist.world == 1:
         return
-    from sacglam.algos.ppo.learner import PPOConfig
-    from sacglam.algos.sac.learner import SACConfig
+    from sacglam.algos.ppo.config import PPOConfig
+    from sacglam.algos.sac.config import SACConfig
 
     if not isinstance(cfg.algo, (SACConfig, PPOConfig)):
         raise ValueError(f"{dist.world} processes: data-parallel training runs algo=sac and algo=ppo (got algo="
-                         f"{cfg.algo.name}); run ETO with one process")
+                         f"{cfg.algo.name}): ETO's rounds are not split across processes (every rank would play the "
+                         "same training tasks, and its SFT and DPO steps do not average gradients, so the ranks' "
+                         "weights would drift apart); run ETO with one process")
     if cfg.logger.episodes:
         raise ValueError(f"{dist.world} processes: logger.episodes=true is single-process only for now; use "
                          "logger.episodes=false")

@@ -6,6 +6,8 @@
 
 Tensors are converted to floats here and only here, so the training loop never syncs with the device for logging.
 Metric names follow CleanRL: ``charts/...``, ``losses/...``, ``eval/...``.
+
+The options (:class:`LoggerConfig`) live in the light ``sacglam.config`` (the Hydra schema) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import time
 import uuid
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sacglam.config import LoggerConfig
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "success.png"
@@ -32,25 +35,6 @@ WANDB_MODES = ("offline", "online", "disabled")
 _BAR_SUCCESS_KEYS = ("charts/success", "eval/greedy/success")
 _BAR_CRITIC_KEYS = ("losses/critic", "losses/qf_loss")
 _BAR_ALPHA_KEYS = ("charts/alpha", "losses/alpha")
-
-
-@dataclass
-class LoggerConfig:
-    """Where metrics go.
-
-    The environment variable ``WANDB_MODE=disabled`` overrides ``wandb_mode`` (so test runs never start wandb).
-    """
-
-    wandb_mode: str = "offline"  # offline (no account, sync later with `wandb sync`) | online | disabled
-    project: str = "sacglam"  # wandb project
-    entity: str | None = None  # wandb entity (user or team); None = the account's default
-    run_name: str | None = None  # wandb run name; None = wandb's generated name
-    group: str | None = None  # wandb group (the runs of one sweep share one; e.g. experiment=sweep_sac_her sets it)
-    jsonl: bool = True  # write run_dir/metrics.jsonl (needed for the success plot)
-    progress: bool = True  # tqdm progress bar on the console
-    log_every: int = 1000  # env steps between training-metric logs (see RunLogger.should_log)
-    episodes: bool = False  # write every finished training episode as text to run_dir/episodes/ (gzip JSONL)
-    episodes_max_mb: float = 64.0  # start a new episode-log file once the current one holds this many MB
 
 
 def _to_float(value: Any) -> float | None:

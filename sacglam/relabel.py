@@ -26,6 +26,9 @@ Training-loop side (``OnlineRelabeller``): when episodes end, their records go t
 or on a background thread with ``relabel.llm.background``), and the results come back as goal-id rows for
 ``ReplayBuffer.set_achieved``. The buffer and HER code see goal ids only; this module never imports them, and the
 model code only when the ``llm`` source is built.
+
+The options (:class:`RelabelConfig`, :class:`LLMRelabelConfig`, :class:`RuleConfig`, ``SOURCES``, ``JUDGES``) live in
+the light ``sacglam.config`` (the Hydra schema) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -38,65 +41,13 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
+from sacglam.config import JUDGES, SOURCES, LLMRelabelConfig, RelabelConfig, RuleConfig
 from sacglam.episodes import EpisodeRecord
-
-SOURCES = ("oracle", "rule", "llm")
-JUDGES = ("model", "rule")
-
-
-# ---------------------------------------------------------------------------------------------------------- config
-
-
-@dataclass
-class RuleConfig:
-    """One rule: ``pattern`` (a Python regular expression, ``re.MULTILINE``) searched in a step's transition text;
-    each match achieves ``goal`` formatted with the match's named groups (lower-cased when ``lower``)."""
-
-    pattern: str = ""
-    goal: str = ""
-    lower: bool = False
-
-
-@dataclass
-class LLMRelabelConfig:
-    """The ``llm`` source: a proposer model and a verifier."""
-
-    model: str = "smollm2-135m"  # any model.name load_model accepts (a local folder, an alias, smollm2-135m)
-    judge: str = "model"  # model (a yes/no judge model) | rule (the rules verify)
-    judge_model: str | None = None  # null: the proposer's model judges too
-    threshold: float = 0.5  # the judge's P(Yes) needed to accept a proposal
-    max_goals: int = 16  # candidate goals scored per step (the best-ranked by word overlap)
-    chat: bool = False  # wrap prompts in the tokenizer's chat template (when it has one)
-    batch_size: int = 32  # prompts per forward pass
-    background: bool = False  # judge on a separate thread (the collector does not wait; results land later)
-    max_pending: int = 64  # background only: episodes ending while this many wait are not judged (0 = no limit)
-    device: str = "cpu"  # where the judge model runs
-    dtype: str = "float32"
-
-
-@dataclass
-class RelabelConfig:
-    """``relabel.source`` picks where achieved goals come from (see the module docstring)."""
-
-    source: str = "oracle"  # oracle | rule | llm
-    rules: list[RuleConfig] | None = None  # null: the env's rules (env.rules)
-    llm: LLMRelabelConfig = field(default_factory=LLMRelabelConfig)
-
-    def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"relabel.source must be one of {SOURCES}, got {self.source!r}")
-        if isinstance(self.llm, dict):
-            self.llm = LLMRelabelConfig(**self.llm)
-        if self.llm.judge not in JUDGES:
-            raise ValueError(f"relabel.llm.judge must be one of {JUDGES}, got {self.llm.judge!r}")
-        if not 0.0 <= self.llm.threshold <= 1.0:
-            raise ValueError(f"relabel.llm.threshold must be in [0, 1], got {self.llm.threshold}")
-
 
 # ---------------------------------------------------------------------------------------------------------- results
 

@@ -7,31 +7,22 @@ policy (greedy or sampled) or by the env's built-in expert, in waves of N plain 
     explored = runner.play(tasks, act=act_greedy, budget=5000, tag="r0")  # stops starting waves past the budget
 
 Two plays of one task reset the env identically (same seed, same category), so they share
-``sacglam.algos.eto.dpo.task_id`` (goal + first observation) and can be paired. Like the collector and the evaluation,
-this
+``sacglam.algos.eto.dpo.task_id`` (goal + first observation) and can be paired. The waves are played by the episode
+player (``sacglam.player.play_waves``, which the training collector and the evaluation use too). Like them, this
 module never imports ``envs``: envs come in as a factory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import torch
+import numpy as np
 
-from sacglam.collector import episode_success
 from sacglam.episodes import EpisodeRecord
+from sacglam.player import Player
 from sacglam.types import ActFn
-
-
-@dataclass(frozen=True)
-class Task:
-    """One training task: ``env.reset(seed=seed, options={"goal_category": category})``."""
-
-    index: int
-    seed: int
-    category: str
+from sacglam.waves import EnvList, PlayedEpisode, Task, play_waves
 
 
 def training_tasks(n: int, first_seed: int, categories: Sequence[str]) -> list[Task]:
@@ -45,17 +36,6 @@ def training_tasks(n: int, first_seed: int, categories: Sequence[str]) -> list[T
     if not categories:
         raise ValueError("training_tasks: needs at least one goal category")
     return [Task(j, first_seed + j, categories[j % len(categories)]) for j in range(n)]
-
-
-@dataclass
-class _Running:
-    goal: str
-    category: str
-    observations: list[str]
-    candidates: list[list[str]]
-    actions: list[int]
-    rewards: list[float]
-    achieved: list[list[str]]
 
 
 class TaskRunner:
@@ -72,8 +52,11 @@ class TaskRunner:
             raise ValueError(f"TaskRunner: num_envs must be >= 1, got {num_envs}")
         self.envs: list[Any] = [env_fn() for _ in range(num_envs)]
         self.max_steps = max_steps
+        # float64 rewards: the episodes record each env's reward exactly.
+        self.player = Player(EnvList(self.envs, rewards_dtype=np.float64))
 
     def close(self) -> None:
+        """Close the envs."""
         for env in self.envs:
             env.close()
 
@@ -100,71 +83,44 @@ class TaskRunner:
 
         Returns:
             the played episodes in task order (fewer than ``tasks`` when the budget ran out).
+
+        Raises:
+            ValueError: an env did not honour a task's goal category.
+            IndexError: ``act`` chose an index outside a state's candidates.
+            RuntimeError: an episode did not end within ``max_steps`` steps.
         """
         out: list[EpisodeRecord] = []
         taken = 0
-        n = len(self.envs)
-        for start in range(0, len(tasks), n):
-            if budget is not None and taken >= budget:
+        waves = play_waves(self.player, tasks, act, max_steps=self.max_steps)
+        while budget is None or taken < budget:  # a wave is played only when asked for
+            wave = next(waves, None)
+            if wave is None:
                 break
-            wave = tasks[start : start + n]
-            records, steps = self._wave(wave, act, tag, env_steps + taken, policy_version)
-            out.extend(records)
+            episodes, steps = wave
+            out.extend(_record(ep, tag, policy_version, env_steps + taken) for ep in episodes)
             taken += steps
         return out
 
-    def _wave(self, wave: Sequence[Task], act: ActFn | None, tag: str, env_steps: int,
-              policy_version: int) -> tuple[list[EpisodeRecord], int]:
-        runs: list[_Running] = []
-        obs: list[str] = []
-        infos: list[dict[str, Any]] = []
-        for env, task in zip(self.envs, wave, strict=False):
-            o, info = env.reset(seed=task.seed, options={"goal_category": task.category})
-            if info.get("goal_category") != task.category:
-                raise ValueError(f"reset(options={{'goal_category': {task.category!r}}}) gave goal "
-                                 f"{info.get('goal')!r} of category {info.get('goal_category')!r}; the env must "
-                                 "honour the goal_category option")
-            runs.append(_Running(str(info["goal"]), task.category, [o], [], [], [], []))
-            obs.append(o)
-            infos.append(info)
-        done: list[EpisodeRecord | None] = [None] * len(wave)
-        steps = 0
-        for _ in range(self.max_steps):
-            idx = [i for i in range(len(wave)) if done[i] is None]
-            if not idx:
-                break
-            cands = [list(infos[i]["admissible_actions"]) for i in idx]
-            if act is None:
-                chosen = [cands[k].index(self.envs[i].expert_action()) for k, i in enumerate(idx)]
-            else:
-                with torch.inference_mode():
-                    chosen = act([runs[i].goal for i in idx], [obs[i] for i in idx], cands).action.reshape(-1).tolist()
-            for k, i in enumerate(idx):
-                a = int(chosen[k])
-                if not 0 <= a < len(cands[k]):
-                    raise IndexError(f"task {wave[i].index}: action {a} outside its {len(cands[k])} candidates")
-                o, reward, term, trunc, info = self.envs[i].step(cands[k][a])
-                steps += 1
-                run = runs[i]
-                run.candidates.append(cands[k])
-                run.actions.append(a)
-                run.rewards.append(float(reward))
-                run.achieved.append(list(info.get("achieved_goals", [])))
-                run.observations.append(o)
-                obs[i], infos[i] = o, info
-                if term or trunc:
-                    L = len(run.actions)
-                    done[i] = EpisodeRecord(
-                        id=f"t{wave[i].index}{tag}", env_index=i, goal=run.goal, goal_category=run.category,
-                        observations=run.observations, candidates=run.candidates, actions=run.actions,
-                        rewards=run.rewards, achieved=run.achieved, policy_version=[policy_version] * L,
-                        terminated=bool(term), truncated=bool(trunc),
-                        success=episode_success(float(reward), bool(term), info), env_step=env_steps + steps)
-        else:
-            if any(d is None for d in done):
-                raise RuntimeError(f"tasks {[t.index for t, d in zip(wave, done, strict=True) if d is None]} did "
-                                   f"not end within {self.max_steps} steps; the env should truncate at its limit")
-        return [d for d in done if d is not None], steps
+
+def _record(ep: PlayedEpisode, tag: str, policy_version: int, env_steps: int) -> EpisodeRecord:
+    """``ep`` as an :class:`EpisodeRecord` with id ``t<task index><tag>``, ``env_steps`` being the count before its
+    wave."""
+    return EpisodeRecord(
+        id=f"t{ep.task.index}{tag}",
+        env_index=ep.env_index,
+        goal=ep.goal,
+        goal_category=ep.task.category,
+        observations=ep.observations,
+        candidates=ep.candidates,
+        actions=ep.actions,
+        rewards=ep.rewards,
+        achieved=ep.achieved,
+        policy_version=[policy_version] * ep.length,
+        terminated=ep.terminated,
+        truncated=ep.truncated,
+        success=ep.success,
+        env_step=env_steps + ep.steps_at_end,
+    )
 
 
 __all__ = ["Task", "TaskRunner", "training_tasks"]

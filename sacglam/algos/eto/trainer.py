@@ -1,4 +1,5 @@
-"""``python train.py algo=eto``: ETO's rounds in the shared harness (docs/design/ALGORITHM.md section 7).
+"""ETO's phases on one agent (docs/design/ALGORITHM.md section 7): :class:`ETOTrainer`, a state machine that
+``sacglam.algos.eto.run.run_eto`` drives through the shared run harness (``python train.py algo=eto``).
 
     expert  -> the env's expert plays the training tasks (the warm start's data and the pairs' references)
     sft     -> behaviour cloning on ``warm_start_episodes`` expert trajectories, ``sft_epochs`` epochs; evaluate
@@ -19,19 +20,18 @@ evaluation.
 
 Checkpoints (``checkpoint.every`` > 0) are written at every phase boundary: after the expert, after each SFT and
 DPO epoch, after exploration and at each round's end; ``resume=auto`` continues exactly (same metrics file, same
-weights). ``checkpoint.every=0`` writes the final one only.
+weights). ``checkpoint.every=0`` writes the final one only. ``time_limit_min`` stops the run at a phase boundary
+with a final evaluation and checkpoint.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from sacglam.agent import Agent
 from sacglam.algos.eto.dpo import (
@@ -43,30 +43,20 @@ from sacglam.algos.eto.dpo import (
     pair_from_json,
     pair_logps,
     pair_to_json,
-    read_pairs,
     reference_logps,
     sft_loss,
     trajectory_logp,
     write_pairs,
 )
 from sacglam.algos.eto.rollout import Task, TaskRunner, training_tasks
-from sacglam.checkpoint import (
-    capture_rng_state,
-    check_run_state,
-    load_checkpoint,
-    resolve_resume,
-    restore_rng_state,
-    save_checkpoint,
-)
-from sacglam.config import TrainConfig
-from sacglam.episode_log import EpisodeLog
+from sacglam.algos.optim import GradientStep, ParamGroup
 from sacglam.episodes import EpisodeRecord
-from sacglam.logging import RunLogger
-from sacglam.pipeline import make_act_fn
 from sacglam.prompting import PromptCodec
-from sacglam.run.builders import build_model, make_agent, make_env_fn, make_evaluator, seed_everything
 
 PAIRS_DIRNAME = "pairs"
+# Every SFT and DPO step (stateless); its error ends with this advice.
+ETO_STEP = GradientStep("ETO", "lower the learning rate (algo.sft_lr for behaviour cloning, algo.lrs for DPO) or set "
+                               "algo.max_grad_norm > 0")
 
 
 def _epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
@@ -138,13 +128,22 @@ class ETOTrainer:
         self.optimizer = torch.optim.AdamW(self.agent.actor_parameters(), lr=lr, weight_decay=0.0)
         self.epoch = 0
 
-    def _step(self, loss: torch.Tensor) -> None:
+    def _step(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], where: str) -> None:
+        """One optimizer step on a batch's loss through the shared step (:class:`sacglam.algos.optim.GradientStep`).
+
+        The batch is one micro-batch (its forward pass is already done, so nothing is accumulated) and ETO runs in
+        one process (nothing to average); the actor's gradient norm is clipped to ``max_grad_norm`` (0 = none), and
+        ``terms``, the loss and the gradient norm are checked for NaN/inf before the step.
+
+        Args:
+            loss: 0-d, with gradient; terms: its named 0-d parts (detached); where: the batch, for an error.
+
+        Raises:
+            NonFiniteLossError: a NaN/inf value; no optimizer step was taken and ``updates`` is unchanged.
+        """
         assert self.optimizer is not None
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.agent.actor_parameters(), self.cfg.max_grad_norm)
-        self.optimizer.step()
+        group = ParamGroup(self.agent.actor_parameters(), self.optimizer, self.cfg.max_grad_norm, "charts/grad_norm")
+        ETO_STEP.run(self.updates, [lambda: (loss, terms)], [group], context=lambda: where)
         self.updates += 1
 
     def sft_epoch(self) -> dict[str, float]:
@@ -158,7 +157,8 @@ class ETOTrainer:
                                    max_steps_per_batch=self.cfg.max_steps_per_batch)
             lengths = torch.tensor([ep.length for ep in eps], device=logp.device)
             loss = sft_loss(logp, lengths)
-            self._step(loss)
+            self._step(loss, {"losses/sft": loss.detach()},
+                       f"behaviour cloning epoch {self.epoch} on {len(eps)} expert trajectories")
             total += float(loss.detach()) * int(lengths.sum())
             steps += int(lengths.sum())
         self.epoch += 1
@@ -217,12 +217,14 @@ class ETOTrainer:
                 index = torch.tensor(batch, device=self.ref[0].device)
                 out = dpo_loss(pi_c, pi_r, self.ref[0][index], self.ref[1][index], beta)
                 loss = out.loss
+                terms = {"losses/dpo": out.loss.detach()}
                 if self.cfg.sft_coef > 0:
                     lengths = torch.tensor([p.chosen.length for p in pairs], device=pi_c.device)
                     sft = sft_loss(pi_c, lengths)
                     loss = loss + self.cfg.sft_coef * sft
                     sums["losses/dpo_sft"] += float(sft.detach()) * len(batch)
-                self._step(loss)
+                    terms["losses/dpo_sft"] = sft.detach()
+                self._step(loss, terms, f"DPO round {self.round} epoch {self.epoch} on {len(pairs)} pairs")
                 sums["losses/dpo"] += float(out.loss.detach()) * len(batch)
                 sums["charts/reward_margin"] += float(out.reward_margin) * len(batch)
                 sums["charts/pair_accuracy"] += float(out.accuracy) * len(batch)
@@ -264,148 +266,4 @@ class ETOTrainer:
             self.optimizer.load_state_dict(state["optimizer"])
 
 
-def _task_seeds(cfg: TrainConfig, eto: ETOConfig) -> int:
-    """The first training-task seed (``seed * tasks``: each run seed its own tasks), checked disjoint from the
-    evaluation seeds."""
-    first = cfg.seed * eto.tasks
-    n = max(eto.tasks, eto.warm_start_episodes)
-    eval_n = cfg.eval.episodes_per_category * 64  # generous: the evaluation plan's seeds lie below this
-    if first < cfg.eval.seed + eval_n and cfg.eval.seed < first + n:
-        raise ValueError(f"ETO's training tasks use env seeds {first}..{first + n - 1}, which overlap the evaluation "
-                         f"seeds from eval.seed={cfg.eval.seed}; choose another seed or eval.seed")
-    return first
-
-
-def run_eto(cfg: TrainConfig, dcfg: DictConfig, run_dir: Path, device: torch.device) -> float:
-    """Train with ETO (or run DPO on ``algo.pairs_file``); returns the final greedy success."""
-    eto: ETOConfig = cfg.algo
-    seed_everything(cfg.seed)
-    env_fn = make_env_fn(cfg)
-    probe = env_fn()
-    model, _, codec = build_model(cfg, probe, device)
-    agent = make_agent(cfg, model, device)
-    assert isinstance(agent, Agent)
-    act_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    generators = {"act": act_gen, "shuffle": shuffle_gen}
-    user_pairs = read_pairs(eto.pairs_file) if eto.pairs_file else None
-    if user_pairs is not None and not user_pairs:
-        raise ValueError(f"algo.pairs_file={eto.pairs_file} holds no pair")
-    runner = TaskRunner(env_fn, cfg.env.num_envs) if user_pairs is None else None
-    act_explore = make_act_fn(agent, codec, greedy=eto.explore == "greedy", device=device, generator=act_gen)
-    trainer = ETOTrainer(eto, agent, codec, device, _task_seeds(cfg, eto), list(probe.goal_categories), runner,
-                         act_explore, shuffle_gen)
-    run_eval = make_evaluator(cfg, agent, codec, probe, device)
-
-    ckpt_path = resolve_resume(cfg.resume, run_dir)
-    next_eval, logged = cfg.eval.every, -1  # logged: the env step of the last metrics line written
-    if ckpt_path is not None:
-        state = load_checkpoint(ckpt_path, map_location=device, weights_only=False)  # our own file
-        check_run_state(state, ckpt_path, "eto")
-        agent.load_state_dict(state["agent"])
-        phase_lr = eto.sft_lr if state["eto"]["phase"] == "sft" else eto.lr(int(state["eto"]["round"]))
-        trainer.load_state_dict(state["eto"], phase_lr)
-        restore_rng_state(state["rng"], generators=generators)
-        next_eval, logged = state["loop"]
-        print(f"resumed from {ckpt_path}: phase {trainer.phase}, round {trainer.round}, epoch {trainer.epoch}, "
-              f"env step {trainer.env_steps}")
-    logger = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(dcfg, resolve=True), cfg.total_env_steps,  # type: ignore[arg-type]
-                       resume_from_step=logged if ckpt_path is not None else None)
-    episode_log = EpisodeLog(run_dir, cfg.logger.episodes_max_mb, trainer.env_steps if ckpt_path else None
-                             ) if cfg.logger.episodes else None
-
-    def checkpoint(final: bool = False) -> None:
-        if cfg.checkpoint.every or final:
-            state = {"algo": "eto", "agent": agent.state_dict(), "eto": trainer.state_dict(),
-                     "rng": capture_rng_state(generators=generators), "loop": (next_eval, logged)}
-            save_checkpoint(run_dir, trainer.env_steps, state, keep=cfg.checkpoint.keep)
-
-    def log(metrics: dict[str, float]) -> None:
-        nonlocal logged
-        metrics.update({"charts/updates": float(trainer.updates), "charts/expert_env_steps": trainer.expert_steps,
-                        "charts/explore_env_steps": trainer.explore_steps})
-        logger.log(trainer.env_steps, metrics)
-        logged = trainer.env_steps
-
-    def write_episodes(records: Sequence[EpisodeRecord]) -> None:
-        if episode_log is not None and records:
-            episode_log.write(records)
-
-    start, last_eval = time.monotonic(), None
-    while trainer.phase != "done":
-        if cfg.time_limit_min and time.monotonic() - start > 60 * cfg.time_limit_min:
-            print(f"time limit of {cfg.time_limit_min} min reached at env step {trainer.env_steps}")
-            break
-        if trainer.phase == "expert":
-            if user_pairs is not None:  # DPO on the user's file: no env step, one DPO phase
-                trainer.pairs = user_pairs
-                trainer.prepare_dpo(eto.lr(0))
-                trainer.phase = "dpo"
-            else:
-                write_episodes(trainer.collect_expert(cfg.total_env_steps))
-                trainer.start_phase(eto.sft_lr)
-                trainer.phase = "sft" if eto.warm_start_episodes else "warm_eval"
-        elif trainer.phase == "sft":
-            if trainer.epoch < eto.sft_epochs:
-                sft_metrics = trainer.sft_epoch()
-                print(f"warm start: SFT epoch {trainer.epoch}/{eto.sft_epochs}, loss {sft_metrics['losses/sft']:.4f}")
-            if trainer.epoch >= eto.sft_epochs:
-                trainer.phase = "warm_eval"
-        elif trainer.phase == "warm_eval":
-            last_eval = run_eval()
-            log({**trainer.round_metrics, **last_eval})  # the warm-started policy: the curve's first point
-            next_eval = trainer.env_steps + cfg.eval.every
-            trainer.phase = "explore"
-        elif trainer.phase == "explore":
-            if trainer.round >= eto.rounds or trainer.env_steps >= cfg.total_env_steps:
-                trainer.phase = "done"
-                continue
-            explored = trainer.explore_and_pair(cfg.total_env_steps - trainer.env_steps, run_dir)
-            write_episodes(explored)
-            m = trainer.round_metrics
-            print(f"round {trainer.round + 1}: explored {len(explored)} tasks ({trainer.env_steps} env steps), "
-                  f"success {m['charts/explore_success']:.3f}, {int(m['charts/pairs'])} pairs")
-        elif trainer.phase == "dpo":
-            beta = eto.beta(trainer.round)
-            if trainer.epoch < eto.epochs:
-                dpo_metrics = trainer.dpo_epoch(beta)
-                trainer.round_metrics.update(dpo_metrics)
-                print(f"round {trainer.round + 1}: DPO epoch {trainer.epoch}/{eto.epochs}, loss "
-                      f"{dpo_metrics['losses/dpo']:.4f}, margin {dpo_metrics['charts/reward_margin']:.4f}, "
-                      f"accuracy {dpo_metrics['charts/pair_accuracy']:.3f}")
-            if trainer.epoch >= eto.epochs:
-                trainer.phase = "round_eval"
-        elif trainer.phase == "round_eval":
-            metrics = dict(trainer.round_metrics)
-            last = user_pairs is not None or trainer.round + 1 >= eto.rounds or \
-                trainer.env_steps >= cfg.total_env_steps
-            if last or (cfg.eval.every and trainer.env_steps >= next_eval):  # eval.every=0: at the end only
-                last_eval = run_eval()
-                metrics.update(last_eval)
-                while cfg.eval.every and next_eval <= trainer.env_steps:
-                    next_eval += cfg.eval.every
-            else:
-                last_eval = None
-            log(metrics)
-            trainer.round += 1
-            trainer.optimizer, trainer.ref, trainer.pairs = None, None, []
-            trainer.phase = "done" if user_pairs is not None else "explore"
-        checkpoint()
-
-    if last_eval is None:  # stopped by the time limit, or the last round was not evaluated
-        last_eval = run_eval()
-        if trainer.env_steps > logged:
-            log(dict(last_eval))
-    checkpoint(final=True)
-    logger.close()
-    if runner is not None:
-        runner.close()
-    if episode_log is not None:
-        episode_log.close()
-    success = last_eval.get("eval/greedy/success", 0.0)
-    print(f"final greedy success {success:.3f} after {trainer.env_steps} env steps ({trainer.expert_steps} expert, "
-          f"{trainer.explore_steps} exploring) and {trainer.updates} updates; run folder {run_dir}")
-    return success
-
-
-__all__ = ["PAIRS_DIRNAME", "ETOTrainer", "run_eto"]
+__all__ = ["PAIRS_DIRNAME", "ETOTrainer"]

@@ -16,88 +16,34 @@ One PPO iteration (:class:`PPOLearner`):
 4. ``epochs x minibatches`` of the clipped surrogate, the clipped value loss and the entropy bonus, each minibatch
    optionally split into ``grad_accum`` equal micro-batches (the accumulated gradient equals the minibatch's, since
    normalisation is per rollout and every micro-batch loss is divided by their count), one global gradient-norm clip
-   over a parameter *list* (the published code handed a consumed generator to the clip, which then clipped nothing).
+   over a parameter *list* (the published code handed a consumed generator to the clip, which then clipped nothing)
+   and a finiteness check: the shared optimizer step, :class:`sacglam.algos.optim.GradientStep`.
 
 Shape letters: T rollout steps, N envs, B states, K candidate slots, Lp prompt tokens, Lc tokens per candidate,
 H hidden size.
+
+The options (:class:`PPOConfig`) and :func:`check_on_policy` live in the light ``sacglam.algos.ppo.config`` (the Hydra
+schema imports them without torch) and are re-exported here.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from sacglam.agent import _hidden_size
-from sacglam.algos.sac.learner import NonFiniteLossError
-from sacglam.distributed import Dist, average_gradients
+from sacglam.algos.optim import GradientStep, ParamGroup, StepResult
+from sacglam.algos.ppo.config import REPLAY_ONLY, PPOConfig, check_on_policy
+from sacglam.distributed import Dist
 from sacglam.losses import candidate_policy, choose_candidates
 from sacglam.prompting import PromptCodec
 from sacglam.types import ActOutput, TextStep, UpdateStats
-
-
-@dataclass
-class PPOConfig:
-    """Options of PPO-GLAM. Defaults suit the tiny model on CPU (``conf/algo/ppo.yaml`` and the sweep in
-    docs/results.md); GLAM's published values are in ``conf/algo/ppo_paper.yaml``."""
-
-    name: str = "ppo"  # which algorithm train.py runs (sac | ppo)
-    lr: float = 1e-3  # Adam lr of the trunk (LoRA adapter, or the whole model) and the value head
-    adam_eps: float = 1e-5  # Adam epsilon (GLAM: 1e-5)
-    gamma: float = 0.99  # discount of GAE and the returns
-    gae_lambda: float = 0.95  # GAE lambda (GLAM: 0.99)
-    rollout_steps: int = 32  # vector steps per rollout: each update sees env.num_envs x rollout_steps transitions
-    epochs: int = 4  # passes over the rollout per update
-    minibatch_size: int = 64  # transitions per optimizer step; must divide env.num_envs x rollout_steps
-    grad_accum: int = 1  # equal micro-batches per minibatch (memory); must divide minibatch_size
-    clip_coef: float = 0.2  # ratio clip epsilon
-    clip_value: float = 0.2  # value clip around the acting-time value (max of clipped and unclipped); 0 = unclipped
-    ent_coef: float = 0.01  # weight of the candidate-distribution entropy bonus
-    vf_coef: float = 0.5  # weight of the value loss
-    max_grad_norm: float = 0.5  # global gradient-norm clip over all trained parameters; 0 = none
-    norm_adv: bool = True  # normalise advantages (mean 0, std 1) over the whole rollout, once per update
-    reward_scale: float = 1.0  # rewards are multiplied by this before GAE (GLAM: 20)
-    target_kl: float = 0.0  # stop the epochs of an update once the mean approx KL of an epoch exceeds this; 0 = off
-    value_hidden: list[int] = field(default_factory=lambda: [1024, 1024])  # value head MLP (GLAM: 1024, 1024)
-    value_activation: str = "sigmoid"  # value head activation: sigmoid (GLAM) | relu | tanh
-
-
-# Options only a replay buffer reads (train.py's top level and the buffer group): with algo=ppo, setting one on the
-# command line is an error that names it, rather than an option silently ignored.
-REPLAY_ONLY = ("replay_ratio", "learning_starts", "batch_size", "buffer.capacity", "buffer.n_step", "buffer.gamma",
-               "buffer.her", "buffer.device", "buffer.native", "buffer.compile", "buffer.token_dtype",
-               "buffer.max_goals", "buffer.max_achieved")
-
-
-def check_on_policy(overrides: Sequence[str], her_ratio: float, rare_fraction: float) -> None:
-    """Refuse replay options with PPO.
-
-    Args:
-        overrides: the command line's ``key=value`` overrides (Hydra's ``overrides.task``).
-        her_ratio, rare_fraction: the composed ``buffer.her`` options (a preset may set them too).
-
-    Raises:
-        ValueError: naming the first replay-only option found and PPO's own options.
-    """
-    for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
-        if any(key == k or key.startswith(k + ".") for k in REPLAY_ONLY):
-            raise ValueError(
-                f"{key} is a replay-buffer option, but algo=ppo is on-policy and never reads it; drop it. "
-                "PPO's options: algo.minibatch_size (per optimizer step), algo.rollout_steps (a rollout is "
-                "env.num_envs x algo.rollout_steps transitions), algo.gamma / algo.gae_lambda (discounting)."
-            )
-    for key, value in (("buffer.her.ratio", her_ratio), ("buffer.her.rare_fraction", rare_fraction)):
-        if value > 0:
-            raise ValueError(f"{key}={value}: hindsight relabelling and rarity replay need a replay buffer, but "
-                             "algo=ppo is on-policy; use buffer=on_policy (the algo's default)")
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the maths (tensors in, tensors out)
@@ -410,12 +356,15 @@ class RolloutActor:
 # ---------------------------------------------------------------------------------------------------------------------
 # the update
 
+# The end of NonFiniteLossError's "Fix:" sentence.
+PPO_ADVICE = "check the rewards for NaN/inf (and algo.reward_scale), lower algo.lr, or set algo.max_grad_norm > 0"
+
 
 class PPOUpdater:
     """Owns the optimizer; one :meth:`update` per full rollout (epochs x minibatches x micro-batches)."""
 
     def __init__(self, agent: PPOAgent, cfg: PPOConfig, *, batch_size: int, device: torch.device | str = "cpu",
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, dist: Dist | None = None) -> None:
         """Check the options against the rollout size and build Adam.
 
         Args:
@@ -424,6 +373,7 @@ class PPOUpdater:
             batch_size: transitions per rollout (``env.num_envs x algo.rollout_steps``).
             device: where the update runs.
             generator: draws the minibatch permutations (CPU).
+            dist: this process's place in a data-parallel run (one process when None).
 
         Raises:
             ValueError: naming the option, on a minibatch that does not divide the rollout, a grad_accum that does
@@ -453,7 +403,8 @@ class PPOUpdater:
         self.step = 0  # completed updates (rollouts)
         # Data-parallel (``dist.world`` > 1): each process updates on its own rollout with minibatches of its share;
         # gradients, the advantage normalisation, the target-KL test and the returned stats are means over all.
-        self.dist = Dist()
+        self.dist = dist if dist is not None else Dist()
+        self.optim = GradientStep("PPO", PPO_ADVICE)
 
     def _loss(self, data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and detached terms of one micro-batch (a dict of [b, ...] tensors on the device)."""
@@ -485,7 +436,8 @@ class PPOUpdater:
             error when acting and training score alike), ``charts/explained_variance``, ``charts/epochs``.
 
         Raises:
-            NonFiniteLossError: a loss or gradient norm is NaN/inf (no optimizer step taken for that minibatch).
+            sacglam.algos.optim.NonFiniteLossError: a loss or gradient norm is NaN/inf (no optimizer step taken for
+                that minibatch).
         """
         cfg = self.cfg
         M = flat["action"].shape[0]
@@ -496,33 +448,17 @@ class PPOUpdater:
             mean, std = self._adv_moments(adv)
             adv = (adv - mean) / (std + 1e-8)
         data = {**flat, "advantages": adv}
-        micro = cfg.minibatch_size // cfg.grad_accum
         grouped: dict[str, list[torch.Tensor]] = defaultdict(list)
         first_dev: torch.Tensor | None = None
         epochs_done = 0
-        for _epoch in range(cfg.epochs):
+        for epoch in range(cfg.epochs):
             perm = torch.randperm(M, generator=self.generator)
             epoch_kl: list[torch.Tensor] = []
             for start in range(0, M, cfg.minibatch_size):
-                idx = perm[start : start + cfg.minibatch_size]
-                self.opt.zero_grad(set_to_none=True)
-                per_micro: list[dict[str, torch.Tensor]] = []
-                for j in range(cfg.grad_accum):
-                    sub = idx[j * micro : (j + 1) * micro]
-                    mb = {k: v[sub].to(self.device, non_blocking=True) for k, v in data.items()}
-                    loss, terms = self._loss(mb)
-                    (loss / cfg.grad_accum).backward()  # equal micro-batches: the minibatch mean's gradient
-                    per_micro.append(terms)
-                if self.dist.world > 1:
-                    average_gradients(self.params, self.dist.mean)
-                max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-                norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)  # a list, not a spent generator
-                checked = torch.stack([t.float() for terms in per_micro for t in terms.values()] + [norm.float()])
-                if not bool(torch.isfinite(checked).all()):
-                    bad = next((k for terms in per_micro for k, t in terms.items() if not torch.isfinite(t)),
-                               "charts/grad_norm")
-                    raise NonFiniteLossError(self.step, bad, None, f"rollout of {M} transitions")
-                self.opt.step()
+                done = self._minibatch(data, perm[start : start + cfg.minibatch_size],
+                                       f"rollout of {M} transitions, epoch {epoch}, minibatch "
+                                       f"{start // cfg.minibatch_size}")
+                per_micro, norm = done.terms, done.norms["charts/grad_norm"]
                 if first_dev is None:
                     first_dev = torch.stack([t["ratio_dev"] for t in per_micro]).max()
                 for terms in per_micro:
@@ -549,6 +485,23 @@ class PPOUpdater:
             together = self.dist.mean(torch.stack([stats[k].float().to(self.device) for k in names]))
             stats = dict(zip(names, together.unbind(0), strict=True))
         return stats
+
+    def _minibatch(self, data: dict[str, torch.Tensor], idx: torch.Tensor, where: str) -> StepResult:
+        """One optimizer step on the minibatch ``idx`` [m] of ``data``'s rows, as ``grad_accum`` equal micro-batches
+        (moved to the device one at a time); gradients averaged over the processes, one global norm clip.
+
+        Raises:
+            NonFiniteLossError: a loss term or the gradient norm is NaN/inf (no optimizer step taken).
+        """
+        micro = self.cfg.minibatch_size // self.cfg.grad_accum
+
+        def micro_loss(j: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            sub = idx[j * micro : (j + 1) * micro]
+            return self._loss({k: v[sub].to(self.device, non_blocking=True) for k, v in data.items()})
+
+        losses = [lambda j=j: micro_loss(j) for j in range(self.cfg.grad_accum)]
+        group = ParamGroup(self.params, self.opt, self.cfg.max_grad_norm, "charts/grad_norm")
+        return self.optim.run(self.step, losses, [group], dist=self.dist, context=lambda: where)
 
     def _adv_moments(self, adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and (Bessel-corrected) std of the advantages [M]: this rollout's, or with several processes those of
@@ -583,17 +536,19 @@ class PPOLearner:
         num_envs: N.
         device: where the model runs.
         act_generator: samples actions; shuffle_generator: draws minibatch permutations (both checkpointed).
+        dist: this process's place in a data-parallel run (one process when None); ``cfg.minibatch_size`` is then
+            this process's share of every minibatch.
     """
 
     def __init__(self, agent: PPOAgent, cfg: PPOConfig, codec: PromptCodec, num_envs: int,
                  device: torch.device | str, act_generator: torch.Generator,
-                 shuffle_generator: torch.Generator) -> None:
+                 shuffle_generator: torch.Generator, dist: Dist | None = None) -> None:
         self.cfg = cfg
         self.actor = RolloutActor(agent, codec, device, act_generator)
         self.storage = RolloutStorage(cfg.rollout_steps, num_envs, codec.prompt_width, codec.max_cands,
                                       codec.max_cand_tokens)
         self.updater = PPOUpdater(agent, cfg, batch_size=num_envs * cfg.rollout_steps, device=device,
-                                  generator=shuffle_generator)
+                                  generator=shuffle_generator, dist=dist)
         self.generators = {"act": act_generator, "shuffle": shuffle_generator}
 
     @property
@@ -633,6 +588,11 @@ class PPOLearner:
         stats = self.updater.update(self.flatten())
         st.clear()
         return stats
+
+    def extra_metrics(self, gather: Callable[[Any], list[Any]]) -> dict[str, float]:
+        """The loop's hook (:class:`sacglam.algos.base.Learner`): PPO has no metrics beyond its update stats ({}, and
+        no collective)."""
+        return {}
 
     def flatten(self) -> dict[str, torch.Tensor]:
         """The full rollout as [T * N, ...] tensors with advantages and returns (GAE)."""

@@ -6,8 +6,12 @@ One call of :meth:`SACUpdater.update` on a sampled :class:`sacglam.types.Batch`:
 1. target pass on the bootstrap state ``s_{t+k}`` (no gradient): ``y = R + discount * V_targ(s_{t+k})``;
 2. online pass on ``s``: critic loss on ``Q_i(s, a)``, actor loss with exact expectations over ``A(s)``, temperature
    loss, and the hindsight term ``-log pi(a|s, g')`` on relabelled transitions;
-3. one backward of the summed losses through ``accelerator.backward`` (per micro-batch with ``grad_accum``),
-   gradient clipping per parameter group, one finiteness check, Adam steps, then the Polyak target update.
+3. the shared optimizer step (:class:`sacglam.algos.optim.GradientStep`, with accelerate's backward and clipping):
+   one backward of the summed losses per micro-batch (``grad_accum``), gradients averaged over processes, clipping
+   per parameter group (critic, actor), one finiteness check, Adam steps; then the Polyak target update.
+
+The options (:class:`SACConfig`) live in the light ``sacglam.algos.sac.config`` (the Hydra schema imports them without
+torch) and are re-exported here.
 
 The first ``critic_warmup_updates`` updates train only the critic-only parameters (the heads, plus the critic adapter
 with ``separate_adapter``): the policy, the shared trunk and ``log_alpha`` stay exactly unchanged meanwhile.
@@ -16,16 +20,16 @@ with ``separate_adapter``): the policy, the shared trunk and ``log_alpha`` stay 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
 from sacglam.agent import Agent
-from sacglam.distributed import average_gradients
+from sacglam.algos.optim import GradientStep, NonFiniteLossError, ParamGroup
+from sacglam.algos.sac.config import SACConfig
+from sacglam.distributed import Dist
 from sacglam.episodes import EpisodeRecord
 from sacglam.losses import (
     actor_loss,
@@ -42,54 +46,8 @@ from sacglam.relabel import OnlineRelabeller, RelabelJob, Relabelled
 from sacglam.replay.buffer import ReplayBuffer
 from sacglam.types import ActFn, Batch, TextStep, UpdateStats
 
-
-@dataclass
-class SACConfig:
-    """Options of the SAC update. gamma and n-step returns are folded into ``Batch.reward/discount`` by the buffer.
-
-    Defaults follow docs/design/CALIBRATION.md (tiny model on CPU); the published SAC-GLAM values are lr 1e-4 (actor,
-               critic),
-    1e-3 (alpha), alpha 0.05 and no hindsight term (``hindsight_bc_coef = 0``).
-    """
-
-    name: str = "sac"  # which algorithm train.py runs (sac | ppo)
-    lr_actor: float = 1e-3  # Adam lr of the policy trunk (LoRA actor adapter, or the whole model)
-    lr_critic: float = 1e-3  # Adam lr of the critic-only parameters (Q heads, critic adapter)
-    lr_alpha: float = 3e-3  # Adam lr of log_alpha (alpha_mode=auto)
-    alpha_mode: str = "auto"  # "auto": learn alpha towards the entropy target; "fixed": keep alpha_init
-    alpha_init: float = 0.01  # initial entropy temperature (0.1 drowned a reward of 1 in the entropy bonus)
-    alpha_min: float = 1e-3  # floor on the learned alpha (log_alpha clamped after each step); 0 = no floor
-    target_entropy_ratio: float = 0.6  # H_target(s) = ratio * log |A(s)| per state
-    tau: float = 0.005  # Polyak weight of the target update after every critic step
-    critic_warmup_updates: int = 10  # first updates train the critic-only parameters only
-    grad_clip: float = 1.0  # max global grad norm per parameter group (actor, critic); 0 = no clipping
-    grad_accum: int = 1  # micro-batches per update (the batch size must be divisible by it)
-    huber: bool = False  # Huber (smooth L1) critic loss instead of the squared error
-    hindsight_bc_coef: float = 1.0  # weight of -log pi(a|s,g') on HER-relabelled transitions; 0 = pure SAC-GLAM
-    hindsight_bc_within_limit: bool = True  # only relabels achieved within the goal's step limit (t'-t+1 <= limit)
-    hindsight_bc_discount: float = 0.0  # > 0: weight each hindsight term by this ** (t' - t) (e.g. gamma); 0 = off
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term or gradient norm was NaN/inf; raised before any optimizer step, so the weights are untouched."""
-
-    def __init__(self, step: int, term: str, micro_batch: int | None, batch_stats: str) -> None:
-        """Build the message.
-
-        Args:
-            step: index of the update (0-based, as ``SACUpdater.step`` before the call).
-            term: the first offending term, e.g. ``"losses/critic"`` or ``"charts/grad_norm_actor"``.
-            micro_batch: index of the micro-batch (None for a gradient norm).
-            batch_stats: a short description of the batch (reward and discount ranges).
-        """
-        where = f" (micro-batch {micro_batch})" if micro_batch is not None else ""
-        super().__init__(
-            f"non-finite {term} at SAC update {step}{where}; batch: {batch_stats}. No optimizer step was taken. "
-            "Fix: check the batch for NaN/inf rewards, lower the learning rates or alpha_init, or enable "
-            "grad_clip / huber; resume from the last checkpoint."
-        )
-        self.step = step
-        self.term = term
+SAC_ADVICE = ("check the batch for NaN/inf rewards, lower the learning rates or alpha_init, or enable grad_clip / "
+              "huber")  # the end of NonFiniteLossError's "Fix:" sentence
 
 
 def _batch_stats(batch: Batch) -> str:
@@ -147,6 +105,12 @@ class SACUpdater:
         self.alpha_opt: Any = None
         if self.auto_alpha:
             self.alpha_opt = acc.prepare_optimizer(torch.optim.Adam([self.log_alpha], lr=cfg.lr_alpha))
+        # The processes as the accelerator sees them: each holds its own batch, gradients are averaged over them.
+        self.dist = Dist(rank=acc.process_index, world=acc.num_processes)
+        # accelerate's backward and clipping scale and unscale fp16 gradients; under fp16 an overflowing gradient
+        # is routine (the grad scaler skips that step), so only the losses are checked there.
+        self.optim = GradientStep("SAC", SAC_ADVICE, backward=acc.backward, clip_grad_norm=acc.clip_grad_norm_,
+                                  autocast=acc.autocast, check_norms=acc.mixed_precision != "fp16")
         self.step = 0
 
     @property
@@ -237,68 +201,32 @@ class SACUpdater:
         micro = size // cfg.grad_accum
         warmup = self.step < cfg.critic_warmup_updates
         alpha = self.alpha
-        for opt in (self.actor_opt, self.critic_opt, self.alpha_opt):
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-
-        per_micro: list[dict[str, torch.Tensor]] = []
-        for i in range(cfg.grad_accum):
-            with self.accelerator.autocast():  # no-op unless the accelerator was built with mixed precision
-                loss, terms = self._micro_batch(batch.slice(i * micro, (i + 1) * micro), warmup, alpha)
-            per_micro.append(terms)
-            # Dividing by the number of micro-batches makes the accumulated gradient that of the batch mean.
-            self.accelerator.backward(loss / cfg.grad_accum)
-
-        if self.accelerator.num_processes > 1:  # each process holds its own batch
-            average_gradients([*self.actor_params, *self.critic_params, self.log_alpha],
-                              lambda t: self.accelerator.reduce(t, reduction="mean"))
-
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        norms = {"charts/grad_norm_critic": self.accelerator.clip_grad_norm_(self.critic_params, max_norm)}
-        if not warmup:
-            norms["charts/grad_norm_actor"] = self.accelerator.clip_grad_norm_(self.actor_params, max_norm)
-        norms = {k: torch.as_tensor(v, device=self.device).float() for k, v in norms.items()}
-
-        # The one host sync of an update: nothing may be stepped if any term or gradient is non-finite. Under fp16
-        # an overflowing gradient is routine (the grad scaler skips that step), so only the losses are checked.
-        checked = [t.float() for terms in per_micro for t in terms.values()]
-        if self.accelerator.mixed_precision != "fp16":
-            checked += list(norms.values())
-        if not bool(torch.isfinite(torch.stack(checked)).all()):
-            self._raise_non_finite(per_micro, norms, batch)
-
-        self.critic_opt.step()
-        if not warmup:
-            self.actor_opt.step()
-            if self.alpha_opt is not None:
-                self.alpha_opt.step()
-                if cfg.alpha_min > 0:
-                    with torch.no_grad():
-                        self.log_alpha.clamp_(min=math.log(cfg.alpha_min))
+        micro_losses = [
+            lambda i=i: self._micro_batch(batch.slice(i * micro, (i + 1) * micro), warmup, alpha)
+            for i in range(cfg.grad_accum)
+        ]
+        # Critic, then actor and alpha (stepped after the critic warm-up); the actor's gradient norm is measured only
+        # once it trains. The gradients are averaged over processes as one vector: actor, critic, log_alpha.
+        groups = [
+            ParamGroup(self.critic_params, self.critic_opt, cfg.grad_clip, "charts/grad_norm_critic"),
+            ParamGroup(self.actor_params, self.actor_opt, cfg.grad_clip, "charts/grad_norm_actor", train=not warmup),
+        ]
+        if self.alpha_opt is not None:
+            groups.append(ParamGroup([self.log_alpha], self.alpha_opt, train=not warmup))
+        done = self.optim.run(self.step, micro_losses, groups, dist=self.dist,
+                              reduce_params=[*self.actor_params, *self.critic_params, self.log_alpha],
+                              context=lambda: f"batch: {_batch_stats(batch)}")
+        if not warmup and self.alpha_opt is not None and cfg.alpha_min > 0:
+            with torch.no_grad():
+                self.log_alpha.clamp_(min=math.log(cfg.alpha_min))
         self.agent.update_target(cfg.tau)
         self.step += 1
 
-        grouped: dict[str, list[torch.Tensor]] = defaultdict(list)
-        for terms in per_micro:
-            for k, v in terms.items():
-                grouped[k].append(v.float())
-        stats: UpdateStats = {k: torch.stack(v).mean() for k, v in grouped.items()}
-        stats.update(norms)
+        stats: UpdateStats = done.means()
+        stats.update(done.norms)
         stats["charts/alpha"] = self.alpha
         stats["charts/warmup"] = torch.tensor(float(warmup), device=self.device)
         return stats
-
-    def _raise_non_finite(
-        self, per_micro: list[dict[str, torch.Tensor]], norms: dict[str, torch.Tensor], batch: Batch
-    ) -> None:
-        for i, terms in enumerate(per_micro):
-            for name, value in terms.items():
-                if name != "losses/total" and not bool(torch.isfinite(value).all()):
-                    raise NonFiniteLossError(self.step, name, i, _batch_stats(batch))
-        for name, value in norms.items():
-            if not bool(torch.isfinite(value).all()):
-                raise NonFiniteLossError(self.step, name, None, _batch_stats(batch))
-        raise NonFiniteLossError(self.step, "losses/total", None, _batch_stats(batch))
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer states, ``log_alpha`` and the update counter (the agent's weights are saved separately)."""
@@ -347,19 +275,21 @@ class SACLearner:
             (``ReplayBuffer.set_achieved``) once the relabeller has judged it -- at once, before the step's updates,
             or a few steps later when it judges on a background thread (the episode is replayed under its own goal
             meanwhile).
+        dist: this process's place in a data-parallel run (one process when None); with several, updates start
+            only once every rank's buffer shard holds ``learning_starts`` sampleable transitions (its share).
     """
 
     def __init__(self, agent: Agent, cfg: SACConfig, buffer: ReplayBuffer, encoder: StepEncoder, codec: PromptCodec,
                  *, batch_size: int, replay_ratio: float, learning_starts: int, device: torch.device | str,
                  act_generator: torch.Generator, sample_generator: torch.Generator,
-                 relabeller: OnlineRelabeller | None = None) -> None:
+                 relabeller: OnlineRelabeller | None = None, dist: Dist | None = None) -> None:
         # cpu=True on CPU: without it accelerate sees one process under torchrun (sacglam/distributed.py)
         self.updater = SACUpdater(agent, cfg, Accelerator(cpu=torch.device(device).type == "cpu"))
         self.buffer, self.encoder = buffer, encoder
         self.batch_size, self.learning_starts = batch_size, learning_starts
         # Data-parallel: whether every rank's buffer shard is ready to update (their sampleable rows differ, and the
         # updates' gradient averaging needs all ranks in it); one process: its own verdict.
-        self.agree: Callable[[bool], bool] = lambda ready: ready
+        self.dist = dist if dist is not None else Dist()
         self.updates_per_vector_step = replay_ratio * buffer.n_envs / batch_size
         self.update_credit = 0.0
         self.device = device
@@ -396,13 +326,18 @@ class SACLearner:
                 self.relabeller.submit(ok)
             self._apply(self.relabeller.collect())
         stats: UpdateStats = {}
-        if self.agree(self.buffer.num_sampleable >= self.learning_starts):
+        if self._agree(self.buffer.num_sampleable >= self.learning_starts):
             self.update_credit += self.updates_per_vector_step
             while self.update_credit >= 1.0:
                 self._batch = self.buffer.sample(self.batch_size, self.generators["sample"], out=self._batch)
                 stats = self.updater.update(self._batch.to(self.device))
                 self.update_credit -= 1.0
         return stats
+
+    def _agree(self, ready: bool) -> bool:
+        """Whether to update now: this process's verdict alone, or with several processes whether every one is ready
+        (one collective: all ranks call it at every step)."""
+        return ready if self.dist.world == 1 else all(self.dist.gather(ready))
 
     def _apply(self, done: list[tuple[RelabelJob, Relabelled]]) -> None:
         """Write judged episodes' achieved goals into the buffer (an episode the ring overwrote meanwhile is counted
@@ -423,6 +358,11 @@ class SACLearner:
         if gather is None:
             return self.relabeller.stats.metrics()
         return type(self.relabeller.stats).merged(gather(self.relabeller.stats.state_dict())).metrics()
+
+    def extra_metrics(self, gather: Callable[[Any], list[Any]]) -> dict[str, float]:
+        """The loop's hook (:class:`sacglam.algos.base.Learner`): :meth:`relabel_metrics` pooled over the processes
+        with ``gather`` ({} without a relabeller, and then no collective on any rank)."""
+        return self.relabel_metrics(gather)
 
     def state_dict(self) -> dict[str, Any]:
         """The learner's state; with a background relabeller, first waits for the episodes it is judging and writes
