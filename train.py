@@ -7,9 +7,10 @@
     python train.py experiment=bitflip_her seed=3     # any preset in conf/experiment, any field as key=value
     python train.py resume=auto hydra.run.dir=outputs/run1
 
-The loop: collect one vector step -> the algorithm observes it (SAC: replay buffer + sampled updates; PPO: rollout
-storage + an update per full rollout) -> log / evaluate / checkpoint. Envs, model, codec, evaluation, logging and
-checkpoints are shared by both algorithms.
+The loop: collect one vector step -> the algorithm's learner observes it (SAC: replay buffer + sampled updates; PPO:
+rollout storage + an update per full rollout; ``sacglam.algos.base.Learner``) -> log / evaluate / checkpoint. Resume,
+logs, checkpoints, the time limit, evaluation and closing are the run harness's (``sacglam.run.harness.RunContext``),
+shared with ETO, whose rounds of explore -> pair -> DPO replace this step loop (``sacglam.algos.eto.run``).
 """
 
 from __future__ import annotations
@@ -21,210 +22,185 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import time
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from envs.vector import make_vector_env
-from sacglam.algos.eto.dpo import ETOConfig
-from sacglam.algos.eto.trainer import run_eto
-from sacglam.algos.ppo.learner import PPOConfig, PPOLearner
-from sacglam.algos.sac.learner import NonFiniteLossError, SACConfig, SACLearner
-from sacglam.checkpoint import (
-    capture_rng_state,
-    check_run_state,
-    find_latest_checkpoint,
-    load_checkpoint,
-    resolve_resume,
-    restore_rng_state,
-    save_checkpoint,
-)
+from sacglam.algos.base import Learner
+from sacglam.algos.eto.config import ETOConfig
+from sacglam.algos.eto.run import run_eto
+from sacglam.algos.sac.learner import NonFiniteLossError
+from sacglam.checkpoint import capture_rng_state, restore_rng_state
 from sacglam.collector import Collector, episode_metrics
-from sacglam.config import ALGOS, TrainConfig, register_configs
-from sacglam.curriculum import make_curriculum, resume_curriculum
-from sacglam.distributed import (
-    check_data_parallel,
-    init_distributed,
-    rank_device,
-    rank_dir,
-    rank_seed,
-    resolve_rank_resume,
-)
-from sacglam.episode_log import EpisodeLog
+from sacglam.config import register_configs
+from sacglam.curriculum import ALPCurriculum, make_curriculum, resume_curriculum
+from sacglam.distributed import rank_seed
 from sacglam.episodes import EpisodeTracker
-from sacglam.logging import RunLogger
-from sacglam.run.builders import (  # re-exported: scripts build runs through train.make_env_fn and the like
-    build_model,
-    env_state,
-    eval_env_fns,
-    make_agent,
-    make_codec,
-    make_env_fn,
-    make_evaluator,
-    make_learner,
-    make_relabeller,
-    model_codec,
-    resolve_device,
-    seed_everything,
-)
-
-__all__ = ["build_model", "env_state", "eval_env_fns", "main", "make_agent", "make_codec", "make_env_fn",
-           "make_evaluator", "make_learner", "make_relabeller", "model_codec", "resolve_device", "seed_everything"]
+from sacglam.prompting import PromptCodec
+from sacglam.run.builders import build_model, env_state, make_env_fn, make_evaluator, make_learner, seed_everything
+from sacglam.run.harness import RunContext, print_main
+from sacglam.types import TextStep
 
 register_configs()
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="config")
-def main(dcfg: DictConfig) -> float:
-    cfg: TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
-    if not isinstance(cfg.algo, (SACConfig, PPOConfig, ETOConfig)):
-        raise ValueError(f"algo must be one of the conf/algo presets ({', '.join(ALGOS)}); got {cfg.algo!r}")
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    device = resolve_device(cfg)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    dist = init_distributed(device)  # one process, or this rank of a torchrun / accelerate launch / submitit job
-    device = rank_device(device, dist)
-    check_data_parallel(cfg, dist)
-    if isinstance(cfg.algo, ETOConfig):
-        return run_eto(cfg, dcfg, run_dir, device)  # rounds of explore -> pair -> DPO instead of this step loop
-    seed_everything(cfg.seed)  # the same model on every rank
+@dataclass
+class StepRun:
+    """The step loop's parts (SAC and PPO) and its schedule: the next env steps to evaluate and checkpoint at."""
 
-    # Environments, model, agent and the algorithm's own part of the loop.
-    env_fn = make_env_fn(cfg)
-    probe = env_fn()
-    # curriculum=alp: goal-category weights from the learning progress of the training episodes (None: uniform).
+    ctx: RunContext
+    vec: Any
+    collector: Collector
+    tracker: EpisodeTracker  # finished episodes as text, for the learner and the episode log
+    curriculum: ALPCurriculum | None  # curriculum=alp: goal-category weights from learning progress (None: uniform)
+    agent: Any
+    learner: Learner
+    codec: PromptCodec
+    next_eval: int
+    next_ckpt: int
+    warned: set[str] = field(default_factory=set)
+
+    def steps(self) -> int:
+        """The run's env steps: every rank steps its own N envs."""
+        return self.collector.env_steps * self.ctx.dist.world
+
+
+def build(ctx: RunContext) -> StepRun:
+    """Envs, model, agent and learner of this process (its own env and sampling seeds, its share of the batch, its
+    own replay-buffer shard); the evaluation goes to ``ctx.evaluator``."""
+    cfg, device = ctx.cfg, ctx.device
+    seed_everything(cfg.seed)  # the same model on every rank
+    probe = make_env_fn(cfg)()
     curriculum = make_curriculum(cfg.curriculum, probe, cfg.env.id, cfg.env.kwargs)
     vec = make_vector_env(cfg.env.id, cfg.env.num_envs, env_kwargs=dict(cfg.env.kwargs), mode=cfg.env.vector)
     model, _, codec = build_model(cfg, probe, device)
-    # Each rank: its own env and sampling seeds, its share of the batch, its own replay-buffer shard.
-    local = replace(cfg, seed=rank_seed(cfg.seed, dist.rank), batch_size=cfg.batch_size // dist.world,
-                    learning_starts=cfg.learning_starts // dist.world)
-    if isinstance(cfg.algo, PPOConfig):  # PPO: its share of every minibatch of its own rollout
-        local = replace(local, algo=replace(cfg.algo, minibatch_size=cfg.algo.minibatch_size // dist.world))
-    agent, learner = make_learner(local, model, codec, probe, device)
-    if dist.world > 1 and isinstance(learner, SACLearner):
-        learner.agree = lambda ready: all(dist.gather(ready))  # update only when every shard can
-    if dist.world > 1 and isinstance(learner, PPOLearner):
-        learner.updater.dist = dist
-    collector = Collector(vec, learner.act, seed=local.seed)
-    tracker = EpisodeTracker(cfg.env.num_envs)  # finished episodes as text, for the relabeller and episode log
-    run_eval = make_evaluator(cfg, agent, codec, probe, device)  # greedy (and sampled) success per goal category
+    agent, learner = make_learner(cfg, model, codec, probe, device, ctx.dist, overrides=ctx.overrides)
+    collector = Collector(vec, learner.act, seed=rank_seed(cfg.seed, ctx.dist.rank))
+    ctx.evaluator = make_evaluator(cfg, agent, codec, probe, device)  # greedy (and sampled) success per category
+    return StepRun(ctx, vec, collector, EpisodeTracker(cfg.env.num_envs), curriculum, agent, learner, codec,
+                   next_eval=cfg.eval.every, next_ckpt=cfg.checkpoint.every)
 
-    # Resume: the newest complete checkpoint of the run folder (a corrupt one is skipped with a warning); with
-    # several processes, the newest step every rank holds.
-    ckpt_path = resolve_rank_resume(cfg.resume, run_dir, dist) if dist.world > 1 else resolve_resume(cfg.resume,
-                                                                                                     run_dir)
-    next_eval, next_ckpt = cfg.eval.every, cfg.checkpoint.every
-    if ckpt_path is not None:
-        state = load_checkpoint(ckpt_path, map_location=device, weights_only=False)  # our own file
-        check_run_state(state, ckpt_path, cfg.algo.name, dist.world)
-        agent.load_state_dict(state["agent"])
-        learner.load_state_dict(state["learner"])
-        if state["envs"] is not None:
-            vec.set_state(state["envs"])
-        collector.load_state_dict(state["collector"], envs_restored=state["envs"] is not None)
-        if "episodes" in state:
-            tracker.load_state_dict(state["episodes"])
-        if state["envs"] is None:
-            tracker.drop_running()
-        resume_curriculum(curriculum, state.get("curriculum"), ckpt_path)  # (older checkpoints have none)
-        restore_rng_state(state["rng"], generators=learner.generators)
-        next_eval, next_ckpt = state["loop"]
-        if dist.is_main:
-            print(f"resumed from {ckpt_path} at env step {collector.env_steps * dist.world}")
-    if curriculum is not None:  # the envs draw from p from their next reset on (no RNG is used to set it)
-        vec.call("set_goal_weights", curriculum.weights())
-    steps = lambda: collector.env_steps * dist.world  # noqa: E731 - the global count: every rank steps N envs
-    logger = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(dcfg, resolve=True), cfg.total_env_steps,  # type: ignore[arg-type]
-                       resume_from_step=steps() if ckpt_path is not None else None,
-                       keep_lines=state.get("metrics_lines") if ckpt_path is not None else None
-                       ) if dist.is_main else None
-    episode_log = EpisodeLog(run_dir, cfg.logger.episodes_max_mb, collector.env_steps if ckpt_path else None
-                             ) if cfg.logger.episodes else None
 
-    def checkpoint() -> None:
-        state = {"algo": cfg.algo.name, "agent": agent.state_dict(), "learner": learner.state_dict(),
-                 "collector": collector.state_dict(), "envs": env_state(vec), "episodes": tracker.state_dict(),
-                 "curriculum": curriculum.state_dict() if curriculum is not None else None,
-                 "rng": capture_rng_state(generators=learner.generators), "loop": (next_eval, next_ckpt),
-                 "world": dist.world, "metrics_lines": logger.lines if logger is not None else None}
-        save_checkpoint(rank_dir(run_dir, dist.rank), steps(), state, keep=cfg.checkpoint.keep)
-        dist.barrier()  # every rank's shard is on disk before any goes on
+def resume(run: StepRun, state: dict[str, Any]) -> None:
+    """Continue exactly from a checkpoint's state (envs that could not be saved restart their episodes)."""
+    run.agent.load_state_dict(state["agent"])
+    run.learner.load_state_dict(state["learner"])
+    if state["envs"] is not None:
+        run.vec.set_state(state["envs"])
+    run.collector.load_state_dict(state["collector"], envs_restored=state["envs"] is not None)
+    if "episodes" in state:
+        run.tracker.load_state_dict(state["episodes"])
+    if state["envs"] is None:
+        run.tracker.drop_running()
+    resume_curriculum(run.curriculum, state.get("curriculum"), run.ctx.resumed_from)  # (older checkpoints: none)
+    restore_rng_state(state["rng"], generators=run.learner.generators)
+    run.next_eval, run.next_ckpt = state["loop"]
+    print_main(run.ctx.dist, f"resumed from {run.ctx.resumed_from} at env step {run.steps()}")
 
-    start, warned = time.monotonic(), set()
-    while steps() < cfg.total_env_steps:
-        # Collect one step of every env; the algorithm stores it and updates when it is time.
-        step, episodes = collector.step()
-        records = tracker.add(step, episodes, policy_version=learner.updates, env_steps=collector.env_steps)
-        if episode_log is not None and records:
-            episode_log.write(records)
-        # Every rank's finished episodes, and the time-limit verdict, so that all ranks stop at the same step.
-        time_up = bool(cfg.time_limit_min and time.monotonic() - start > 60 * cfg.time_limit_min)
-        shared = dist.gather((episodes, time_up))
-        episodes = [e for part, _ in shared for e in part]
-        metrics: dict[str, Any] = episode_metrics(episodes) if episodes else {}
-        if curriculum is not None and episodes:  # every rank: the same pooled episodes, so the same p everywhere
-            curriculum.update(episodes)
-            vec.call("set_goal_weights", curriculum.weights())  # this step's auto-resets drew from the old p
-        try:
-            metrics.update(learner.observe(step, records))
-        except NonFiniteLossError as exc:
-            last = find_latest_checkpoint(run_dir)
-            raise RuntimeError(f"stopped at env step {collector.env_steps}: {exc} Last good checkpoint: "
-                               f"{last or 'none'} (continue with resume=auto).") from exc
-        if codec.truncated_count and "cut" not in warned:
-            warned.add("cut")
-            warnings.warn(f"observations longer than buffer.max_obs_tokens={codec.max_obs_tokens} are being cut "
-                          f"({cfg.prompt.obs_truncation}); counted in charts/obs_truncated", stacklevel=1)
-        if codec.unfaithful_count and "unfaithful" not in warned:
-            warned.add("unfaithful")
-            warnings.warn("some prompt text merges across the template's cuts, so its ids differ from the tokenizer's "
-                          "on the whole text (PromptCodec); counted in charts/unfaithful_tokenisation", stacklevel=1)
-        metrics.update({"charts/updates": learner.updates, "charts/obs_truncated": codec.truncated_count,
-                        "charts/unfaithful_tokenisation": codec.unfaithful_count})
-        if curriculum is not None:
-            metrics.update(curriculum.metrics())
-        if episodes and isinstance(learner, SACLearner):  # (episodes: every rank's, so all ranks gather or none)
-            metrics.update(learner.relabel_metrics(dist.gather))
-        if cfg.eval.every and steps() >= next_eval:
-            if dist.is_main:  # evaluation runs once; the other ranks wait at the next collective
-                metrics.update(run_eval())
-                metrics["perf/minutes"] = (time.monotonic() - start) / 60  # this process's wall clock, evals included
-            next_eval += cfg.eval.every
-        if logger is not None:
-            logger.log(steps(), metrics)
-        if cfg.checkpoint.every and steps() >= next_ckpt:
-            next_ckpt += cfg.checkpoint.every
-            checkpoint()
-        if any(up for _, up in shared):
-            if dist.is_main:
-                print(f"time limit of {cfg.time_limit_min} min reached at env step {steps()}")
+
+def checkpoint(run: StepRun) -> None:
+    """Save this rank's checkpoint at the run's env step (every rank together)."""
+    curriculum = run.curriculum.state_dict() if run.curriculum is not None else None
+    run.ctx.save(run.steps(), {
+        "agent": run.agent.state_dict(), "learner": run.learner.state_dict(), "collector": run.collector.state_dict(),
+        "envs": env_state(run.vec), "episodes": run.tracker.state_dict(), "curriculum": curriculum,
+        "rng": capture_rng_state(generators=run.learner.generators), "loop": (run.next_eval, run.next_ckpt)})
+
+
+def observe(run: StepRun, step: TextStep, records: list[Any]) -> dict[str, Any]:
+    """The learner's update stats of this step; a non-finite loss stops the run naming its last good checkpoint."""
+    try:
+        return dict(run.learner.observe(step, records))
+    except NonFiniteLossError as exc:
+        raise RuntimeError(f"stopped at env step {run.collector.env_steps}: {exc} Last good checkpoint: "
+                           f"{run.ctx.latest_checkpoint() or 'none'} (continue with resume=auto).") from exc
+
+
+def codec_metrics(run: StepRun) -> dict[str, Any]:
+    """``charts/updates`` and the prompt codec's counters, warning once about each kind of damaged prompt."""
+    codec, cfg = run.codec, run.ctx.cfg
+    if codec.truncated_count and "cut" not in run.warned:
+        run.warned.add("cut")
+        warnings.warn(f"observations longer than buffer.max_obs_tokens={codec.max_obs_tokens} are being cut "
+                      f"({cfg.prompt.obs_truncation}); counted in charts/obs_truncated", stacklevel=1)
+    if codec.unfaithful_count and "unfaithful" not in run.warned:
+        run.warned.add("unfaithful")
+        warnings.warn("some prompt text merges across the template's cuts, so its ids differ from the tokenizer's "
+                      "on the whole text (PromptCodec); counted in charts/unfaithful_tokenisation", stacklevel=1)
+    return {"charts/updates": run.learner.updates, "charts/obs_truncated": codec.truncated_count,
+            "charts/unfaithful_tokenisation": codec.unfaithful_count}
+
+
+def loop_step(run: StepRun) -> bool:
+    """One vector step: collect, let the learner observe it, log, evaluate and checkpoint when due. Returns whether
+    the time limit stops the run here (agreed by every rank, so all stop at the same step)."""
+    ctx, cfg, dist = run.ctx, run.ctx.cfg, run.ctx.dist
+    step, episodes = run.collector.step()
+    records = run.tracker.add(step, episodes, policy_version=run.learner.updates, env_steps=run.collector.env_steps)
+    ctx.write_episodes(records)
+    shared = dist.gather((episodes, ctx.time_up()))  # every rank's finished episodes and time-limit verdict
+    episodes = [e for part, _ in shared for e in part]
+    metrics: dict[str, Any] = episode_metrics(episodes) if episodes else {}
+    if run.curriculum is not None and episodes:  # every rank: the same pooled episodes, so the same p everywhere
+        run.curriculum.update(episodes)
+        run.vec.call("set_goal_weights", run.curriculum.weights())  # this step's auto-resets drew from the old p
+    metrics.update(observe(run, step, records))
+    metrics.update(codec_metrics(run))
+    if run.curriculum is not None:
+        metrics.update(run.curriculum.metrics())
+    if episodes:  # (every rank's episodes: all ranks call the learner's collectives, or none)
+        metrics.update(run.learner.extra_metrics(dist.gather))
+    if cfg.eval.every and run.steps() >= run.next_eval:
+        if dist.is_main:  # evaluation runs once; the other ranks wait at the next collective
+            metrics.update(ctx.evaluate())
+            metrics["perf/minutes"] = ctx.minutes()  # this process's wall clock, evaluations included
+        run.next_eval += cfg.eval.every
+    ctx.log(run.steps(), metrics)
+    if cfg.checkpoint.every and run.steps() >= run.next_ckpt:
+        run.next_ckpt += cfg.checkpoint.every
+        checkpoint(run)
+    if any(up for _, up in shared):
+        ctx.announce_time_limit(run.steps())
+        return True
+    return False
+
+
+def finish(run: StepRun) -> float:
+    """The final evaluation, checkpoint and metrics row; returns the final greedy success (0.0 off rank 0)."""
+    final = run.ctx.evaluate()
+    final["perf/minutes"] = run.ctx.minutes()
+    checkpoint(run)  # (after a background relabeller's last episodes are in the buffer and counted)
+    final.update(run.learner.extra_metrics(run.ctx.dist.gather))
+    run.vec.close()
+    run.ctx.log(run.steps(), final)
+    return run.ctx.close(final, f"after {run.steps()} env steps and {run.learner.updates} updates")
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
+def main(dcfg: DictConfig) -> float:
+    """Run the composed configuration to its end (or time limit); returns the final greedy success."""
+    hydra_cfg = HydraConfig.get()  # (sacglam never reads Hydra's global state: what it needs is passed on)
+    ctx = RunContext.start(dcfg, Path(hydra_cfg.runtime.output_dir), hydra_cfg.overrides.task)
+    if isinstance(ctx.cfg.algo, ETOConfig):
+        return run_eto(ctx)  # rounds of explore -> pair -> DPO instead of this step loop
+    run = build(ctx)
+    state = ctx.load_resume()  # the newest complete checkpoint of the run folder (resume=auto)
+    if state is not None:
+        resume(run, state)
+    if run.curriculum is not None:  # the envs draw from p from their next reset on (no RNG is used to set it)
+        run.vec.call("set_goal_weights", run.curriculum.weights())
+    ctx.open_logs(state, log_step=run.steps(), episode_step=run.collector.env_steps)
+    ctx.start_clock()
+    while run.steps() < ctx.cfg.total_env_steps:
+        if loop_step(run):
             break
-
-    final = run_eval() if dist.is_main else {}
-    final["perf/minutes"] = (time.monotonic() - start) / 60
-    checkpoint()  # (after a background relabeller's last episodes are in the buffer and counted)
-    if isinstance(learner, SACLearner):
-        final.update(learner.relabel_metrics(dist.gather))
-    vec.close()
-    if episode_log is not None:
-        episode_log.close()
-    if logger is None:
-        return 0.0
-    logger.log(steps(), final)
-    logger.close()
-    success = final.get("eval/greedy/success", 0.0)
-    print(f"final greedy success {success:.3f} after {steps()} env steps and {learner.updates} updates; "
-          f"run folder {run_dir}")
-    return success
+    return finish(run)
 
 
 if __name__ == "__main__":

@@ -1,51 +1,26 @@
 """Step a batch of text environments with an act function and emit one ``TextStep`` per vector step.
 
-The collector is the only place where the environments meet the policy, and it sees the policy only as an
-``ActFn`` (``(goals, observations, candidates) -> ActOutput``): it imports neither the agent, the SAC updater nor the
-buffer (docs/design/ARCHITECTURE.md), and never imports ``envs`` -- the vector env comes in as an argument typed by the
-``VectorTextEnv`` Protocol below (``envs.vector.SyncVectorTextEnv`` / ``SubprocVectorTextEnv`` satisfy it).
+The collector is the training side of the episode player (``sacglam.player``, which also serves the evaluation and
+ETO's exploration): it steps all N envs with the player, the vector env auto-resetting a finished one, and turns each
+vector step into a ``TextStep`` of transitions and the ``EpisodeStats`` of the episodes that ended. It sees the policy
+only as an ``ActFn`` (``(goals, observations, candidates) -> ActOutput``): it imports neither the agent, the SAC
+updater nor the buffer (docs/design/ARCHITECTURE.md), and never imports ``envs`` -- the vector env comes in as an
+argument typed by the ``VectorTextEnv`` Protocol (defined in ``sacglam.player``, re-exported here;
+``envs.vector.SyncVectorTextEnv`` / ``SubprocVectorTextEnv`` satisfy it).
 
 n-step returns are **not** computed here: the buffer computes them at sample time, so that HER can recompute them
-for relabelled goals. The collector emits raw one-step transitions only.
-"""
+for relabelled goals. The collector emits raw one-step transitions only."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import torch
 
+from sacglam.player import PlayedStep, Player, VectorStepLike, VectorTextEnv, episode_success, info_field
 from sacglam.types import ActFn, TextStep
-
-
-class VectorStepLike(Protocol):
-    """What ``VectorTextEnv.step`` returns (``envs.vector.VectorStepResult``).
-
-    Finished envs are auto-reset: ``observations[i]``/``infos[i]`` are the new episode's, and
-    ``infos[i]["final_observation"]`` / ``infos[i]["final_info"]`` hold the finished episode's last ones.
-    """
-
-    observations: list[str]
-    rewards: np.ndarray  # [N] float32
-    terminated: np.ndarray  # [N] bool
-    truncated: np.ndarray  # [N] bool
-    infos: list[dict[str, Any]]
-
-
-class VectorTextEnv(Protocol):
-    """The vector-env contract of ``envs/vector.py``: N text envs stepped together, with auto-reset."""
-
-    @property
-    def num_envs(self) -> int: ...
-
-    def reset(
-        self, *, seed: int | None = None, options: Sequence[dict[str, Any] | None] | None = None
-    ) -> tuple[list[str], list[dict[str, Any]]]: ...
-
-    def step(self, actions: Sequence[str]) -> VectorStepLike: ...
 
 
 @dataclass
@@ -69,25 +44,6 @@ class EpisodeStats:
     env_index: int = 0
 
 
-def episode_success(reward: float, terminated: bool, final_info: Mapping[str, Any]) -> bool:
-    """Whether an episode that just ended succeeded.
-
-    The env's own verdict wins when it gives one: ``final_info["won"]`` (TextWorld's name) or else
-    ``final_info["success"]``. Otherwise success means the last step was *terminated* with a positive reward: in every
-    env of this project reaching the goal pays 1 and terminates, while a time limit truncates (never a success) --
-    a rule that also holds for BabyAI's ``1 - 0.9 t / T`` reward, which is positive on success only.
-
-    Args:
-        reward: reward of the episode's last step.
-        terminated: whether that step terminated (as opposed to truncated) the episode.
-        final_info: the info of the last step.
-    """
-    for key in ("won", "success"):
-        if key in final_info and final_info[key] is not None:
-            return bool(final_info[key])
-    return bool(terminated) and reward > 0
-
-
 def episode_metrics(episodes: Sequence[EpisodeStats]) -> dict[str, float]:
     """CleanRL-style training metrics over finished episodes (empty dict when there are none).
 
@@ -104,18 +60,6 @@ def episode_metrics(episodes: Sequence[EpisodeStats]) -> dict[str, float]:
     for cat in sorted({e.goal_category for e in episodes}):
         out[f"charts/success/{cat}"] = float(np.mean([e.success for e in episodes if e.goal_category == cat]))
     return out
-
-
-def _info_field(info: Mapping[str, Any], key: str, env_index: int, where: str) -> Any:
-    """``info[key]`` with an error that names the env and the contract when the env does not provide it."""
-    try:
-        return info[key]
-    except KeyError:
-        raise KeyError(
-            f"env {env_index}: {where} info has no {key!r} (keys: {sorted(info)}); every env must fill "
-            f"info['goal'], info['goal_category'], info['admissible_actions'] and info['achieved_goals'] "
-            f"(see envs/base.py and docs/design/ENVIRONMENTS.md)"
-        ) from None
 
 
 class Collector:
@@ -155,31 +99,21 @@ class Collector:
         self.envs = envs
         self.act = act
         self.seed = seed
-        self.num_envs = int(envs.num_envs)
+        self.player = Player(envs)
+        self.num_envs = self.player.num_envs
         self.env_steps = 0
         self.episodes = 0
         self._reset_seed: int | None = seed
-        self._obs: list[str] | None = None
-        self._infos: list[dict[str, Any]] | None = None
-        self._ep_return = np.zeros(self.num_envs, dtype=np.float64)
-        self._ep_length = np.zeros(self.num_envs, dtype=np.int64)
 
     def reset(self, seed: int | None = None) -> tuple[list[str], list[dict[str, Any]]]:
         """Reset all envs now (env i with ``seed + i``; the pending reset seed when ``seed`` is None).
 
         Episodes in progress are dropped without ``EpisodeStats``.
         """
-        obs, infos = self.envs.reset(seed=self._reset_seed if seed is None else seed)
-        if len(obs) != self.num_envs or len(infos) != self.num_envs:
-            raise ValueError(
-                f"vector env reset returned {len(obs)} observations and {len(infos)} infos for "
-                f"num_envs={self.num_envs}"
-            )
-        self._obs, self._infos = list(obs), list(infos)
+        self.player.reset(seed=self._reset_seed if seed is None else seed)
         self._reset_seed = None  # later resets come from the vector env's own auto-reset
-        self._ep_return[:] = 0.0
-        self._ep_length[:] = 0
-        return self._obs, self._infos
+        assert self.player.observations is not None and self.player.infos is not None
+        return self.player.observations, self.player.infos
 
     def step(self) -> tuple[TextStep, list[EpisodeStats]]:
         """Take one vector step with the act function.
@@ -190,87 +124,41 @@ class Collector:
 
         Raises:
             IndexError: ``act`` chose an index outside an env's candidate list (names the env and the list size).
+            KeyError: an info lacks a field of the env contract (names the env and the field).
         """
-        if self._obs is None or self._infos is None:
+        if self.player.infos is None:
             self.reset()
-        assert self._obs is not None and self._infos is not None
-        n = self.num_envs
-        observations = self._obs
-        infos = self._infos
-        goals = [str(_info_field(info, "goal", i, "current")) for i, info in enumerate(infos)]
-        categories = [str(_info_field(info, "goal_category", i, "current")) for i, info in enumerate(infos)]
-        candidates = [list(_info_field(info, "admissible_actions", i, "current")) for i, info in enumerate(infos)]
-
-        with torch.inference_mode():
-            out = self.act(goals, observations, candidates)
-        # ActOutput tensors are on CPU by contract; .tolist() is the one conversion per step.
-        actions = [int(a) for a in out.action.reshape(-1).tolist()]
-        logp = [float(x) for x in out.logp.reshape(-1).tolist()]
-        if len(actions) != n or len(logp) != n:
-            raise ValueError(f"act returned {len(actions)} actions and {len(logp)} log-probs for {n} envs")
-        action_strings = []
-        for i, (a, cands) in enumerate(zip(actions, candidates, strict=True)):
-            if not 0 <= a < len(cands):
-                raise IndexError(
-                    f"env {i}: act chose candidate index {a} but the state has {len(cands)} candidates {cands}"
-                )
-            action_strings.append(cands[a])
-
-        res = self.envs.step(action_strings)
-        rewards = [float(r) for r in np.asarray(res.rewards).reshape(-1)]
-        terminated = [bool(t) for t in np.asarray(res.terminated).reshape(-1)]
-        truncated = [bool(t) for t in np.asarray(res.truncated).reshape(-1)]
-
-        next_observations: list[str] = []
+        played = self.player.step(self.act)
         next_candidates: list[list[str]] = []
         achieved_goals: list[list[str]] = []
         finished: list[EpisodeStats] = []
-        for i in range(n):
-            info = res.infos[i]
-            self._ep_return[i] += rewards[i]
-            self._ep_length[i] += 1
-            if terminated[i] or truncated[i]:
-                last_obs = str(_info_field(info, "final_observation", i, "auto-reset"))
-                last_info = _info_field(info, "final_info", i, "auto-reset")
-                # A terminal state's candidates are never bootstrapped through, so the env may leave them out.
-                if terminated[i]:
-                    cands = last_info.get("admissible_actions", [])
-                else:  # truncated: the critic bootstraps through this state, so its candidates are required
-                    cands = _info_field(last_info, "admissible_actions", i, "final")
-                next_observations.append(last_obs)
-                next_candidates.append(list(cands))
-                achieved_goals.append(list(_info_field(last_info, "achieved_goals", i, "final")))
+        for k, i in enumerate(played.envs):
+            cands, achieved = _next_state(played, k)
+            next_candidates.append(cands)
+            achieved_goals.append(achieved)
+            if played.ended(k):
                 finished.append(
                     EpisodeStats(
-                        goal=goals[i],
-                        goal_category=categories[i],
-                        success=episode_success(rewards[i], terminated[i], last_info),
-                        length=int(self._ep_length[i]),
-                        return_=float(self._ep_return[i]),
+                        goal=played.goals[k],
+                        goal_category=played.categories[k],
+                        success=episode_success(played.rewards[k], played.terminated[k], played.last_infos[k]),
+                        length=played.lengths[k],
+                        return_=played.returns[k],
                         env_index=i,
                     )
                 )
-                self._ep_return[i] = 0.0
-                self._ep_length[i] = 0
-            else:
-                next_observations.append(str(res.observations[i]))
-                next_candidates.append(list(_info_field(info, "admissible_actions", i, "step")))
-                achieved_goals.append(list(_info_field(info, "achieved_goals", i, "step")))
-
-        self.env_steps += n
+        self.env_steps += self.num_envs
         self.episodes += len(finished)
-        self._obs = [str(o) for o in res.observations]
-        self._infos = list(res.infos)
         step = TextStep(
-            goals=goals,
-            observations=list(observations),
-            candidates=candidates,
-            actions=actions,
-            logp=logp,
-            rewards=rewards,
-            terminated=terminated,
-            truncated=truncated,
-            next_observations=next_observations,
+            goals=played.goals,
+            observations=played.observations,
+            candidates=played.candidates,
+            actions=played.actions,
+            logp=played.logp,
+            rewards=played.rewards,
+            terminated=played.terminated,
+            truncated=played.truncated,
+            next_observations=played.last_observations,
             next_candidates=next_candidates,
             achieved_goals=achieved_goals,
         )
@@ -282,15 +170,16 @@ class Collector:
         Together with the vector env's own state (``envs.get_state()``, where the envs can be pickled) this resumes
         exactly; without it, ``load_state_dict`` restarts the envs from a fresh seed.
         """
+        player = self.player
         return {
             "seed": self.seed,
             "env_steps": self.env_steps,
             "episodes": self.episodes,
             "reset_seed": self._reset_seed,
-            "observations": None if self._obs is None else list(self._obs),
-            "infos": None if self._infos is None else list(self._infos),
-            "episode_return": self._ep_return.tolist(),
-            "episode_length": self._ep_length.tolist(),
+            "observations": None if player.observations is None else list(player.observations),
+            "infos": None if player.infos is None else list(player.infos),
+            "episode_return": player.episode_return.tolist(),
+            "episode_length": player.episode_length.tolist(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any], *, envs_restored: bool = False) -> None:
@@ -307,15 +196,34 @@ class Collector:
         self.seed = int(state["seed"])
         self.env_steps = int(state["env_steps"])
         self.episodes = int(state["episodes"])
+        player = self.player
         if envs_restored and state.get("infos") is not None:
             self._reset_seed = state.get("reset_seed")
-            self._obs = list(state["observations"])
-            self._infos = list(state["infos"])
-            self._ep_return[:] = np.asarray(state["episode_return"], dtype=np.float64)
-            self._ep_length[:] = np.asarray(state["episode_length"], dtype=np.int64)
+            player.observations = list(state["observations"])
+            player.infos = list(state["infos"])
+            player.episode_return[:] = np.asarray(state["episode_return"], dtype=np.float64)
+            player.episode_length[:] = np.asarray(state["episode_length"], dtype=np.int64)
             return
         self._reset_seed = self.seed + self.env_steps
-        self._obs = None
-        self._infos = None
-        self._ep_return[:] = 0.0
-        self._ep_length[:] = 0
+        player.observations = None
+        player.infos = None
+        player.episode_return[:] = 0.0
+        player.episode_length[:] = 0
+
+
+def _next_state(played: PlayedStep, k: int) -> tuple[list[str], list[str]]:
+    """The candidates and newly achieved goals of the state the k-th env reached (its episode's last when it ended).
+
+    A terminal state's candidates are never bootstrapped through, so the env may leave them out (``[]``); a truncated
+    or running episode's state is bootstrapped through, so its candidates are required.
+    """
+    i, info = played.envs[k], played.last_infos[k]
+    if played.terminated[k]:
+        cands = info.get("admissible_actions", [])
+    else:
+        cands = info_field(info, "admissible_actions", i, "final" if played.truncated[k] else "step")
+    achieved = info_field(info, "achieved_goals", i, "final" if played.ended(k) else "step")
+    return list(cands), list(achieved)
+
+
+__all__ = ["Collector", "EpisodeStats", "VectorStepLike", "VectorTextEnv", "episode_metrics", "episode_success"]

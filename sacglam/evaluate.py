@@ -6,79 +6,22 @@
 
 Episode ``j`` of the plan (categories in the given order, ``episodes_per_category`` each) is reset with seed
 ``seed + j`` and ``options={"goal_category": c}``, whatever the number of envs, so results depend only on the seed and
-the act functions. Greedy and sampled evaluation run the same episodes. Like the collector, this module never
-imports ``envs``: environments come in as factories or as a vector env.
+the act functions. Greedy and sampled evaluation run the same episodes, played in waves of one task per env by the
+episode player (``sacglam.player.play_waves``, which the training collector and ETO's exploration use too). Like the
+collector, this module never imports ``envs``: environments come in as factories or as a vector env.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
-from sacglam.collector import VectorTextEnv, episode_success
+from sacglam.player import Player, VectorTextEnv
 from sacglam.types import ActFn, TextEnv
-
-
-@dataclass
-class _Step:
-    """A ``VectorStepLike`` for ``_EnvList``."""
-
-    observations: list[str]
-    rewards: np.ndarray
-    terminated: np.ndarray
-    truncated: np.ndarray
-    infos: list[dict[str, Any]]
-
-
-class _EnvList:
-    """Plain envs behind the vector interface, without auto-reset: a finished env is not stepped again.
-
-    Its ``step`` result carries ``final_observation`` / ``final_info`` for an env that just finished, like the vector
-    env, so the evaluation loop reads both the same way.
-    """
-
-    def __init__(self, envs: Sequence[TextEnv]) -> None:
-        self.envs = list(envs)
-        self.num_envs = len(self.envs)
-        self._done = [True] * self.num_envs
-        self._obs: list[str] = [""] * self.num_envs
-        self._infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
-
-    def reset(
-        self, *, seed: int | None = None, options: Sequence[dict[str, Any] | None] | None = None
-    ) -> tuple[list[str], list[dict[str, Any]]]:
-        for i, env in enumerate(self.envs):
-            env_seed = None if seed is None else seed + i
-            self._obs[i], self._infos[i] = env.reset(seed=env_seed, options=None if options is None else options[i])
-            self._done[i] = False
-        return list(self._obs), list(self._infos)
-
-    def step(self, actions: Sequence[str]) -> _Step:
-        n = self.num_envs
-        rewards = np.zeros(n, dtype=np.float32)
-        terminated = np.zeros(n, dtype=bool)
-        truncated = np.zeros(n, dtype=bool)
-        for i, env in enumerate(self.envs):
-            if self._done[i]:
-                continue  # the caller ignores finished envs; stepping them would raise in most envs
-            obs, reward, term, trunc, info = env.step(actions[i])
-            rewards[i], terminated[i], truncated[i] = reward, term, trunc
-            if term or trunc:
-                info = {**info, "final_observation": obs, "final_info": info}
-                self._done[i] = True
-            self._obs[i], self._infos[i] = obs, info
-        return _Step(list(self._obs), rewards, terminated, truncated, list(self._infos))
-
-    def close(self) -> None:
-        for env in self.envs:
-            close = getattr(env, "close", None)
-            if close is not None:
-                close()
+from sacglam.waves import EnvList, Task, play_waves
 
 
 def _is_vector_env(envs: object) -> bool:
@@ -86,69 +29,19 @@ def _is_vector_env(envs: object) -> bool:
 
 
 def _run_episodes(
-    vec: VectorTextEnv | _EnvList,
-    act: ActFn,
-    plan: Sequence[str],
-    seed: int,
-    max_steps: int,
+    player: Player, act: ActFn, plan: Sequence[str], seed: int, max_steps: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run one episode per entry of ``plan`` (a goal category each) in waves of ``num_envs``.
+    """Run one episode per entry of ``plan`` (a goal category each; episode j resets with seed ``seed + j``) in waves
+    of ``num_envs``; the last wave's spare envs are reset too (a vector env resets all) and ignored.
 
     Returns:
         success [E] bool, length [E] int, return [E] float, in plan order.
     """
-    n_envs = int(vec.num_envs)
-    n_ep = len(plan)
-    success = np.zeros(n_ep, dtype=bool)
-    length = np.zeros(n_ep, dtype=np.int64)
-    ret = np.zeros(n_ep, dtype=np.float64)
-    for start in range(0, n_ep, n_envs):
-        count = min(n_envs, n_ep - start)
-        # Envs past the end of the plan in the last wave still need a reset (vector envs reset all); they are ignored.
-        cats = [plan[min(start + i, n_ep - 1)] for i in range(n_envs)]
-        obs, infos = vec.reset(seed=seed + start, options=[{"goal_category": c} for c in cats])
-        for i in range(count):
-            got = infos[i].get("goal_category")
-            if got != cats[i]:
-                raise ValueError(
-                    f"env {i}: reset(options={{'goal_category': {cats[i]!r}}}) gave goal {infos[i].get('goal')!r} "
-                    f"of category {got!r}; the env must honour the goal_category option"
-                )
-        active = np.arange(n_envs) < count
-        for _ in range(max_steps):
-            idx: list[int] = np.flatnonzero(active).tolist()
-            if not idx:
-                break
-            cands = [list(infos[i]["admissible_actions"]) for i in idx]
-            with torch.inference_mode():
-                out = act([str(infos[i]["goal"]) for i in idx], [obs[i] for i in idx], cands)
-            chosen = out.action.reshape(-1).tolist()
-            if len(chosen) != len(idx):
-                raise ValueError(f"act returned {len(chosen)} actions for {len(idx)} states")
-            # Finished vector envs run on in their auto-reset episode; any admissible action does, and is ignored.
-            actions = [(info.get("admissible_actions") or [""])[0] for info in infos]
-            for k, i in enumerate(idx):
-                a = int(chosen[k])
-                if not 0 <= a < len(cands[k]):
-                    raise IndexError(f"env {i}: act chose candidate {a} of {len(cands[k])} candidates {cands[k]}")
-                actions[i] = cands[k][a]
-            res = vec.step(actions)
-            for i in idx:
-                e = start + i
-                reward = float(res.rewards[i])
-                length[e] += 1
-                ret[e] += reward
-                term, trunc = bool(res.terminated[i]), bool(res.truncated[i])
-                if term or trunc:
-                    success[e] = episode_success(reward, term, res.infos[i]["final_info"])
-                    active[i] = False
-            obs, infos = list(res.observations), list(res.infos)
-        else:
-            if active.any():
-                raise RuntimeError(
-                    f"evaluation episodes {[start + int(i) for i in np.flatnonzero(active)]} did not end within "
-                    f"max_steps={max_steps}; the env should truncate at its step limit (or raise max_steps)"
-                )
+    tasks = [Task(j, seed + j, c) for j, c in enumerate(plan)]
+    episodes = [ep for wave, _ in play_waves(player, tasks, act, max_steps=max_steps, fill=True) for ep in wave]
+    success = np.array([ep.success for ep in episodes], dtype=bool)
+    length = np.array([ep.length for ep in episodes], dtype=np.int64)
+    ret = np.array([ep.return_ for ep in episodes], dtype=np.float64)
     return success, length, ret
 
 
@@ -186,21 +79,22 @@ def evaluate(
     if episodes_per_category < 1:
         raise ValueError(f"episodes_per_category must be >= 1, got {episodes_per_category}")
     plan = [c for c in categories for _ in range(episodes_per_category)]
-    owned: _EnvList | None = None
+    owned: EnvList | None = None
     if _is_vector_env(envs):
-        vec: VectorTextEnv | _EnvList = envs  # type: ignore[assignment]
+        vec: VectorTextEnv | EnvList = envs  # type: ignore[assignment]
     else:
         fns = list(envs)  # type: ignore[arg-type]
         if not fns:
             raise ValueError("evaluate got an empty list of env factories")
-        owned = vec = _EnvList([fn() for fn in fns])
+        owned = vec = EnvList([fn() for fn in fns])
+    player = Player(vec)
     modes: list[tuple[str, ActFn]] = [("greedy", act_greedy)]
     if act_sample is not None:
         modes.append(("sample", act_sample))
     metrics: dict[str, float] = {}
     try:
         for mode, act in modes:
-            success, length, ret = _run_episodes(vec, act, plan, seed, max_steps)
+            success, length, ret = _run_episodes(player, act, plan, seed, max_steps)
             cats = np.array(plan)
             per_cat_success = []
             per_cat_length = []
@@ -256,7 +150,13 @@ def evaluate_splits(
     metrics: dict[str, float] = {}
     for prefix, fn in env_fns.items():
         generator.manual_seed(seed)
-        result = evaluate([fn] * num_envs, act_greedy, act_sample, categories=categories,
-                          episodes_per_category=episodes_per_category, seed=seed)
+        result = evaluate(
+            [fn] * num_envs,
+            act_greedy,
+            act_sample,
+            categories=categories,
+            episodes_per_category=episodes_per_category,
+            seed=seed,
+        )
         metrics.update({k.replace("eval/", f"eval/{prefix}", 1): v for k, v in result.items()})
     return metrics

@@ -27,7 +27,7 @@ from sacglam.algos.eto.rollout import TaskRunner, training_tasks
 from sacglam.algos.eto.trainer import ETOTrainer
 from sacglam.pipeline import make_act_fn
 from sacglam.run.builders import build_model, make_agent, seed_everything
-from scripts.run_tools import compose_config
+from sacglam.run.tools import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "tests" / "data" / "eto_pairs_example.jsonl"
@@ -291,6 +291,32 @@ def test_sigkill_inside_a_round_then_resume_matches_uninterrupted_run(tmp_path: 
     assert read_metrics(killed) == read_metrics(reference)
     for f in sorted((reference / "pairs").glob("*.jsonl")):
         assert (killed / "pairs" / f.name).read_text() == f.read_text()
+
+
+def test_time_limit_stops_at_a_phase_boundary_and_resume_continues_exactly(tmp_path: Path) -> None:
+    """``time_limit_min`` (the shared harness's, as for SAC): the run stops at the next phase boundary with its final
+    checkpoint and an evaluation as its last row; ``resume=auto`` then continues it into the uninterrupted run."""
+    args = [a for a in SMALL if a != "time_limit_min=0"] + [
+        "total_env_steps=200", "eval.every=50", "checkpoint.every=0", "algo.epochs=4", "seed=2"]
+    reference = tmp_path / "reference"
+    result = run_train([*args, "time_limit_min=0"], reference)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stopped = tmp_path / "stopped"
+    result = run_train([*args, "time_limit_min=0.01"], stopped)  # 0.6 s: long before the run's end
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "time limit of 0.01 min reached at env step" in result.stdout
+    assert result.stdout.count("final greedy success") == 1
+    rows = read_metrics(stopped)
+    last = rows[-1]
+    assert "eval/greedy/success" in last and last["step"] < read_metrics(reference)[-1]["step"]
+    # checkpoint.every=0: the final checkpoint alone, of the step the run stopped at
+    assert sorted(p.name for p in (stopped / "checkpoints").glob("step_*.pt")) == [f"step_{last['step']:010d}.pt"]
+    result = run_train([*args, "time_limit_min=0", "resume=auto"], stopped)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    assert read_metrics(stopped) == read_metrics(reference)
+    for f in sorted((reference / "pairs").glob("*.jsonl")):
+        assert (stopped / "pairs" / f.name).read_text() == f.read_text()
 
 
 def test_resuming_a_sac_run_with_eto_is_refused(tmp_path: Path) -> None:

@@ -1,26 +1,26 @@
-"""What a run is built from, shared by ``train.py`` and the scripts that rebuild a run (``scripts/run_tools.py``):
+"""What a run is built from, shared by ``train.py`` and the scripts that rebuild a run (``sacglam/run/tools.py``):
 env factories, the model with its tokenizer and prompt codec, the agent, the algorithm's learner (with its replay
-buffer, step encoder and achieved-goal relabeller) and the evaluation envs.
-
-``train.py`` re-exports every name here, so ``train.make_env_fn`` and the like keep working.
+buffer, step encoder and achieved-goal relabeller, given this process's data-parallel place and shares) and the
+evaluation envs.
 """
 
 from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import gymnasium
 import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
 
 from sacglam.agent import Agent
 from sacglam.algos.ppo.learner import PPOAgent, PPOConfig, PPOLearner, check_on_policy
 from sacglam.algos.sac.learner import SACConfig, SACLearner
 from sacglam.config import TrainConfig
+from sacglam.distributed import Dist, rank_seed
 from sacglam.evaluate import evaluate_splits
 from sacglam.models import is_seq2seq, load_model
 from sacglam.pipeline import StepEncoder, check_context, make_act_fn, tokenizer_corpus
@@ -127,19 +127,45 @@ def make_evaluator(cfg: TrainConfig, agent: Any, codec: PromptCodec, probe: Any,
 
 
 
-def make_learner(cfg: TrainConfig, model: Any, codec: PromptCodec, probe: Any,
-                 device: torch.device) -> tuple[Any, SACLearner | PPOLearner]:
-    """The agent and the part of the loop that differs per algorithm: ``learner.act`` acts for the collector and
-    ``learner.observe(step)`` stores the step and updates when it is time."""
+def rank_config(cfg: TrainConfig, dist: Dist) -> TrainConfig:
+    """This process's part of a data-parallel run's options: its env and sampling seed (``rank_seed``), its share of
+    the replay batch and of ``learning_starts`` (it samples its own buffer shard) and, for PPO, its share of every
+    minibatch of its own rollout. One process: ``cfg`` itself.
+
+    ``check_data_parallel`` has refused shares that do not divide evenly.
+    """
+    if dist.world == 1:
+        return cfg
+    local = replace(cfg, seed=rank_seed(cfg.seed, dist.rank), batch_size=cfg.batch_size // dist.world,
+                    learning_starts=cfg.learning_starts // dist.world)
+    if isinstance(cfg.algo, PPOConfig):
+        local = replace(local, algo=replace(cfg.algo, minibatch_size=cfg.algo.minibatch_size // dist.world))
+    return local
+
+
+def make_learner(cfg: TrainConfig, model: Any, codec: PromptCodec, probe: Any, device: torch.device,
+                 dist: Dist | None = None, *, overrides: Sequence[str] = ()) -> tuple[Any, SACLearner | PPOLearner]:
+    """The agent and the part of the loop that differs per algorithm (a :class:`sacglam.algos.base.Learner`):
+    ``learner.act`` acts for the collector and ``learner.observe(step)`` stores the step and updates when it is time.
+
+    ``cfg`` is the run's configuration; with ``dist`` (this process of a data-parallel run) the learner is built from
+    this rank's part of it (``rank_config``: seeds, batch and minibatch shares) and takes part in the collectives
+    its updates need (SAC: when to start updating; PPO: averaged gradients and statistics).
+
+    ``overrides`` are the command line's ``key=value`` overrides (``train.py`` passes Hydra's ``overrides.task``):
+    PPO refuses the replay-buffer options among them (``check_on_policy``).
+    """
+    dist = dist if dist is not None else Dist()
+    cfg = rank_config(cfg, dist)
     act_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
     agent = make_agent(cfg, model, device)
     if isinstance(agent, PPOAgent) and isinstance(cfg.algo, PPOConfig):
-        check_on_policy(list(HydraConfig.get().overrides.task), cfg.buffer.her.ratio, cfg.buffer.her.rare_fraction)
+        check_on_policy(overrides, cfg.buffer.her.ratio, cfg.buffer.her.rare_fraction)
         if cfg.relabel.source != "oracle":
             raise ValueError(f"relabel.source={cfg.relabel.source} feeds hindsight relabelling, which algo=ppo "
                              "does not do; use algo=sac (or leave relabel.source=oracle)")
         shuffle_gen = torch.Generator().manual_seed(cfg.seed + 2)
-        return agent, PPOLearner(agent, cfg.algo, codec, cfg.env.num_envs, device, act_gen, shuffle_gen)
+        return agent, PPOLearner(agent, cfg.algo, codec, cfg.env.num_envs, device, act_gen, shuffle_gen, dist=dist)
     assert isinstance(agent, Agent) and isinstance(cfg.algo, SACConfig)
     buffer_device = device if cfg.buffer.device == "auto" else cfg.buffer.device  # e.g. keep the buffer on the CPU
     buffer = ReplayBuffer(cfg.buffer, cfg.env.num_envs, pad_id=codec.pad_id, device=buffer_device, prompt=codec)
@@ -148,8 +174,7 @@ def make_learner(cfg: TrainConfig, model: Any, codec: PromptCodec, probe: Any,
     sample_gen = torch.Generator(buffer.device).manual_seed(cfg.seed + 2)
     return agent, SACLearner(agent, cfg.algo, buffer, encoder, codec, batch_size=cfg.batch_size,
                              replay_ratio=cfg.replay_ratio, learning_starts=cfg.learning_starts, device=device,
-                             act_generator=act_gen, sample_generator=sample_gen, relabeller=relabeller)
-
+                             act_generator=act_gen, sample_generator=sample_gen, relabeller=relabeller, dist=dist)
 
 
 def make_relabeller(cfg: TrainConfig, probe: Any) -> OnlineRelabeller | None:
@@ -182,6 +207,7 @@ __all__ = [
     "make_learner",
     "make_relabeller",
     "model_codec",
+    "rank_config",
     "resolve_device",
     "seed_everything",
 ]
