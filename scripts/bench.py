@@ -17,7 +17,7 @@ time and by the device's matmul rate measured in the same run (bf16 on a GPU, th
     python scripts/bench.py --device cuda         # random-init Flan-T5-base, SmolLM2-135M, Qwen2.5-0.5B shapes, bf16
     python scripts/bench.py --device cuda --models qwen2.5-0.5b --out docs/bench_gpu.md
 
-GPU models are random-init from configs shaped like the real ones (``scripts/bench_scoring.py``), with LoRA r=16 as
+GPU models are random-init from configs shaped like the real ones (``sacglam.models.gpu_models``), with LoRA r=16 as
 published, and a word-level tokenizer built from the env's text (about one token per word; a real BPE tokenizer
 gives roughly 1.3x more tokens per prompt, so real-model token counts and update times are somewhat higher).
 
@@ -42,38 +42,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from sacglam.run.tools import published_config
 
 # Published stack (docs/design/ALGORITHM.md section 8).
 PUBLISHED_4090_EPISODES_PER_HOUR = 4000.0
 PUBLISHED_H100_EPISODES_PER_HOUR = 500_000 / 80
 GPU_MODELS = ("flan-t5-base", "smollm2-135m", "qwen2.5-0.5b")
 PHASES = ("collect", "add", "sample", "update")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# configuration
-
-
-def published_config(overrides: Sequence[str] = ()) -> Any:
-    """The ``TrainConfig`` of ``experiment=paper_sacglam model=tiny`` plus ``overrides`` (Hydra syntax).
-
-    Composed from ``conf/`` with Hydra's compose API, so the benchmark uses exactly the preset's settings.
-    """
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from sacglam.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        dcfg = compose("config", overrides=["experiment=paper_sacglam", "model=tiny", *overrides])
-    return OmegaConf.to_object(dcfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -172,7 +150,7 @@ def build_model(name: str, cfg: Any, corpus: list[str], device: torch.device) ->
         return load_model(cfg.model, corpus=corpus, device=device)
     if name not in GPU_MODELS:
         raise ValueError(f"--models: unknown model {name!r}; choose from tiny, {', '.join(GPU_MODELS)}")
-    from bench_scoring import gpu_models
+    from sacglam.models import gpu_models
 
     tokenizer = build_tiny_tokenizer(corpus, cfg.model.tokenizer_cache)
     with torch.random.fork_rng(devices=[]):
@@ -218,20 +196,25 @@ class Timings:
         return sum(self.seconds.values())
 
 
-def bench_model(
-    name: str, opts: argparse.Namespace, device: torch.device, extra: Sequence[str] = ()
-) -> dict[str, Any]:
-    """Build the loop for ``name``, fill the buffer, then time ``opts.steps`` vector steps.
+@dataclass
+class Loop:
+    """The benchmarked loop's pieces, wired as ``train.py`` wires them (see :func:`build_loop`)."""
 
-    Args:
-        name: ``tiny`` or one of :data:`GPU_MODELS`.
-        opts: the parsed command line (``overrides``, ``steps``, ``warmup_updates``, ``matmul_n``).
-        device: where the model and the buffer live.
-        extra: Hydra overrides applied after ``opts.overrides`` (the out-of-memory retry's ``algo.grad_accum``).
+    cfg: Any
+    vec: Any
+    model: nn.Module
+    agent: Any
+    updater: Any
+    buffer: Any
+    encoder: Any
+    actor: CountingActor
+    collector: Any
+    sample_gen: torch.Generator
+    desc: dict[str, Any]  # sacglam.models.describe of the model: params, trainable, dtype
 
-    Returns:
-        One table row (name -> value).
-    """
+
+def build_loop(name: str, cfg: Any, device: torch.device) -> Loop:
+    """Vector env, model, codec, agent, updater, buffer, step encoder and collector for ``name``, seeded with 0."""
     from envs.vector import make_vector_env
     from sacglam.agent import Agent
     from sacglam.algos.sac.learner import SACUpdater
@@ -239,9 +222,8 @@ def bench_model(
     from sacglam.models import describe, is_seq2seq
     from sacglam.pipeline import StepEncoder, env_corpus, make_act_fn
     from sacglam.replay.buffer import ReplayBuffer
-    from train import make_codec, make_env_fn
+    from sacglam.run.builders import make_codec, make_env_fn
 
-    cfg = published_config([*opts.overrides, *extra])
     seed = 0
     torch.manual_seed(seed)
     probe = make_env_fn(cfg)()
@@ -260,28 +242,41 @@ def bench_model(
     sample_gen = torch.Generator(buffer.device).manual_seed(seed + 2)
     act_fn = make_act_fn(actor, codec, greedy=False, device=device, generator=act_gen)
     collector = Collector(vec, cast(Any, act_fn), seed=seed)
-    updates_per_vector_step = cfg.replay_ratio * cfg.env.num_envs / cfg.batch_size
-    desc = describe(model)
-    print(f"[bench] {name}: {desc['params']:,} params ({desc['trainable']:,} trainable, {desc['dtype']}) on "
-          f"{device}; {cfg.env.num_envs} envs, batch {cfg.batch_size}, replay ratio {cfg.replay_ratio}",
-          file=sys.stderr, flush=True)  # fmt: skip
+    return Loop(cfg, vec, model, agent, updater, buffer, encoder, actor, collector, sample_gen, describe(model))
 
-    # Warm-up (untimed): fill the buffer to learning_starts with completed episodes, then run the critic warm-up
-    # updates and a few more, so the timed updates are full ones (actor + critic + alpha) with warm kernels.
+
+def warm_up(loop: Loop, name: str, updates: int, device: torch.device) -> None:
+    """Untimed: fill the buffer to ``learning_starts`` with completed episodes, then run the critic warm-up updates
+    and ``updates`` more, so the timed updates are full ones (actor + critic + alpha) with warm kernels.
+
+    Raises:
+        RuntimeError: no episode completed (nothing to sample) after many env steps.
+    """
+    cfg, buffer, collector = loop.cfg, loop.buffer, loop.collector
     while len(buffer) < cfg.learning_starts or buffer.num_sampleable < cfg.batch_size:
         step, _ = collector.step()
-        buffer.add(encoder(step, policy_version=0))
+        buffer.add(loop.encoder(step, policy_version=0))
         if collector.env_steps > 50 * cfg.learning_starts + 100_000:
             raise RuntimeError(f"{name}: no episode completed after {collector.env_steps} env steps; cannot sample")
-    for _ in range(cfg.algo.critic_warmup_updates + opts.warmup_updates):
-        updater.update(buffer.sample(cfg.batch_size, sample_gen))
+    for _ in range(cfg.algo.critic_warmup_updates + updates):
+        loop.updater.update(buffer.sample(cfg.batch_size, loop.sample_gen))
     _sync(device)
 
-    # Timed loop: the body of train.py's loop, one timer per phase.
+
+def timed_steps(loop: Loop, steps: int, device: torch.device) -> tuple[Timings, dict[str, float], float]:
+    """The body of ``train.py``'s loop for ``steps`` vector steps, one timer per phase.
+
+    Returns:
+        (timings, token counts of the updates, acting tokens): the counts are the real prompt (``p``) and candidate
+        (``c``) tokens and the candidates (``k``) of the online pass on ``s`` (``on_*``) and the target pass on
+        ``s'`` (``tg_*``).
+    """
+    cfg, buffer, encoder, updater = loop.cfg, loop.buffer, loop.encoder, loop.updater
+    updates_per_vector_step = cfg.replay_ratio * cfg.env.num_envs / cfg.batch_size
     t = Timings()
     zero = torch.zeros((), dtype=torch.long, device=device)
     counts = {k: zero.clone() for k in ("on_p", "on_c", "on_k", "tg_p", "tg_c", "tg_k")}
-    act_tokens0 = actor.tokens.clone()
+    act_tokens0 = loop.actor.tokens.clone()
     credit = 0.0
     batch = None  # as in train.py: each sample overwrites the last batch once its update is done
 
@@ -293,15 +288,15 @@ def bench_model(
         t.seconds[phase] += time.perf_counter() - t0
         return out
 
-    for _ in range(opts.steps):
-        step, episodes = timed("collect", collector.step)
+    for _ in range(steps):
+        step, episodes = timed("collect", loop.collector.step)
         timed("add", lambda s: buffer.add(encoder(s, policy_version=updater.step)), step)
         t.env_steps += cfg.env.num_envs
         t.episodes += len(episodes)
         t.episode_steps += sum(e.length for e in episodes)
         credit += updates_per_vector_step
         while credit >= 1.0:
-            batch = timed("sample", lambda b: buffer.sample(cfg.batch_size, sample_gen, out=b), batch)
+            batch = timed("sample", lambda b: buffer.sample(cfg.batch_size, loop.sample_gen, out=b), batch)
             timed("update", updater.update, batch)
             counts["on_p"] += batch.prompt_mask.sum()
             counts["on_c"] += batch.cand_mask.sum()
@@ -312,22 +307,26 @@ def bench_model(
             t.updates += 1
             credit -= 1.0
     n = {k: float(v) for k, v in counts.items()}
-    act_tokens = float(actor.tokens - act_tokens0)
-    vec.close()
+    return t, n, float(loop.actor.tokens - act_tokens0)
 
+
+def result_row(name: str, loop: Loop, t: Timings, n: dict[str, float], act_tokens: float, matmul_n: int,
+               device: torch.device) -> dict[str, Any]:
+    """One table row from the timings and token counts of :func:`timed_steps` (measures the device's matmul rate)."""
+    cfg, model = loop.cfg, loop.model
     total = t.total()
     p_params, c_params = path_params(model)
-    head_params = sum(p.numel() for p in agent.heads.parameters())
+    head_params = sum(p.numel() for p in loop.agent.heads.parameters())
     flops = update_flops(p_params, c_params, head_params, (n["on_p"], n["on_c"], n["on_k"]),
                          (n["tg_p"], n["tg_c"], n["tg_k"]))  # fmt: skip
     rate_dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
-    peak = matmul_rate(device, rate_dtype, opts.matmul_n, repeats=5)
+    peak = matmul_rate(device, rate_dtype, matmul_n, repeats=5)
     update_tokens = n["on_p"] + n["on_c"] + n["tg_p"] + n["tg_c"]
     episodes_per_hour = t.episodes / total * 3600 if t.episodes else float("nan")
-    row: dict[str, Any] = {
+    return {
         "model": name,
         "grad accum": cfg.algo.grad_accum,
-        "trainable": desc["trainable"],
+        "trainable": loop.desc["trainable"],
         "env steps/s": t.env_steps / total,
         "updates/s": t.updates / total,
         "scored tok/s": (act_tokens + update_tokens) / total,
@@ -344,7 +343,33 @@ def bench_model(
         "x 4090 stack": episodes_per_hour / PUBLISHED_4090_EPISODES_PER_HOUR,
         "x H100 stack": episodes_per_hour / PUBLISHED_H100_EPISODES_PER_HOUR,
     }
-    print(f"[bench] {name}: {t.env_steps} env steps, {t.updates} updates, {t.episodes} episodes in {total:.1f} s",
+
+
+def bench_model(
+    name: str, opts: argparse.Namespace, device: torch.device, extra: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Build the loop for ``name``, fill the buffer, then time ``opts.steps`` vector steps.
+
+    Args:
+        name: ``tiny`` or one of :data:`GPU_MODELS`.
+        opts: the parsed command line (``overrides``, ``steps``, ``warmup_updates``, ``matmul_n``).
+        device: where the model and the buffer live.
+        extra: Hydra overrides applied after ``opts.overrides`` (the out-of-memory retry's ``algo.grad_accum``).
+
+    Returns:
+        One table row (name -> value).
+    """
+    cfg = published_config([*opts.overrides, *extra])
+    loop = build_loop(name, cfg, device)
+    desc = loop.desc
+    print(f"[bench] {name}: {desc['params']:,} params ({desc['trainable']:,} trainable, {desc['dtype']}) on "
+          f"{device}; {cfg.env.num_envs} envs, batch {cfg.batch_size}, replay ratio {cfg.replay_ratio}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    warm_up(loop, name, opts.warmup_updates, device)
+    t, n, act_tokens = timed_steps(loop, opts.steps, device)
+    loop.vec.close()
+    row = result_row(name, loop, t, n, act_tokens, opts.matmul_n, device)
+    print(f"[bench] {name}: {t.env_steps} env steps, {t.updates} updates, {t.episodes} episodes in {t.total():.1f} s",
           file=sys.stderr, flush=True)  # fmt: skip
     return row
 

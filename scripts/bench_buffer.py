@@ -33,14 +33,14 @@ import argparse
 import ctypes
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from sacglam.prompting import PromptPieces
-from sacglam.replay import native
+from sacglam.replay import clib
 from sacglam.replay.buffer import BufferConfig, ReplayBuffer
 from sacglam.replay.her import HERConfig
 from sacglam.types import Batch, TransitionBatch
@@ -168,9 +168,9 @@ def build_sb3(args: argparse.Namespace, pool: list[dict[str, np.ndarray]]) -> tu
 def pass_table(args: argparse.Namespace, buf: ReplayBuffer, batch: Batch) -> None:
     """Where one ``sample(out=)`` call of the native sampler goes, on 1 thread: its passes from a timing build of the C
     file (clock reads between passes, ``-DSACGLAM_TIMING``) and the Python around the call; medians over chunks."""
-    lib = native.load(timing=True)
+    lib = clib.load(timing=True)
     if lib is None or buf._native is None:
-        print(f"\n(no pass table: the native sampler is not in use here {native.load_error()})")
+        print(f"\n(no pass table: the native sampler is not in use here {clib.load_error()})")
         return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -209,7 +209,8 @@ def thread_counts(spec: str) -> list[int]:
     return list(dict.fromkeys(c for c in counts if c > 0))
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line (``--quick`` applied: capacity 4096, 3 rounds)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--capacity", type=int, default=500_000)
     ap.add_argument("--n-envs", type=int, default=16)
@@ -232,21 +233,32 @@ def main() -> None:
                     help="also time the native sampler's passes (a timing build of sample.c) and the Python around it")
     ap.add_argument("--all-configs", action="store_true",
                     help="our buffer with int32/int16 tokens and native/torch samplers, against SB3, in one table")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.quick:
         args.capacity, args.rounds = 4096, 3
-    threads = thread_counts(args.threads)
-    default_threads = torch.get_num_threads()
-    dev = torch.device(args.device)
+    return args
+
+
+# (row dict, its key, torch threads, the call): one sampler timed in every round; the median rate goes to row[key]
+Timed = tuple[dict[str, float], str, int, Callable[[], object]]
+Row = tuple[str, int, dict[str, float]]  # (buffer name, threads, rates and bytes)
+
+
+def build_all(args: argparse.Namespace, threads: list[int], dev: torch.device
+              ) -> tuple[list[Row], tuple[ReplayBuffer, Batch] | None, list[Timed], dict[str, float] | None]:
+    """Build every buffer first (adds timed on torch's default threads), each warmed up by a few samples.
+
+    Returns:
+        (rows, first, timed, ref): one table row per (our config, thread count); our first buffer and a batch of
+        it (for ``--passes``); the samplers to time; SB3's row (None with ``--skip-sb3``).
+    """
     pool = make_batches(args.n_envs, 32, seed=0)
     sampler = args.sampler if args.sampler != "auto" else ("native" if args.device == "cpu" else "torch")
     configs = ([(dt, c) for c in ("native", "torch") for dt in ("int32", "int16")] if args.all_configs
                else [(args.token_dtype, sampler)])
-
-    # Build everything first (adds timed on torch's default threads), then time every sampler interleaved.
-    rows: list[tuple[str, int, dict[str, float]]] = []
-    first: tuple[ReplayBuffer, Batch] | None = None  # our first buffer and a batch of it, for --passes
-    timed: list[tuple[dict[str, float], str, int, Callable[[], object]]] = []
+    rows: list[Row] = []
+    first: tuple[ReplayBuffer, Batch] | None = None
+    timed: list[Timed] = []
     for dt, c in configs:
         buf, stats = build_ours(args, pool, dt, c)
         gen = torch.Generator(device=dev).manual_seed(0)
@@ -269,6 +281,12 @@ def main() -> None:
             sb3.sample(args.batch)
         print(f"built SB3: add {ref['add']:,.0f}/s", flush=True)
         timed.append((ref, "sample", 1, functools.partial(sb3.sample, args.batch)))
+    return rows, first, timed, ref
+
+
+def time_interleaved(timed: list[Timed], args: argparse.Namespace, dev: torch.device) -> None:
+    """Time every sampler in ``args.rounds`` interleaved rounds; each row gets its chunks' median rate."""
+    default_threads = torch.get_num_threads()
     rates: dict[tuple[int, str], list[float]] = {}
     for _ in range(args.rounds):
         for r, key, t, fn in timed:
@@ -278,6 +296,9 @@ def main() -> None:
     for r, key, _, _ in timed:
         r[key] = float(np.median(rates[(id(r), key)]))
 
+
+def print_table(args: argparse.Namespace, rows: list[Row], ref: dict[str, float] | None) -> None:
+    """The markdown table of every buffer's rates and sizes, against SB3 where it was timed."""
     print(f"\ncapacity {args.capacity}, {args.n_envs} envs, batch {args.batch}, n_step {args.n_step}, "
           f"obs {LO} tokens, {K} candidates x {LC} tokens, device {args.device}, HER future 0.8 "
           f"(rarity draws {args.rarity_draws}, rare fraction {args.rare_fraction}); {args.rounds} interleaved rounds "
@@ -292,6 +313,16 @@ def main() -> None:
         reused = f"{r['sample_out']:,.0f} | {vs(r['sample_out'])}" if "sample_out" in r else " | "
         print(f"| {name} | {t} | {r['add']:,.0f} | {r['sample']:,.0f} | {vs(r['sample'])} | {reused} | "
               f"{r['bytes']:,.0f} | {r['bytes'] * args.capacity / 2**30:.2f} GiB |")
+
+
+def main() -> None:
+    """Build the buffers, time their samplers interleaved, print the table (and the ratio to SB3)."""
+    args = parse_args()
+    threads = thread_counts(args.threads)
+    dev = torch.device(args.device)
+    rows, first, timed, ref = build_all(args, threads, dev)
+    time_interleaved(timed, args, dev)
+    print_table(args, rows, ref)
     if args.passes and first is not None:
         pass_table(args, *first)
     if ref:
@@ -299,7 +330,6 @@ def main() -> None:
         print(f"\nratio (first row / SB3): add {mine['add'] / ref['add']:.2f}x, "
               f"sample {mine['sample'] / ref['sample']:.1f}x, "
               f"sample into out= {mine['sample_out'] / ref['sample']:.1f}x, bytes {mine['bytes'] / ref['bytes']:.2f}x")
-
 
 if __name__ == "__main__":
     main()

@@ -23,11 +23,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from envs.vector import make_vector_env  # also registers the sacglam/ ids
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from anywhere without installing the package
-
-from envs.vector import make_vector_env  # noqa: E402 - after the path fix; also registers the sacglam/ ids
-
 WARMUP_STEPS = 10  # untimed steps first: imports, caches and lazy initialisation are not what we measure
 
 

@@ -21,7 +21,7 @@ The old/new ratios of those three are printed in a markdown table, old and new m
     python scripts/bench_memory.py --quick                           # seconds: tiny shapes (used by the tests)
 
 Shapes (vocabularies are the real ones: Flan-T5 32,128, SmolLM2 49,152, Qwen2.5 151,936) follow
-``scripts/bench_scoring.py``'s ``gpu_models``; ``--layers`` lowers the depth only (hidden sizes, heads and vocabulary
+``sacglam.models.gpu_models``; ``--layers`` lowers the depth only (hidden sizes, heads and vocabulary
 are kept), which shrinks the trunk's share of the memory but not the LM head's.
 """
 
@@ -45,12 +45,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 MODELS = ("flan-t5-base", "smollm2-135m", "qwen2.5-0.5b")
 TINY_MODELS = ("tiny-t5", "tiny-llama")
@@ -62,7 +58,7 @@ PATHS = ("old", "new")
 
 
 def build_model(name: str, layers: int | None) -> nn.Module:
-    """A random-init model shaped like ``name`` (``bench_scoring.gpu_models``), ``layers`` deep.
+    """A random-init model shaped like ``name`` (``sacglam.models.gpu_models``), ``layers`` deep.
 
     Args:
         name: one of :data:`MODELS` or :data:`TINY_MODELS` (hidden 64, vocabulary 512; for smoke tests).
@@ -71,13 +67,14 @@ def build_model(name: str, layers: int | None) -> nn.Module:
     Raises:
         ValueError: an unknown name (names the known ones).
     """
-    from bench_scoring import gpu_models
     from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+    from sacglam.models import gpu_models
 
     if name in MODELS:
         return gpu_models(layers)[name]()
     if name == "tiny-t5":
-        flan: dict[str, Any] = {"tie_word_embeddings": False}  # as bench_scoring's Flan-T5 shape
+        flan: dict[str, Any] = {"tie_word_embeddings": False}  # as gpu_models' Flan-T5 shape
         t5 = T5Config(
             vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=layers or 1, num_decoder_layers=layers or 1,
             num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=0, **flan,
@@ -162,11 +159,10 @@ def run_one(name: str, path: str, opts: argparse.Namespace) -> dict[str, Any]:
 
     Meant to run alone in its process (peak RSS is per process). Returns the measurements as a dict.
     """
-    from bench import published_config
-
     from sacglam.agent import Agent
     from sacglam.algos.sac.learner import SACUpdater
     from sacglam.models import apply_lora
+    from sacglam.run.tools import published_config
     from sacglam.scoring import score_candidates
 
     if opts.threads:

@@ -21,14 +21,12 @@ import functools
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from sacglam.models import gpu_models
 from sacglam.scoring import ScoreOutput, score_candidates, score_candidates_naive
 
 Scorer = Callable[..., ScoreOutput]
@@ -45,54 +43,6 @@ def tiny_model(vocab: int = 256, hidden: int = 64, layers: int = 2, heads: int =
     )  # fmt: skip
     cfg._attn_implementation = "sdpa"
     return LlamaForCausalLM(cfg)
-
-
-def gpu_models(layers: int | None = None) -> dict[str, Callable[[], nn.Module]]:
-    """Random-init models with the shapes of Flan-T5-base, SmolLM2-135M and Qwen2.5-0.5B (from their configs).
-
-    Args:
-        layers: depth of every model (encoder and decoder each for T5); None keeps the real one. Hidden sizes,
-            heads and vocabularies are always the real ones.
-    """
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        T5Config,
-        T5ForConditionalGeneration,
-    )
-
-    def flan_t5_base() -> nn.Module:
-        # Flan-T5 (T5 v1.1) has a separate LM head and no d_model ** -0.5 rescaling before it: transformers 5 reads
-        # the constructor argument tie_word_embeddings=False as that (setting it afterwards leaves the rescaling on).
-        flan: dict[str, Any] = {"tie_word_embeddings": False}
-        cfg = T5Config(
-            vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=layers or 12,
-            num_decoder_layers=layers or 12, num_heads=12, feed_forward_proj="gated-gelu", pad_token_id=0,
-            **flan,
-        )  # fmt: skip
-        cfg.decoder_start_token_id = 0
-        cfg._attn_implementation = "sdpa"
-        return T5ForConditionalGeneration(cfg)
-
-    def smollm2_135m() -> nn.Module:
-        cfg = LlamaConfig(
-            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers or 30,
-            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True,
-        )  # fmt: skip
-        cfg._attn_implementation = "sdpa"
-        return LlamaForCausalLM(cfg)
-
-    def qwen25_05b() -> nn.Module:
-        cfg = Qwen2Config(
-            vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=layers or 24,
-            num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
-        )  # fmt: skip
-        cfg._attn_implementation = "sdpa"
-        return Qwen2ForCausalLM(cfg)
-
-    return {"flan-t5-base": flan_t5_base, "smollm2-135m": smollm2_135m, "qwen2.5-0.5b": qwen25_05b}
 
 
 def make_batch(

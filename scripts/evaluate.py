@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run_tools
+import envs  # noqa: F401 - registers the sacglam/ env ids the run config names (sacglam never imports envs)
+from sacglam.run import tools
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,15 +34,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = p.parse_intermixed_args(argv)
 
     def run() -> int:
-        loaded = run_tools.load_run(opts.path, opts.overrides)
+        loaded = tools.load_run(opts.path, opts.overrides)
         cfg = loaded.cfg
         sample = opts.sample or cfg.eval.sample
-        rows, metrics = run_tools.evaluate_splits(cfg, loaded.agent, loaded.codec, sample=sample)
+        rows, metrics = tools.evaluate_splits(cfg, loaded.agent, loaded.codec, sample=sample)
         n = cfg.eval.episodes_per_category
         print(f"{loaded.checkpoint} (env step {loaded.step}, algo={cfg.algo.name}, env {cfg.env.id})")
         print(f"{n} episodes per goal category and split; episode j of a split uses env seed {cfg.eval.seed} + j "
               f"(sampling generator seeded {cfg.eval.seed}); {cfg.eval.num_envs} envs at once\n")
-        print(run_tools.markdown_table(rows))
+        print(tools.markdown_table(rows))
         if opts.json is not None:
             opts.json.parent.mkdir(parents=True, exist_ok=True)
             opts.json.write_text(json.dumps({
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\nwrote {opts.json}")
         return 0
 
-    return run_tools.run_main(run, "evaluate.py")
+    return tools.run_main(run, "evaluate.py")
 
 
 if __name__ == "__main__":

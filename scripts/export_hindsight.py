@@ -11,7 +11,7 @@ it achieved, by the chosen source:
 - ``oracle``: the env's own achieved goals, as logged (``EpisodeRecord.achieved``); confidence 1.
 - ``rule`` / ``llm``: ``sacglam.relabel.make_source`` with the run's ``relabel`` config (``source`` replaced) and
   ``env.rules``, over an env built from the run's config (``RUN/.hydra/config.yaml`` plus hydra-style overrides,
-  as ``scripts/run_tools.py`` rebuilds runs); confidence is the source's (the llm judge's P(Yes)).
+  as ``sacglam/run/tools.py`` rebuilds runs); confidence is the source's (the llm judge's P(Yes)).
 
 For each goal g' a failed episode achieved, at the FIRST step t* that achieved it, the trajectory is cut after step
 t* (steps 0..t*, the achieving action last) and written under goal g'; a goal achieved again later adds nothing (the
@@ -62,14 +62,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run_tools
-
+import envs  # noqa: F401 - registers the sacglam/ env ids the run config names (sacglam never imports envs)
 from sacglam.config import PromptConfig, TrainConfig
 from sacglam.episode_log import LogReport, read_episodes, resolve_log
 from sacglam.episodes import EpisodeRecord
 from sacglam.prompting import PromptTemplate
 from sacglam.relabel import SOURCES, AchievedGoalSource, OracleSource, Relabelled, make_source
+from sacglam.run import builders, tools
 
 FORMATS = ("sft", "dpo", "messages")
 SUCCESS_SOURCE = "success"
@@ -189,14 +188,14 @@ def load_config(run_dir: Path, source: str, overrides: Sequence[str]) -> TrainCo
     Raises:
         RunError: no config while the source needs the env (or overrides are given).
     """
-    path = run_dir / run_tools.CONFIG_FILE
+    path = run_dir / tools.CONFIG_FILE
     if not path.is_file() and source == "oracle" and not overrides:
         print(f"warning: {path} missing: the default prompt template is used", file=sys.stderr)
         return None
     if not path.is_file():
-        raise run_tools.RunError(f"{path} does not exist: --source {source} and overrides need the run's config "
-                                 f"(a train.py run keeps it in RUN/{run_tools.CONFIG_FILE})")
-    return run_tools.config_from_file(path, overrides)
+        raise tools.RunError(f"{path} does not exist: --source {source} and overrides need the run's config "
+                             f"(a train.py run keeps it in RUN/{tools.CONFIG_FILE})")
+    return tools.config_from_file(path, overrides)
 
 
 def build_source(cfg: TrainConfig | None, source: str) -> AchievedGoalSource:
@@ -204,7 +203,7 @@ def build_source(cfg: TrainConfig | None, source: str) -> AchievedGoalSource:
     if source == "oracle":
         return OracleSource()
     assert cfg is not None
-    env = run_tools.train.make_env_fn(cfg)()
+    env = builders.make_env_fn(cfg)()
     return make_source(dataclasses.replace(cfg.relabel, source=source), env, cfg.env.rules)
 
 
@@ -219,8 +218,8 @@ def export(run_dir: Path, fmt: str, source: str, out: Path, *, include_successes
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
     if not run_dir.is_dir():
-        raise run_tools.RunError(f"{run_dir} is not a folder; pass a train.py run folder (trained with "
-                                 "logger.episodes=true)")
+        raise tools.RunError(f"{run_dir} is not a folder; pass a train.py run folder (trained with "
+                             "logger.episodes=true)")
     resolve_log(run_dir)  # a run without a log fails here, before the env or a model is built
     cfg = load_config(run_dir, source, overrides)
     turns = TurnWriter(cfg.prompt if cfg is not None else PromptConfig())
@@ -316,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(summary(counts, report, opts.format, opts.source, out))
         return 0
 
-    return run_tools.run_main(run, "export_hindsight.py")
+    return tools.run_main(run, "export_hindsight.py")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ OUT holds:
     heads.safetensors, heads.json          the online Q heads (SAC) or the value head (PPO) and how to apply them
     sacglam_policy.json                    what acting exactly as in training needs: the whole cfg.prompt, token
                                            limits, temperature, length_norm, model, algo, checkpoint
-    config.yaml                            the run's training config (scripts/run_tools.exported_codec reads it)
+    config.yaml                            the run's training config (sacglam.run.tools.exported_codec reads it)
     README.md                              model card: config, final evaluation from metrics.jsonl, loading code
 
 The policy is ``pi(a|s) = softmax_a(score(a|s) / temperature)`` over the admissible actions, where ``score`` is
@@ -25,6 +25,14 @@ line naming the path and exit status 2.
 """
 
 from __future__ import annotations
+
+import os
+
+# sacglam.run.tools sets these too, but peft imports transformers (which reads them) before it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse
 import copy
@@ -36,14 +44,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run_tools
 from peft import PeftModel
 from safetensors.torch import save_file
 
+import envs  # noqa: F401 - registers the sacglam/ env ids the run config names (sacglam never imports envs)
 from sacglam.agent import Agent
 from sacglam.algos.ppo.learner import PPOAgent, PPOConfig
 from sacglam.models import SMOLLM2, TINY, hidden_size, is_seq2seq
+from sacglam.run import tools
 
 POLICY_FILE = "sacglam_policy.json"
 HEADS_FILE = "heads.safetensors"
@@ -55,7 +63,7 @@ def _tensors(prefix: str, module: Any) -> dict[str, Any]:
     return {f"{prefix}{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def heads_description(run: run_tools.LoadedRun) -> tuple[dict[str, Any], dict[str, Any]]:
+def heads_description(run: tools.LoadedRun) -> tuple[dict[str, Any], dict[str, Any]]:
     """The heads' tensors (``q_heads.*`` or ``value_head.*``) and their description for ``heads.json``."""
     cfg, agent = run.cfg, run.agent
     width = hidden_size(agent.model)
@@ -99,11 +107,11 @@ def final_metrics(run_dir: Path, step: int) -> tuple[int | None, dict[str, float
     return found
 
 
-def loading_snippet(run: run_tools.LoadedRun, lora: bool, separate: bool) -> str:
+def loading_snippet(run: tools.LoadedRun, lora: bool, separate: bool) -> str:
     """Python that loads OUT with plain transformers/peft and scores candidates as in training."""
     auto = "AutoModelForSeq2SeqLM" if is_seq2seq(run.agent.model) else "AutoModelForCausalLM"
     name = run.cfg.model.name
-    lines = ["import json, sys, torch", "from safetensors.torch import load_file",
+    lines = ["import json, torch", "from safetensors.torch import load_file",
              f"from transformers import AutoTokenizer, {auto}"]
     if lora:
         lines.append("from peft import PeftModel")
@@ -126,8 +134,8 @@ def loading_snippet(run: run_tools.LoadedRun, lora: bool, separate: bool) -> str
         'tokenizer = AutoTokenizer.from_pretrained("OUT")',
         'policy = json.load(open("OUT/sacglam_policy.json"))',
         "# Prompts exactly as in training (template, BOS, token limits, every cfg.prompt option): a sacglam checkout.",
-        'sys.path.insert(0, "scripts"); import run_tools',
-        'codec = run_tools.exported_codec("OUT", tokenizer)',
+        "from sacglam.run import tools  # the sacglam package, installed (pip install -e .)",
+        'codec = tools.exported_codec("OUT", tokenizer)',
         "from sacglam.losses import candidate_policy",
         "from sacglam.scoring import score_candidates",
         'actions = [["go to the carrot", "grasp", "release"]]  # the state\'s candidates (listed if list_actions)',
@@ -159,7 +167,7 @@ def loading_snippet(run: run_tools.LoadedRun, lora: bool, separate: bool) -> str
     return "\n".join(lines)
 
 
-def model_card(run: run_tools.LoadedRun, policy: dict[str, Any], lora: bool, separate: bool) -> str:
+def model_card(run: tools.LoadedRun, policy: dict[str, Any], lora: bool, separate: bool) -> str:
     """README.md of the exported folder: what it is, the training config, the final evaluation, how to load it."""
     cfg = run.cfg
     eval_step, metrics = final_metrics(run.run_dir, run.step)
@@ -197,18 +205,18 @@ def model_card(run: run_tools.LoadedRun, policy: dict[str, Any], lora: bool, sep
         text.append("No evaluation in the run's metrics.jsonl; `python scripts/evaluate.py RUN` measures one.")
     text += ["", "## Load it", "", "```python", loading_snippet(run, lora, separate), "```", "",
              "## Policy options (`sacglam_policy.json`)", "", "```json", json.dumps(policy, indent=2), "```", "",
-             "## Training config", "", "```yaml", run_tools.config_yaml(cfg).rstrip(), "```", ""]
+             "## Training config", "", "```yaml", tools.config_yaml(cfg).rstrip(), "```", ""]
     return "\n".join(front + text)
 
 
-def export(run: run_tools.LoadedRun, out: Path) -> Path:
+def export(run: tools.LoadedRun, out: Path) -> Path:
     """Write the exported policy of ``run`` to the new folder ``out`` (built beside it, renamed when complete).
 
     Raises:
         RunError: ``out`` exists and is not empty.
     """
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise run_tools.RunError(f"{out} exists and is not empty; export into a new folder")
+        raise tools.RunError(f"{out} exists and is not empty; export into a new folder")
     cfg, agent = run.cfg, run.agent
     model: Any = agent.model
     lora = isinstance(model, PeftModel)
@@ -245,7 +253,7 @@ def export(run: run_tools.LoadedRun, out: Path) -> Path:
             "env_steps": run.step,
         }
         (tmp / POLICY_FILE).write_text(json.dumps(policy, indent=2))
-        (tmp / "config.yaml").write_text(run_tools.config_yaml(cfg))
+        (tmp / "config.yaml").write_text(tools.config_yaml(cfg))
         (tmp / "README.md").write_text(model_card(run, policy, lora, separate))
         if (run.run_dir / "success.png").is_file():
             shutil.copy2(run.run_dir / "success.png", tmp / "success.png")
@@ -266,13 +274,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
         if opts.out.exists() and (not opts.out.is_dir() or any(opts.out.iterdir())):
-            raise run_tools.RunError(f"{opts.out} exists and is not empty; export into a new folder")
-        loaded = run_tools.load_run(opts.path, ["device=cpu"])  # exported tensors live on the CPU
+            raise tools.RunError(f"{opts.out} exists and is not empty; export into a new folder")
+        loaded = tools.load_run(opts.path, ["device=cpu"])  # exported tensors live on the CPU
         out = export(loaded, opts.out)
         print(f"exported {loaded.checkpoint} (env step {loaded.step}) to {out}")
         return 0
 
-    return run_tools.run_main(run, "export_policy.py")
+    return tools.run_main(run, "export_policy.py")
 
 
 if __name__ == "__main__":

@@ -27,13 +27,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+import envs  # noqa: F401 - registers the sacglam/ ids
+from sacglam.collector import episode_success  # the success rule training and evaluation use
+from sacglam.evaluate import wilson_interval
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from anywhere without installing the package
-
-import envs  # noqa: E402, F401 - registers the sacglam/ ids
-from sacglam.collector import episode_success  # noqa: E402 - the success rule training and evaluation use
-from sacglam.evaluate import wilson_interval  # noqa: E402
-
 MAX_STEPS = 1000  # safety cap: every env has its own step limit, far below this
 
 

@@ -25,16 +25,12 @@ import json
 import random
 import sys
 import time
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from run_tools import compose_config
 
 import envs  # noqa: F401 - registers the text envs
 from sacglam.episodes import EpisodeRecord
 from sacglam.relabel import GoalSpace, RelabelStats, make_source
+from sacglam.run.tools import compose_config
 
 
 def play(env: Any, n: int, expert_prob: float, seed: int) -> list[EpisodeRecord]:

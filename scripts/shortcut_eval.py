@@ -11,7 +11,7 @@ herbivore (40%): the goal then takes 4 actions (go to the food, grasp it, go to 
 chain. This script evaluates each kind of scene apart, on ablation scenes (the run's own ``grown_distractors``, or
 0.5 for a run trained on reference scenes): ``reset`` is redrawn with derived seeds until the scene has, or lacks,
 the grown food. It tells whether a policy learned the chain or the shortcut. The run is rebuilt from its own
-``.hydra/config.yaml`` and newest checkpoint (``scripts/run_tools.py``).
+``.hydra/config.yaml`` and newest checkpoint (``sacglam/run/tools.py``).
 """
 
 from __future__ import annotations
@@ -24,14 +24,11 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run_tools
-from run_tools import train
-
 from envs.playground_text import OBJECTS
 from sacglam.config import TrainConfig
 from sacglam.evaluate import evaluate
 from sacglam.pipeline import make_act_fn
+from sacglam.run import builders, tools
 
 FOOD_STAGE = {"grow_herbivore": "plant", "grow_carnivore": "herbivore"}  # the grown food each goal category eats
 MAX_REDRAWS = 1000
@@ -70,13 +67,13 @@ class SceneFilter:
 
 def load_run(run_dir: Path) -> tuple[TrainConfig, Callable[[], Any], Any]:
     """The run's config, env factory and greedy act function, with the newest checkpoint's agent weights."""
-    run = run_tools.load_run(run_dir, ["device=cpu"])
+    run = tools.load_run(run_dir, ["device=cpu"])
     if run.cfg.env.id != "sacglam/PlaygroundText-v0":
         raise ValueError(f"{run_dir} trained on {run.cfg.env.id}; this script is for Playground-Text runs")
     # Evaluation scenes as train.py builds them, with grown distractors so that both kinds of scene exist.
     eval_kwargs = {**run.cfg.env.kwargs, **run.cfg.env.eval_kwargs}
     grown = float(eval_kwargs.get("grown_distractors", 0.0)) or ABLATION_GROWN
-    env_fn = train.make_env_fn(run.cfg, **{**run.cfg.env.eval_kwargs, "grown_distractors": grown})
+    env_fn = builders.make_env_fn(run.cfg, **{**run.cfg.env.eval_kwargs, "grown_distractors": grown})
     print(f"{run.checkpoint}", flush=True)
     return run.cfg, env_fn, make_act_fn(run.agent, run.codec, greedy=True, device=run.device)
 
@@ -99,8 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--categories: {bad} have no shortcut; choose from {list(FOOD_STAGE)}")
     try:
         _, env_fn, act = load_run(opts.run)
-    except run_tools.EXPECTED_ERRORS as exc:
-        raise SystemExit(f"shortcut_eval.py: error: {run_tools.one_line(exc)}") from None
+    except tools.EXPECTED_ERRORS as exc:
+        raise SystemExit(f"shortcut_eval.py: error: {tools.one_line(exc)}") from None
     torch.set_num_threads(1)
     print("| scene | " + " | ".join(categories) + " |\n|---|" + "---|" * len(categories))
     for shortcut in (True, False):

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reproduce as rep
+from sacglam.run.aggregate import aggregate
+from sacglam.run.launch import Run, execute, plan_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 def curve_points(runs_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Per seed of one variant: (first, middle, last) greedy success ``all`` on the variant's common grid."""
-    results = rep.aggregate(runs_dir)
+    results = aggregate(runs_dir)
     summary = results.get("playground", {}).get("eto", {}).get("all")
     if summary is None:
         return None
@@ -93,15 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     variants = dict(parse_variant(v) for v in opts.variant) if opts.variant else {
         name: merged(SWEPT, overrides) for name, overrides in DEFAULT_VARIANTS.items()}
     threads = [f"threads={max(1, (os.cpu_count() or 1) // opts.jobs)}"] if opts.jobs > 1 else []
-    runs: list[rep.Run] = []
+    runs: list[Run] = []
     for name, overrides in variants.items():
         extra = [f"total_env_steps={opts.steps}", "checkpoint.every=0", "~env.heldout_kwargs.split", *threads,
                  *overrides, *opts.overrides]
-        runs += rep.plan_runs(["playground"], range(opts.seeds), opts.runs_dir / name, extra, ["eto"],
+        runs += plan_runs(["playground"], range(opts.seeds), opts.runs_dir / name, extra, ["eto"],
                               categories=opts.categories)
     print(f"{len(runs)} runs ({opts.jobs} at a time) into {opts.runs_dir}", flush=True)
     with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
-        done = list(pool.map(rep.execute, runs))
+        done = list(pool.map(execute, runs))
     lines = ["| variant | overrides | warm start | middle | final (objective) | final per seed |",
              "|---|---|---|---|---|---|"]
     best: tuple[float, str] = (-1.0, "")

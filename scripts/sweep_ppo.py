@@ -21,15 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reproduce as rep
+from sacglam.run.aggregate import aggregate, wall_minutes
+from sacglam.run.launch import Run, execute, plan_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def final_success(runs_dir: Path) -> dict[str, float]:
     """Series name -> mean over seeds of the last evaluation (``all`` and each category) of one grid point."""
-    results = rep.aggregate(runs_dir)
+    results = aggregate(runs_dir)
     return {name: float(s.mean[-1]) for name, s in results["playground"]["ppo"].items()}
 
 
@@ -45,15 +45,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="extra train.py overrides for every run")
     opts = p.parse_intermixed_args(argv)
     grid = list(itertools.product(opts.lrs.split(","), opts.ent_coefs.split(",")))
-    runs: list[rep.Run] = []
+    runs: list[Run] = []
     threads = [f"threads={max(1, (os.cpu_count() or 1) // opts.jobs)}"] if opts.jobs > 1 else []
     for lr, ent in grid:
         extra = [f"total_env_steps={opts.steps}", f"algo.lr={lr}", f"algo.ent_coef={ent}", "checkpoint.every=0",
                  "~env.heldout_kwargs.split", *threads, *opts.overrides]
-        runs += rep.plan_runs(["playground"], range(opts.seeds), opts.runs_dir / f"lr{lr}_ent{ent}", extra, ["ppo"])
+        runs += plan_runs(["playground"], range(opts.seeds), opts.runs_dir / f"lr{lr}_ent{ent}", extra, ["ppo"])
     print(f"{len(runs)} runs ({opts.jobs} at a time) into {opts.runs_dir}", flush=True)
     with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
-        done = list(pool.map(rep.execute, runs))
+        done = list(pool.map(execute, runs))
     cats = ["grasp", "grow_plant", "grow_herbivore", "grow_carnivore"]
     lines = [f"| algo.lr | algo.ent_coef | {' | '.join(cats)} | mean (objective) | minutes per run |",
              "|---|---|" + "---|" * (len(cats) + 2)]
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for lr, ent in grid:
         point = opts.runs_dir / f"lr{lr}_ent{ent}"
         final = final_success(point)
-        walls = [w for ws in rep.wall_minutes(point).values() for w in ws]
+        walls = [w for ws in wall_minutes(point).values() for w in ws]
         wall = f"{np.mean(walls):.1f}" if walls else "-"
         cells = " | ".join(f"{final.get(c, float('nan')):.2f}" for c in cats)
         lines.append(f"| {lr} | {ent} | {cells} | {final['all']:.3f} | {wall} |")

@@ -6,12 +6,12 @@
         --variant 'chat:prompt.chat=true' --variant 'chat+list:prompt.chat=true,prompt.list_actions=true'
 
 The config is composed from ``conf/`` with the overrides exactly as ``python train.py OVERRIDES`` would (Hydra's
-compose API), and the model and prompt codec are built by ``train.build_model``, so every model and prompt option
-acts as in training. The policy is the one training starts from: ``softmax(score / agent.temperature)`` over the
-admissible actions, greedy = its argmax. Splits are train.py's evaluation splits: ``train`` (the env's kwargs and
-``env.eval_kwargs``) and ``heldout`` (held-out objects) where the env config has ``env.heldout_kwargs``. Episode j
-of a split uses env seed ``eval.seed + j`` (default 1000000; ``eval.seed=...`` changes it), the sampled policy a
-generator seeded ``eval.seed``.
+compose API), and the model and prompt codec are built by ``sacglam.run.builders.build_model`` (train.py's builder), so
+every model and prompt option acts as in training. The policy is the one training starts from:
+``softmax(score / agent.temperature)`` over the admissible actions, greedy = its argmax. Splits are train.py's
+evaluation splits: ``train`` (the env's kwargs and ``env.eval_kwargs``) and ``heldout`` (held-out objects) where the
+env config has ``env.heldout_kwargs``. Episode j of a split uses env seed ``eval.seed + j`` (default 1000000;
+``eval.seed=...`` changes it), the sampled policy a generator seeded ``eval.seed``.
 
 ``--grid`` evaluates several variants, each ``NAME:OVERRIDE,OVERRIDE,...`` (added after the shared overrides; commas
 inside brackets or quotes stay within one override, so ``'x:env.kwargs.goal_categories=[grasp,grow_plant]'`` works),
@@ -29,11 +29,11 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run_tools
 import torch
 
+import envs  # noqa: F401 - registers the sacglam/ env ids the run config names (sacglam never imports envs)
 from sacglam.algos.ppo.learner import PPOAgent, PPOConfig
+from sacglam.run import builders, tools
 
 
 def split_overrides(text: str) -> list[str]:
@@ -68,23 +68,22 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
     return name.strip(), split_overrides(rest)
 
 
-def zero_shot(overrides: Sequence[str], episodes: int, sample: bool) -> tuple[list[run_tools.Row], dict[str, float],
-                                                                                  int]:
+def zero_shot(overrides: Sequence[str], episodes: int, sample: bool) -> tuple[list[tools.Row], dict[str, float], int]:
     """Evaluate the untrained model of ``python train.py OVERRIDES`` on train.py's evaluation splits.
 
     Returns:
         (rows, metrics, seed): the table rows, the metrics under train.py's names, and the first episode seed.
     """
-    cfg = run_tools.compose_config(overrides)
-    device = run_tools.train.resolve_device(cfg)
+    cfg = tools.compose_config(overrides)
+    device = builders.resolve_device(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    model, _, codec, _ = run_tools.build_model(cfg, device)
+    model, _, codec, _ = tools.build_model(cfg, device)
     # The policy alone: PPOAgent.act is score -> softmax(score / temperature) -> choose, as Agent.act, without the
     # SAC agent's target copy of the trunk; its (linear) value head is never used here.
     policy = PPOAgent(model, PPOConfig(value_hidden=[]), temperature=cfg.agent.temperature,
                       length_norm=cfg.agent.length_norm).to(device).eval()
-    rows, metrics = run_tools.evaluate_splits(cfg, policy, codec, sample=sample, episodes=episodes)
+    rows, metrics = tools.evaluate_splits(cfg, policy, codec, sample=sample, episodes=episodes)
     return rows, metrics, cfg.eval.seed
 
 
@@ -110,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = [name for name, _ in variants]
         if len(set(names)) != len(names):
             raise ValueError(f"--variant names repeat: {names}")
-        rows: list[run_tools.Row] = []
+        rows: list[tools.Row] = []
         labels: list[str] = []
         report: dict[str, object] = {}
         seeds: list[int] = []
@@ -129,14 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = str(seeds[0]) if len(set(seeds)) == 1 else "S (per variant, above)"
         print(f"\nUntrained policy; {opts.episodes} episodes per goal category and split; episode j of a split "
               f"uses env seed {first} + j (sampling generator seeded {first}).\n")
-        print(run_tools.markdown_table(rows, labels if opts.grid else None))
+        print(tools.markdown_table(rows, labels if opts.grid else None))
         if opts.json is not None:
             opts.json.parent.mkdir(parents=True, exist_ok=True)
             opts.json.write_text(json.dumps({"episodes_per_category": opts.episodes, "variants": report}, indent=2))
             print(f"\nwrote {opts.json}")
         return 0
 
-    return run_tools.run_main(run, "zero_shot.py")
+    return tools.run_main(run, "zero_shot.py")
 
 
 if __name__ == "__main__":

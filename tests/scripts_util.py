@@ -11,9 +11,8 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def load_script(name: str) -> ModuleType:
-    """``scripts/<name>.py`` imported as module ``name`` (``scripts/`` first on ``sys.path``, so its own imports of
-    sibling scripts, e.g. ``run_tools``, resolve)."""
-    sys.path.insert(0, str(SCRIPTS))
+    """``scripts/<name>.py`` imported as module ``name`` (the scripts import the installed ``sacglam`` package, never
+    one another)."""
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -20,6 +20,8 @@ import pytest
 import torch
 import yaml
 
+import envs  # noqa: F401 - registers the sacglam/ env ids
+from sacglam.run import builders, tools
 from tests.scripts_util import load_script
 from tests.test_train import SMALL, read_metrics, run_train
 
@@ -34,7 +36,6 @@ ETO_RUN = [o for o in TINY_RUN if not o.startswith(("batch_size=", "learning_sta
     "algo.warm_start_episodes=8", "algo.epochs=1", "algo.rounds=1"]
 
 
-run_tools = load_script("run_tools")
 export_policy = load_script("export_policy")
 zero_shot = load_script("zero_shot")
 
@@ -74,7 +75,7 @@ def eto_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _states(run: Any, n: int = 6) -> tuple[list[str], list[str], list[list[str]]]:
     """Real states of the run's env: goals, observations and admissible actions after a few scripted steps."""
-    env = run_tools.train.make_env_fn(run.cfg)()
+    env = builders.make_env_fn(run.cfg)()
     goals, obs, cands = [], [], []
     for seed in range(n):
         o, info = env.reset(seed=500 + seed, options={"goal_category": env.goal_categories[seed % 2]})
@@ -108,7 +109,7 @@ def _check_roundtrip(run: Any, model: Any, out: Path) -> None:
     from sacglam.scoring import score_candidates
 
     tokenizer = AutoTokenizer.from_pretrained(out)
-    codec = run_tools.exported_codec(out, tokenizer)
+    codec = tools.exported_codec(out, tokenizer)
     states = _states(run)
     inputs = _encode(codec, states)
     reference = _encode(run.codec, states)
@@ -135,7 +136,7 @@ def _check_roundtrip(run: Any, model: Any, out: Path) -> None:
 def test_export_full_fine_tuning_reloads_with_plain_transformers(sac_run: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    run = run_tools.load_run(sac_run, ["device=cpu"])
+    run = tools.load_run(sac_run, ["device=cpu"])
     out = export_policy.export(run, tmp_path / "policy")
     model = AutoModelForCausalLM.from_pretrained(out)
     _check_roundtrip(run, model, out)
@@ -156,7 +157,7 @@ def test_export_lora_holds_the_actor_adapter_only(lora_run: Path, tmp_path: Path
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    run = run_tools.load_run(lora_run, ["device=cpu"])
+    run = tools.load_run(lora_run, ["device=cpu"])
     out = export_policy.export(run, tmp_path / "policy")
     adapter = load_file(str(out / "adapter_model.safetensors"))
     assert adapter and not any("target" in k for k in adapter), "the Polyak target adapter must not be exported"
@@ -180,7 +181,7 @@ def test_export_eto_lora_policy_reloads_and_scores_as_in_training(eto_run: Path,
     from transformers import AutoModelForCausalLM
 
     assert any(json.loads(line).get("charts/round") == 1 for line in (eto_run / "metrics.jsonl").open())
-    run = run_tools.load_run(eto_run, ["device=cpu"])
+    run = tools.load_run(eto_run, ["device=cpu"])
     out = export_policy.export(run, tmp_path / "policy")
     adapter = load_file(str(out / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items()), "SFT and DPO never trained it"
@@ -195,7 +196,7 @@ def test_export_ppo_value_head(ppo_run: Path, tmp_path: Path) -> None:
     from sacglam.losses import candidate_policy
     from sacglam.scoring import score_candidates
 
-    run = run_tools.load_run(ppo_run, ["device=cpu"])
+    run = tools.load_run(ppo_run, ["device=cpu"])
     out = export_policy.export(run, tmp_path / "policy")
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     spec, tensors = _heads(out)
@@ -237,14 +238,14 @@ def test_evaluate_cli_matches_sacglam_evaluate_on_the_same_seeds(sac_run: Path, 
     assert result.returncode == 0, result.stderr[-3000:]
     table = _rates(result.stdout)
     assert len(table) == 2 * 4 * 2  # splits x categories (the default four) x modes
-    # Independently, as scripts/shortcut_eval.py used to: conf/ + the run's overrides, train.py's builders.
+    # Independently, as scripts/shortcut_eval.py used to: conf/ + the run's overrides, the run builders.
     overrides = yaml.safe_load((sac_run / ".hydra" / "overrides.yaml").read_text())
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg: Any = OmegaConf.to_object(compose("config", overrides=overrides))
-    train, device = run_tools.train, torch.device("cpu")
-    probe = train.make_env_fn(cfg)()
-    model, _, codec = train.build_model(cfg, probe, device)
-    agent = run_tools.Agent(model, cfg.agent)
+    device = torch.device("cpu")
+    probe = builders.make_env_fn(cfg)()
+    model, _, codec = builders.build_model(cfg, probe, device)
+    agent = tools.Agent(model, cfg.agent)
     ckpt = find_latest_checkpoint(sac_run)
     assert ckpt is not None
     agent.load_state_dict(load_checkpoint(ckpt, map_location=device)["agent"])
@@ -253,7 +254,7 @@ def test_evaluate_cli_matches_sacglam_evaluate_on_the_same_seeds(sac_run: Path, 
     sample = make_act_fn(agent, codec, greedy=False, device=device, generator=gen)
     for split, extra in (("train", {}), ("heldout", dict(cfg.env.heldout_kwargs))):
         gen.manual_seed(4242)
-        want = evaluate([train.make_env_fn(cfg, **extra)] * cfg.eval.num_envs,
+        want = evaluate([builders.make_env_fn(cfg, **extra)] * cfg.eval.num_envs,
                         make_act_fn(agent, codec, greedy=True, device=device), sample,
                         categories=probe.goal_categories, episodes_per_category=6, seed=4242)
         for mode in ("greedy", "sample"):

@@ -26,6 +26,7 @@ from envs.playground_text import playground_expert
 from sacglam.episode_log import EPISODES_DIRNAME, EpisodeLog, log_files
 from sacglam.episodes import EpisodeRecord
 from sacglam.relabel import Relabelled
+from sacglam.run import builders, tools
 from tests.scripts_util import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,6 @@ ERASED = 3  # the logged oracle goals of every 3rd episode are erased
 
 
 eh = load_script("export_hindsight")
-run_tools = eh.run_tools
 
 
 def play(env: Any, n: int, seed: int = 0, expert_p: float = 0.6) -> list[EpisodeRecord]:
@@ -69,10 +69,10 @@ def play(env: Any, n: int, seed: int = 0, expert_p: float = 0.6) -> list[Episode
 
 def make_run(folder: Path, overrides: list[str], n: int = N_EPISODES) -> list[EpisodeRecord]:
     """A run folder (config + episode log); returns the true episodes (the log erases some oracle goals)."""
-    cfg = run_tools.compose_config(["env.num_envs=4", *overrides])
+    cfg = tools.compose_config(["env.num_envs=4", *overrides])
     (folder / ".hydra").mkdir(parents=True)
-    (folder / ".hydra" / "config.yaml").write_text(run_tools.config_yaml(cfg))
-    episodes = play(run_tools.train.make_env_fn(cfg)(), n)
+    (folder / ".hydra" / "config.yaml").write_text(tools.config_yaml(cfg))
+    episodes = play(builders.make_env_fn(cfg)(), n)
     logged = [dataclasses.replace(ep, achieved=[[] for _ in ep.achieved]) if i % ERASED == 0 else ep
               for i, ep in enumerate(episodes)]
     with EpisodeLog(folder) as log:

@@ -10,7 +10,13 @@ fields added since take their defaults) plus hydra-style ``key=value`` overrides
 ``~key`` removes one). The model and its tokenizer always come from the run's own config (a tiny model's vocabulary
 is drawn from its training env, so evaluating on other env kwargs must not change it); ``model.*`` overrides (dtype,
 attention) and everything else (env, eval, prompt limits, agent temperature) apply as given. Used by
-``scripts/evaluate.py``, ``scripts/export_policy.py``, ``scripts/zero_shot.py`` and ``scripts/shortcut_eval.py``.
+``scripts/evaluate.py``, ``scripts/export_policy.py``, ``scripts/export_hindsight.py``, ``scripts/zero_shot.py``,
+``scripts/shortcut_eval.py`` and ``scripts/relabel_precision.py``; the run itself is built by the same builders as
+``train.py``'s (``sacglam.run.builders``).
+
+Importing this module sets the offline defaults ``train.py`` sets (no model hub, offline wandb) and registers the
+config schema with Hydra's config store (as importing ``train.py`` does), so that the ``conf/`` presets compose.
+The env ids a config names are registered by the caller's ``import envs`` (sacglam never imports envs).
 """
 
 from __future__ import annotations
@@ -38,14 +44,11 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402  (the run's own builders)
-from sacglam.agent import Agent  # noqa: E402
-from sacglam.algos.eto.dpo import ETOConfig  # noqa: E402
-from sacglam.algos.ppo.learner import PPOAgent, PPOConfig  # noqa: E402
-from sacglam.algos.sac.learner import SACConfig  # noqa: E402
-from sacglam.checkpoint import (  # noqa: E402
+from sacglam.agent import Agent
+from sacglam.algos.eto.dpo import ETOConfig
+from sacglam.algos.ppo.learner import PPOAgent, PPOConfig
+from sacglam.algos.sac.learner import SACConfig
+from sacglam.checkpoint import (
     CHECKPOINT_DIRNAME,
     CheckpointError,
     checkpoint_dir,
@@ -53,11 +56,15 @@ from sacglam.checkpoint import (  # noqa: E402
     list_checkpoints,
     load_checkpoint,
 )
-from sacglam.config import ALGOS, TrainConfig  # noqa: E402
-from sacglam.evaluate import evaluate_splits as evaluate_env_splits  # noqa: E402
-from sacglam.evaluate import wilson_interval  # noqa: E402
-from sacglam.pipeline import make_act_fn  # noqa: E402
-from sacglam.prompting import PromptCodec  # noqa: E402
+from sacglam.config import ALGOS, TrainConfig, register_configs
+from sacglam.evaluate import evaluate_splits as evaluate_env_splits
+from sacglam.evaluate import wilson_interval
+from sacglam.pipeline import make_act_fn
+from sacglam.prompting import PromptCodec
+from sacglam.run import builders
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: conf/ and train.py (the package is installed editable)
+register_configs()  # base_config and the <algo>_schema nodes that conf/ and saved run configs compose on
 
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 
@@ -74,6 +81,12 @@ def compose_config(overrides: Sequence[str]) -> TrainConfig:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         dcfg = compose("config", overrides=list(overrides))
     return _typed(dcfg)
+
+
+def published_config(overrides: Sequence[str] = ()) -> TrainConfig:
+    """The config of ``experiment=paper_sacglam model=tiny`` plus ``overrides`` (Hydra syntax): the published SAC-GLAM
+    settings the benchmarks (``scripts/bench.py``, ``scripts/bench_memory.py``) run with."""
+    return compose_config(["experiment=paper_sacglam", "model=tiny", *overrides])
 
 
 def config_from_file(path: Path, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -108,11 +121,11 @@ def _typed(dcfg: Any) -> TrainConfig:
 
 
 def exported_codec(out: str | os.PathLike[str], tokenizer: Any) -> PromptCodec:
-    """The prompt codec of a policy exported by ``scripts/export_policy.py``: ``train.make_codec`` with the
+    """The prompt codec of a policy exported by ``scripts/export_policy.py``: ``builders.make_codec`` with the
     training config saved in ``OUT/config.yaml`` and the exported tokenizer, so every prompt option is the run's."""
     policy = json.loads((Path(out) / "sacglam_policy.json").read_text())
     cfg = config_from_file(Path(out) / "config.yaml")
-    return train.make_codec(cfg, tokenizer, seq2seq=bool(policy["model"]["seq2seq"]))
+    return builders.make_codec(cfg, tokenizer, seq2seq=bool(policy["model"]["seq2seq"]))
 
 
 def config_yaml(cfg: TrainConfig) -> str:
@@ -124,14 +137,14 @@ def config_yaml(cfg: TrainConfig) -> str:
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[Any, Any, PromptCodec, Any]:
-    """The run's model, tokenizer and prompt codec through ``train.build_model``, and its probe env.
+    """The run's model, tokenizer and prompt codec through ``builders.build_model``, and its probe env.
 
     Returns:
-        (model, tokenizer, codec, probe): probe is an env of ``train.make_env_fn(cfg)`` (the tokenizer corpus came
+        (model, tokenizer, codec, probe): probe is an env of ``builders.make_env_fn(cfg)`` (the tokenizer corpus came
         from it).
     """
-    probe = train.make_env_fn(cfg)()
-    model, tokenizer, codec = train.build_model(cfg, probe, device)
+    probe = builders.make_env_fn(cfg)()
+    model, tokenizer, codec = builders.build_model(cfg, probe, device)
     return model, tokenizer, codec, probe
 
 
@@ -216,13 +229,13 @@ def load_run(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Loa
     config_file = run_dir / CONFIG_FILE
     run_cfg = config_from_file(config_file)
     cfg = config_from_file(config_file, overrides)
-    device = train.resolve_device(cfg)
+    device = builders.resolve_device(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     # The model as trained (its vocabulary comes from the run's training env), with model.* overrides such as dtype.
     model, tokenizer, _, _ = build_model(dataclasses.replace(run_cfg, model=cfg.model), device)
-    codec = train.model_codec(cfg, model, tokenizer)
-    agent = train.make_agent(cfg, model, device)
+    codec = builders.model_codec(cfg, model, tokenizer)
+    agent = builders.make_agent(cfg, model, device)
     state = _load_state(ckpt, device)
     if state.get("algo") != cfg.algo.name:
         raise RunError(f"{ckpt} was written by algo={state.get('algo')} but {config_file} says "
@@ -276,11 +289,11 @@ def evaluate_splits(
     """
     device = next(agent.parameters()).device
     n = cfg.eval.episodes_per_category if episodes is None else episodes
-    categories = list(train.make_env_fn(cfg)().goal_categories)
+    categories = list(builders.make_env_fn(cfg)().goal_categories)
     act_greedy = make_act_fn(agent, codec, greedy=True, device=device)
     gen = torch.Generator(device)
     act_sample = make_act_fn(agent, codec, greedy=False, device=device, generator=gen) if sample else None
-    env_fns = train.eval_env_fns(cfg)
+    env_fns = builders.eval_env_fns(cfg)
     metrics = evaluate_env_splits(env_fns, act_greedy, act_sample, gen, categories=categories,
                                   num_envs=cfg.eval.num_envs, episodes_per_category=n, seed=cfg.eval.seed)
     rows: list[Row] = []
