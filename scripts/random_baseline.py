@@ -9,6 +9,7 @@ one, else terminated with a positive reward). Each row gives the episode count, 
     python scripts/random_baseline.py --quick         # 20 episodes per category, no TextWorld game generation
     python scripts/random_baseline.py --episodes 1000 --seed 1
     python scripts/random_baseline.py --games-dir games/ --all-games --tw-episodes 200
+    python scripts/random_baseline.py --only playground --episodes 20000 --env-kwargs '{"grown_distractors": 0.5}'
 
 Envs whose module is not present, or TextWorld without a game (and none can be generated), are skipped with a message.
 """
@@ -16,6 +17,7 @@ Envs whose module is not present, or TextWorld without a game (and none can be g
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -88,8 +90,8 @@ def textworld_games(quick: bool, games_dir: Path) -> tuple[list[Path], str]:
     return found, ""
 
 
-def cases(quick: bool, games_dir: Path, all_games: bool) -> tuple[list[EnvCase], list[str]]:
-    """The env configurations to measure and the skip messages of those that cannot run."""
+def cases(quick: bool, games_dir: Path, all_games: bool, only: str = "") -> tuple[list[EnvCase], list[str]]:
+    """Every env configuration to measure and the skip messages of those that cannot run."""
     out = [
         EnvCase("Playground-Text", "sacglam/PlaygroundText-v0", {}, "playground_text", True),
         EnvCase("BitFlip-Text n=8", "sacglam/BitFlipText-v0", {"n_bits": 8}, "bitflip_text", False),
@@ -97,7 +99,10 @@ def cases(quick: bool, games_dir: Path, all_games: bool) -> tuple[list[EnvCase],
         EnvCase("BabyAI PickupLoc", "sacglam/BabyAIText-v0", {"level": "BabyAI-PickupLoc-v0"}, "babyai_text", False),
     ]
     skipped = []
-    if (ROOT / "envs" / "textworld_env.py").exists():
+    wants_textworld = not only or only.lower() in "textworld" or only.lower().startswith("tw")
+    if not wants_textworld:
+        pass  # --only names another env: no TextWorld game is looked for or generated
+    elif (ROOT / "envs" / "textworld_env.py").exists():
         games, why = textworld_games(quick, games_dir)
         if not all_games:  # one game per kind (tw-coin_collector, tw-simple, tw-cooking): the first of each, sorted
             games = list({g.stem.split("-")[1]: g for g in reversed(games)}.values())[::-1]
@@ -149,10 +154,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--games-dir", type=Path, default=ROOT / "games", help="TextWorld games folder")
     parser.add_argument("--all-games", action="store_true", help="every TextWorld game (default: one per kind)")
     parser.add_argument("--tw-episodes", type=int, default=50, help="episodes per TextWorld game (~5 ms a step)")
+    parser.add_argument("--only", default="", help="measure only the envs whose label contains this text, "
+                        "case-insensitive (e.g. playground, babyai)")  # fmt: skip
+    parser.add_argument("--env-kwargs", type=json.loads, default={}, help="JSON object of constructor arguments "
+                        "added to every measured env's (e.g. '{\"grown_distractors\": 0.5}' with --only playground)")
     args = parser.parse_args(argv)
+    if not isinstance(args.env_kwargs, dict):
+        parser.error(f"--env-kwargs must be a JSON object, got {args.env_kwargs!r}")
     episodes = 20 if args.quick else args.episodes
 
-    present, skipped = cases(args.quick, args.games_dir, args.all_games)
+    present, skipped = cases(args.quick, args.games_dir, args.all_games, args.only)
+    present = [EnvCase(c.label, c.env_id, {**c.kwargs, **args.env_kwargs}, c.module, c.by_category)
+               for c in present if args.only.lower() in c.label.lower()]
+    if not present:
+        parser.error(f"--only {args.only!r} matches no env")
     rows = []
     failed = []
     for case in present:
@@ -176,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(
         f"Uniform random agent over admissible actions (seed {args.seed}, {episodes} episodes per category, "
-        f"{min(episodes, args.tw_episodes)} per TextWorld game).\n"
+        f"{min(episodes, args.tw_episodes)} per TextWorld game"
+        + (f", env kwargs {json.dumps(args.env_kwargs)}" if args.env_kwargs else "") + ").\n"
     )
     print("| env | goal category | episodes | successes | success rate | 95% CI (Wilson) | mean length | env s |")
     print("|---|---|---:|---:|---:|---|---:|---:|")

@@ -455,3 +455,18 @@ def test_get_state_of_unpicklable_env_is_a_clear_type_error() -> None:
     with pytest.raises(TypeError, match="cannot be saved mid-episode"):
         venv.get_state()
     venv.close()
+
+
+def test_random_baseline_measures_one_env_with_constructor_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.scripts_util import load_script
+
+    rb = load_script("random_baseline")
+    code = rb.main(["--only", "playground", "--episodes", "4", "--env-kwargs", '{"goal_categories": ["grasp"]}'])
+    assert code == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| Playground")]
+    assert [r.split("|")[2].strip() for r in rows] == ["grasp"]  # the kwargs reached the env; one env measured
+    assert rows[0].split("|")[3].strip() == "4"
+    with pytest.raises(SystemExit):
+        rb.main(["--only", "no-such-env"])
+    with pytest.raises(SystemExit):
+        rb.main(["--only", "playground", "--env-kwargs", "[1]"])
