@@ -91,7 +91,8 @@ def textworld_games(quick: bool, games_dir: Path) -> tuple[list[Path], str]:
 
 
 def cases(quick: bool, games_dir: Path, all_games: bool, only: str = "") -> tuple[list[EnvCase], list[str]]:
-    """Every env configuration to measure and the skip messages of those that cannot run."""
+    """The env configurations to measure (those whose label contains ``only``, case-insensitive; all when it is
+    empty) and the skip messages of those that cannot run."""
     out = [
         EnvCase("Playground-Text", "sacglam/PlaygroundText-v0", {}, "playground_text", True),
         EnvCase("BitFlip-Text n=8", "sacglam/BitFlipText-v0", {"n_bits": 8}, "bitflip_text", False),
@@ -99,10 +100,10 @@ def cases(quick: bool, games_dir: Path, all_games: bool, only: str = "") -> tupl
         EnvCase("BabyAI PickupLoc", "sacglam/BabyAIText-v0", {"level": "BabyAI-PickupLoc-v0"}, "babyai_text", False),
     ]
     skipped = []
+    # TextWorld's labels name its games, known once they exist: games are looked for (or generated) only when
+    # `only` can match a TextWorld label.
     wants_textworld = not only or only.lower() in "textworld" or only.lower().startswith("tw")
-    if not wants_textworld:
-        pass  # --only names another env: no TextWorld game is looked for or generated
-    elif (ROOT / "envs" / "textworld_env.py").exists():
+    if wants_textworld and (ROOT / "envs" / "textworld_env.py").exists():
         games, why = textworld_games(quick, games_dir)
         if not all_games:  # one game per kind (tw-coin_collector, tw-simple, tw-cooking): the first of each, sorted
             games = list({g.stem.split("-")[1]: g for g in reversed(games)}.values())[::-1]
@@ -112,10 +113,10 @@ def cases(quick: bool, games_dir: Path, all_games: bool, only: str = "") -> tupl
         ]
         if why:
             skipped.append(f"TextWorld: {why}")
-    else:
+    elif wants_textworld:
         skipped.append("TextWorld: envs/textworld_env.py not present yet")
     present = []
-    for case in out:
+    for case in (c for c in out if only.lower() in c.label.lower()):
         if (ROOT / "envs" / f"{case.module}.py").exists():
             present.append(case)
         elif not any(s.startswith(f"{case.label}:") for s in skipped):
@@ -164,8 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     episodes = 20 if args.quick else args.episodes
 
     present, skipped = cases(args.quick, args.games_dir, args.all_games, args.only)
-    present = [EnvCase(c.label, c.env_id, {**c.kwargs, **args.env_kwargs}, c.module, c.by_category)
-               for c in present if args.only.lower() in c.label.lower()]
+    present = [EnvCase(c.label, c.env_id, {**c.kwargs, **args.env_kwargs}, c.module, c.by_category) for c in present]
     if not present:
         parser.error(f"--only {args.only!r} matches no env")
     rows = []
