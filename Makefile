@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install train test test-slow test-ci-slow lint smollm2 games clean
+.PHONY: install train test test-slow test-ci-slow gpu-check lint smollm2 games clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test-slow: install
 ## The bounded selection of slow tests that CI runs.
 test-ci-slow: install
 	$(PY) -m pytest -q -m "slow and ci" $(PYTEST_ARGS)
+
+## On a machine with one GPU: everything never run on CUDA, in < 8 min, into docs/gpu_check.md (ARGS="--out F").
+gpu-check: install
+	$(PY) scripts/gpu_check.py $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

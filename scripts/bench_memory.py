@@ -6,7 +6,7 @@ path), a fresh subprocess builds a random-init model shaped like the real one, w
 the attention projections, as published), builds the real ``Agent`` and ``SACUpdater`` with the published SAC-GLAM
 settings (``experiment=paper_sacglam``, critic warm-up off so the update is a full one: critic + actor + alpha),
 and times ``SACUpdater.update`` on one synthetic batch of B states x K candidates (prompts and candidates of random
-lengths, all K candidates present). Reported per run:
+lengths, all K candidates present). Reported per run on CPU:
 
 * ``peak RSS``: the process's peak resident set size during the update (``resource.getrusage(RUSAGE_SELF)
   .ru_maxrss``, whose high-water mark is reset through ``/proc/self/clear_refs`` just before the update so that
@@ -14,11 +14,16 @@ lengths, all K candidates present). Reported per run:
 * ``update +``: that peak minus the RSS just before the update: what the update itself adds;
 * ``update s``: wall time of the update.
 
+With ``--device cuda`` the model runs in bf16 on the GPU (as ``model.dtype=auto`` trains there) and the peaks are the
+GPU's: ``torch.cuda.max_memory_allocated`` during the update (its counter reset just before) and, for ``update +``,
+that peak minus ``torch.cuda.memory_allocated`` just before the update; the host RSS is not measured.
+
 The old/new ratios of those three are printed in a markdown table, old and new measured in the same invocation.
 
     python scripts/bench_memory.py                                   # the three shapes, full depth, batch 256
     python scripts/bench_memory.py --layers 2 --grad-accum 8         # what a 2-core CPU can do (docs/benchmarks.md)
     python scripts/bench_memory.py --quick                           # seconds: tiny shapes (used by the tests)
+    python scripts/bench_memory.py --device cuda --grad-accum 4      # on a GPU: bf16, peak CUDA memory
 
 Shapes (vocabularies are the real ones: Flan-T5 32,128, SmolLM2 49,152, Qwen2.5 151,936) follow
 ``sacglam.models.gpu_models``; ``--layers`` lowers the depth only (hidden sizes, heads and vocabulary
@@ -159,9 +164,11 @@ def run_one(name: str, path: str, opts: argparse.Namespace) -> dict[str, Any]:
 
     Meant to run alone in its process (peak RSS is per process). Returns the measurements as a dict.
     """
+    from accelerate import Accelerator
+
     from sacglam.agent import Agent
     from sacglam.algos.sac.learner import SACUpdater
-    from sacglam.models import apply_lora
+    from sacglam.models import apply_lora, resolve_dtype
     from sacglam.run.tools import published_config
     from sacglam.scoring import score_candidates
 
@@ -179,17 +186,22 @@ def run_one(name: str, path: str, opts: argparse.Namespace) -> dict[str, Any]:
         else:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     vocab = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
+    device = torch.device(opts.device)
+    model.to(resolve_dtype("auto", device))  # fp32 on CPU, bf16 on a GPU (as model.dtype=auto trains)
     lora = cfg.model.lora
     lora.enabled = True  # published: LoRA r=16, alpha=32 on the attention projections
     model = apply_lora(model, lora)
     model.train()
     scorer = functools.partial(score_candidates, lean=path == "new")
     agent = Agent(model, cfg.agent, scorer=scorer)
-    updater = SACUpdater(agent, cfg.algo)
-    batch = make_batch(opts, vocab)
+    # The accelerator of --device (a default Accelerator would move the agent to a visible GPU even for --device cpu).
+    updater = SACUpdater(agent, cfg.algo, Accelerator(cpu=device.type == "cpu"))
+    batch = make_batch(opts, vocab).to(device)
     for _ in range(opts.warmup):
         updater.update(batch)
     gc.collect()
+    if device.type == "cuda":
+        return _measure_cuda(name, path, model, updater, batch, device)
     build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     rss_before = _rss_bytes()
     # Resetting VmHWM also resets getrusage's ru_maxrss (both read the kernel's hiwater_rss): from here on it is the
@@ -216,13 +228,42 @@ def run_one(name: str, path: str, opts: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _measure_cuda(name: str, path: str, model: nn.Module, updater: Any, batch: Any,
+                  device: torch.device) -> dict[str, Any]:  # fmt: skip
+    """:func:`run_one`'s measurement on a GPU: the peak of ``torch.cuda.max_memory_allocated`` during one update
+    (counter reset just before it), and the update's wall time between two device synchronisations."""
+    torch.cuda.synchronize(device)
+    build_peak = torch.cuda.max_memory_allocated(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    stats = updater.update(batch)
+    torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device)
+    return {
+        "model": name,
+        "path": path,
+        "params": sum(p.numel() for p in model.parameters()),
+        "real cand tokens": int(batch.cand_mask.sum() + batch.next_cand_mask.sum()),
+        "build peak": build_peak,
+        "rss before": before,  # on CUDA: the bytes allocated on the GPU before the update
+        "peak total": peak,
+        "update increment": peak - before,
+        "seconds": seconds,
+        "loss": float(stats["losses/total"]),
+        "hwm reset": True,
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # driver
 
 
 def _child_argv(name: str, path: str, opts: argparse.Namespace) -> list[str]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", name, path]
-    for key in ("batch", "k", "grad_accum", "prompt_min", "prompt_max", "cand_min", "cand_max", "threads", "warmup"):
+    for key in ("batch", "k", "grad_accum", "prompt_min", "prompt_max", "cand_min", "cand_max", "threads", "warmup",
+                "device"):
         argv += [f"--{key.replace('_', '-')}", str(getattr(opts, key))]
     if opts.layers:
         argv += ["--layers", str(opts.layers)]
@@ -231,14 +272,24 @@ def _child_argv(name: str, path: str, opts: argparse.Namespace) -> list[str]:
     return argv
 
 
+def _where(device: str, threads: int) -> str:
+    """The header's words for where the models ran."""
+    if device.startswith("cuda"):
+        return (f"random-init bf16 models on {torch.cuda.get_device_name(device)} "
+                "(peak = torch.cuda.max_memory_allocated)")
+    return (f"random-init fp32 models on CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{threads} threads)")
+
+
 def _gib(x: float) -> str:
     return f"{x / 2**30:.2f}"
 
 
-def format_table(results: dict[tuple[str, str], dict[str, Any]], models: Sequence[str]) -> str:
-    """Markdown: one row per model with old and new peaks and times and their old/new ratios."""
+def format_table(results: dict[tuple[str, str], dict[str, Any]], models: Sequence[str], peak: str = "peak RSS") -> str:
+    """Markdown: one row per model with old and new peaks and times and their old/new ratios (``peak`` names the
+    peak column: ``peak RSS`` on CPU, ``peak CUDA allocated`` on a GPU)."""
     lines = [
-        "| model | params | real cand tokens | peak RSS old / new (GiB) | ratio | update + old / new (GiB) | ratio "
+        f"| model | params | real cand tokens | {peak} old / new (GiB) | ratio | update + old / new (GiB) | ratio "
         "| update s old / new | ratio |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -267,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> dict[tuple[str, str], dict[str, A
     p.add_argument("--cand-min", type=int, default=2, help="tokens per candidate, uniform in [min, max]")
     p.add_argument("--cand-max", type=int, default=8)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (fp32, peak RSS) or cuda (bf16, peak torch.cuda.max_memory_allocated)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=0, help="untimed updates before the measured one")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute trunk activations in backward (model.gradient_checkpointing=True)")  # fmt: skip
@@ -274,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> dict[tuple[str, str], dict[str, A
     p.add_argument("--out", type=Path, default=None, help="also write the table (markdown) to this file")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "PATH"), default=None, help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
     if opts.child is not None:
         name, path = opts.child
         print("RESULT " + json.dumps(run_one(name, path, opts)), flush=True)
@@ -311,12 +366,11 @@ def main(argv: Sequence[str] | None = None) -> dict[tuple[str, str], dict[str, A
         f"(micro-batch {opts.batch // opts.grad_accum}), prompts U[{opts.prompt_min},{opts.prompt_max}] tokens, "
         f"candidates U[{opts.cand_min},{opts.cand_max}] tokens, depth "
         f"{opts.layers or 'real'}{', gradient checkpointing' if opts.gradient_checkpointing else ''}"
-        f"{' (--quick)' if opts.quick else ''}; random-init fp32 models on CPU "
-        f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads), torch "
+        f"{' (--quick)' if opts.quick else ''}; {_where(opts.device, threads)}, torch "
         f"{torch.__version__}. old = score_candidates(lean=False), new = lean (default); each run in a fresh process; "
         f"ratio = old / new."
     )
-    table = format_table(results, opts.models)
+    table = format_table(results, opts.models, "peak CUDA allocated" if opts.device.startswith("cuda") else "peak RSS")
     print(f"\n{header}\n\n{table}")
     if opts.out is not None:
         opts.out.parent.mkdir(parents=True, exist_ok=True)
