@@ -51,14 +51,17 @@ class AgentOutput:
     Attributes:
         log_pi: [B, K] log policy (0.0 on absent slots).
         pi: [B, K] policy (0.0 on absent slots).
-        q: [n_q, B, K] critic values (0.0 on absent slots).
+        q: [n_q, B, K] critic values (0.0 on absent slots); detached when the pass was given the taken actions.
         valid: [B, K] bool, the candidate slot is present.
+        q_taken: [n_q, B] ``Q_i(s, a)`` of the taken actions, with gradient, when the online pass was given them
+            (0.0 where the taken slot is absent); None otherwise.
     """
 
     log_pi: torch.Tensor
     pi: torch.Tensor
     q: torch.Tensor
     valid: torch.Tensor
+    q_taken: torch.Tensor | None = None
 
 
 class QHeads(nn.Module):
@@ -86,19 +89,42 @@ class QHeads(nn.Module):
             nets.append(nn.Sequential(*layers))
         self.nets = nn.ModuleList(nets)
 
-    def forward(self, hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Q values.
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Q values of a flat set of candidates.
+
+        Args:
+            x: [N, H] candidate hidden states (any float dtype; cast to the heads' dtype).
+
+        Returns:
+            [n_q, N].
+        """
+        x = x.to(next(self.parameters()).dtype)
+        return torch.stack([net(x).squeeze(-1) for net in self.nets])
+
+    def forward(self, hidden: torch.Tensor, valid: torch.Tensor, n_valid: int | None = None) -> torch.Tensor:
+        """Q values of every candidate slot.
+
+        With ``n_valid`` (the number of True entries of ``valid``, known from the scorer's one host sync) the MLPs
+        run on the real slots only, gathered by ``torch.nonzero_static`` without a device sync, and the result is
+        scattered back: on Playground about half of the K slots are padding. Without it every slot goes through the
+        MLPs and the absent ones are masked afterwards (same values).
 
         Args:
             hidden: [B, K, H] candidate hidden states (any float dtype; cast to the heads' dtype).
             valid: [B, K] bool.
+            n_valid: ``int(valid.sum())`` when known, else None.
 
         Returns:
             [n_q, B, K], 0.0 on absent slots.
         """
-        x = hidden.to(next(self.parameters()).dtype)
-        q = torch.stack([net(x).squeeze(-1) for net in self.nets])
-        return q.masked_fill(~valid.unsqueeze(0), 0.0)
+        b, k, h = hidden.shape
+        flat = hidden.reshape(b * k, h)
+        if n_valid is None:
+            q = self.rows(flat).view(-1, b, k)
+            return q.masked_fill(~valid.unsqueeze(0), 0.0)
+        sel = torch.nonzero_static(valid.reshape(-1), size=n_valid).squeeze(1)  # [n_valid]; no host sync
+        q_real = self.rows(flat.index_select(0, sel))  # [n_q, n_valid]
+        return q_real.new_zeros(q_real.shape[0], b * k).index_copy(1, sel, q_real).view(-1, b, k)
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -303,35 +329,64 @@ class Agent(nn.Module):
         cand_mask: torch.Tensor,
         *,
         target: bool = False,
+        action: torch.Tensor | None = None,
     ) -> AgentOutput:
         """Policy and critics for B states.
+
+        The critic heads run on the real candidate slots only when the scorer knows their count (``trim=True``, the
+        default). Given the taken ``action`` (the SAC update's online pass), the pass splits the critic's work by what
+        needs a gradient: ``q`` over all candidates is computed without one (the actor loss holds Q fixed), and
+        ``q_taken`` with one on the B taken candidates only (the critic loss), so the heads' backward costs B rows,
+        not ``B * K``. The gradients reaching the heads and the trunk are those of the full computation.
 
         Args:
             prompt_ids: [B, Lp] long, right padded; prompt_mask: [B, Lp] bool.
             cand_ids: [B, K, Lc] long, right padded; cand_mask: [B, K, Lc] bool (all False = absent slot).
             target: use the target network, always without gradient and without dropout (eval mode for the pass);
                 see the module docstring for which policy. The online pass respects the module's train/eval mode.
+            action: [B] long, the taken candidate of each state (online pass only): see above.
 
         Returns:
-            :class:`AgentOutput` with log_pi, pi [B, K], q [n_q, B, K], valid [B, K].
+            :class:`AgentOutput` with log_pi, pi [B, K], q [n_q, B, K], valid [B, K], and q_taken [n_q, B] when
+            ``action`` was given.
         """
         args = (prompt_ids, prompt_mask, cand_ids, cand_mask)
         if not target:
             out = self._score(self.actor_adapter, *args)
             log_pi, pi = candidate_policy(out.logp, out.valid, self.cfg.temperature)
-            hidden = out.hidden
-            if self.cfg.separate_adapter:
-                hidden = self._score(self.critic_adapter, *args).hidden
-            return AgentOutput(log_pi=log_pi, pi=pi, q=self.heads(hidden, out.valid), valid=out.valid)
+            critic_out = self._score(self.critic_adapter, *args) if self.cfg.separate_adapter else out
+            if action is None:
+                q = self.heads(critic_out.hidden, out.valid, critic_out.n_valid)
+                return AgentOutput(log_pi=log_pi, pi=pi, q=q, valid=out.valid)
+            q, q_taken = self._online_q(critic_out.hidden, out.valid, critic_out.n_valid, action)
+            return AgentOutput(log_pi=log_pi, pi=pi, q=q, valid=out.valid, q_taken=q_taken)
+        if action is not None:
+            raise ValueError("Agent.forward: `action` is for the online pass (target=False) only.")
         with torch.no_grad(), self._eval_mode(self.model if self.target_model is None else self.target_model):
             if self.cfg.separate_adapter:
                 out = self._score(self.actor_adapter, *args)
-                hidden = self._score(self.target_adapter, *args).hidden
+                critic_out = self._score(self.target_adapter, *args)
             else:
-                out = self._score(self.target_adapter, *args, model=self.target_model)
-                hidden = out.hidden
+                out = critic_out = self._score(self.target_adapter, *args, model=self.target_model)
             log_pi, pi = candidate_policy(out.logp, out.valid, self.cfg.temperature)
-            return AgentOutput(log_pi=log_pi, pi=pi, q=self.target_heads(hidden, out.valid), valid=out.valid)
+            q = self.target_heads(critic_out.hidden, out.valid, critic_out.n_valid)
+            return AgentOutput(log_pi=log_pi, pi=pi, q=q, valid=out.valid)
+
+    def _online_q(
+        self, hidden: torch.Tensor, valid: torch.Tensor, n_valid: int | None, action: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q`` [n_q, B, K] without gradient and ``q_taken`` [n_q, B] with it (see :meth:`forward`).
+
+        Args:
+            hidden: [B, K, H] candidate hidden states (with gradient); valid: [B, K] bool; action: [B] long.
+        """
+        b, _, h = hidden.shape
+        idx = action.long().view(b, 1)
+        with torch.no_grad():
+            q = self.heads(hidden.detach(), valid, n_valid)
+        taken = hidden.gather(1, idx.unsqueeze(-1).expand(b, 1, h)).squeeze(1)  # [B, H]
+        q_taken = self.heads.rows(taken)  # [n_q, B]
+        return q, q_taken.masked_fill(~valid.gather(1, idx).view(1, b), 0.0)
 
     @torch.inference_mode()
     def act(

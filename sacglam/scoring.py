@@ -63,12 +63,16 @@ class ScoreOutput:
             prompt
             only, so it does not depend on the candidates); seq2seq, the decoder's first position (the start token,
             which sees the encoded prompt only). Same dtype as the model.
+        n_valid: ``valid.sum()`` as a Python int when the scorer read it in its one host sync (``trim=True``), so
+            that per-candidate work downstream (the critic heads) can run on the real slots only without a sync of
+            its own; None when unknown.
     """
 
     logp: torch.Tensor
     hidden: torch.Tensor
     valid: torch.Tensor
     prompt_hidden: torch.Tensor
+    n_valid: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -682,7 +686,8 @@ def _trimmed(
 ) -> ScoreOutput:
     """:func:`_score_shared` on the used part of the inputs, outputs padded back to the K slots given.
 
-    The one host sync reads the used widths and the number of real candidate tokens together.
+    The one host sync reads the used widths, the number of real candidate tokens and the number of real candidate
+    slots (``ScoreOutput.n_valid``) together.
     """
     k = cand_ids.shape[1]
     widths = torch.stack(
@@ -691,10 +696,11 @@ def _trimmed(
             _used_width(cand_mask.bool(), (0, 2)),
             _used_width(cand_mask.bool(), (0, 1)),
             cand_mask.bool().sum(),
+            cand_mask.bool().any(-1).sum(),
         ]
     ).tolist()  # the one host sync
     lp, kk, lc = (max(int(w), 1) for w in widths[:3])
-    n_real = int(widths[3])
+    n_real, n_valid = int(widths[3]), int(widths[4])
     out = _score_shared(
         model,
         prompt_ids[:, :lp],
@@ -705,6 +711,7 @@ def _trimmed(
         **kwargs,
     )
     if kk == k:
+        out.n_valid = n_valid
         return out
     pad = k - kk
     return ScoreOutput(
@@ -712,6 +719,7 @@ def _trimmed(
         hidden=torch.nn.functional.pad(out.hidden, (0, 0, 0, pad)),
         valid=torch.nn.functional.pad(out.valid, (0, pad), value=False),
         prompt_hidden=out.prompt_hidden,
+        n_valid=n_valid,
     )
 
 

@@ -128,10 +128,11 @@ class SACUpdater:
             nxt = agent(mb.next_prompt_ids, mb.next_prompt_mask, mb.next_cand_ids, mb.next_cand_mask, target=True)
             next_v = soft_value(nxt.pi, nxt.log_pi, nxt.q.min(0).values, alpha)
             y = critic_target(mb.reward.to(next_v.dtype), mb.discount.to(next_v.dtype), next_v)
-        out = agent(mb.prompt_ids, mb.prompt_mask, mb.cand_ids, mb.cand_mask)
-        n_q = out.q.shape[0]
         action = mb.action.long()
-        q_taken = out.q.gather(-1, action.view(1, -1, 1).expand(n_q, -1, 1)).squeeze(-1)  # [n_q, B]
+        # q [n_q, B, K] without gradient (the actor's), q_taken [n_q, B] with it (the critic's): agent.forward.
+        out = agent(mb.prompt_ids, mb.prompt_mask, mb.cand_ids, mb.cand_mask, action=action)
+        q_taken = out.q_taken
+        assert q_taken is not None  # given `action`, the online pass returns it
         critic = critic_loss(q_taken, y, huber=cfg.huber)
         entropy = -(out.pi * out.log_pi).sum(-1).detach()
         h_target = target_entropy(out.valid, cfg.target_entropy_ratio)
