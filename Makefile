@@ -8,13 +8,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers for the test targets: auto = one per core; 0 = none (in-process, as plain pytest).
+TEST_WORKERS ?= auto
 
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install train test test-slow test-ci-slow gpu-check lint smollm2 games clean
+.PHONY: install train test test-integration test-slow test-ci-slow gpu-check lint smollm2 games clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,17 +30,21 @@ install: $(STAMP)
 train: install
 	$(PY) train.py $(ARGS)
 
-## The default test suite (fast; excludes `slow` and `gpu` markers).
+## The default test suite: the fast unit tests on every core (excludes the `slow`, `integration` and `gpu` markers).
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
+
+## The end-to-end checks (train.py and scripts in subprocesses: resume, data-parallel, export, presets): minutes.
+test-integration: install
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m integration $(PYTEST_ARGS)
 
 ## Every slow test (learning tests, real-model checks): tens of minutes on 2 cores.
 test-slow: install
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
-## The bounded selection of slow tests that CI runs.
+## What CI runs after `make test`: every integration test and the bounded selection of slow tests.
 test-ci-slow: install
-	$(PY) -m pytest -q -m "slow and ci" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "integration or (slow and ci)" $(PYTEST_ARGS)
 
 ## On a machine with one GPU: everything never run on CUDA, in < 8 min, into docs/gpu_check.md (ARGS="--out F").
 gpu-check: install

@@ -23,6 +23,7 @@ import argparse
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -120,7 +121,9 @@ def main(argv: list[str] | None = None) -> str:
         if torch.cuda.device_count() < max(args.procs):
             parser.error(f"--procs {max(args.procs)} needs as many GPUs; {torch.cuda.device_count()} visible")
     overrides = [*(CPU_RUN if args.device == "cpu" else GPU_RUN), f"device={args.device}", *args.overrides]
-    port = 29400 + os.getpid() % 500
+    with socket.socket() as sock:  # a free port (a fixed one collides with anything that holds it)
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
     rates = []
     with tempfile.TemporaryDirectory(prefix="bench_dp_") as tmp:
         for procs in [1, *args.procs]:

@@ -29,6 +29,7 @@ def test_bad_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixt
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_quick_run_measures_both() -> None:
     bench = load_script("bench_data_parallel")
     out = bench.main(["--quick", "--cores", "2", "--", "batch_size=8", "learning_starts=16",

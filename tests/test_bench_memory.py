@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 
+@pytest.mark.integration
 def test_bench_memory_quick_run(tmp_path: Path) -> None:
     path = Path(__file__).resolve().parents[1] / "scripts" / "bench_memory.py"
     spec = importlib.util.spec_from_file_location("bench_memory", path)

@@ -182,6 +182,7 @@ def _cfg(n_step: int, strategy: str, native_mode: str, rows: int, N: int, device
                         her=HERConfig(strategy, 0.7), native=native_mode)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mode", ["now", "delayed", "mixed"])
 @pytest.mark.parametrize("native_mode", [pytest.param("on", marks=needs_native), "off"])
 @pytest.mark.parametrize("strategy", ["future", "final", "episode"])

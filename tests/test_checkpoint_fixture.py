@@ -36,6 +36,7 @@ def _close(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("algo", sorted(ARGS))
 def test_pre_reorganisation_checkpoint_resumes_to_the_recorded_rows(algo: str, tmp_path: Path) -> None:
     (tmp_path / "checkpoints").mkdir()

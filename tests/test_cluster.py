@@ -33,6 +33,7 @@ def final_success(run: Path) -> float:
     return float([m for m in lines if "eval/greedy/success" in m][-1]["eval/greedy/success"])
 
 
+@pytest.mark.integration
 def test_submitit_local_multirun_lands_where_reproduce_aggregates(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     sweep = runs / "playground" / "sac_her"
@@ -56,6 +57,7 @@ def test_submitit_local_multirun_lands_where_reproduce_aggregates(tmp_path: Path
     assert "| playground | all | SAC + HER | 2 |" in md.read_text()
 
 
+@pytest.mark.integration
 def test_optuna_sweep_preset_reports_its_best_trial(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     result = multirun(["experiment=sweep_sac_her", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}", *TINY,
@@ -81,6 +83,7 @@ def test_optuna_sweep_preset_reports_its_best_trial(tmp_path: Path) -> None:
     assert any(all(math.isclose(float(p[k]), float(v)) for k, v in best["best_params"].items()) for p in winners)
 
 
+@pytest.mark.integration
 def test_slurm_multigpu_preset_asks_slurm_for_one_task_per_gpu(tmp_path: Path) -> None:
     """The sbatch file the launcher writes for ``hydra/launcher=slurm_multigpu``, caught by a stand-in ``sbatch`` (it
     copies the file and fails; ``srun`` only has to exist): N tasks on one node, N GPUs for the node, none bound

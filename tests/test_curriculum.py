@@ -157,6 +157,7 @@ def _p_rows(rows: list[dict[str, Any]]) -> list[list[float]]:
     return [[r[f"curriculum/p/{c}"] for c in CATS] for r in rows if "curriculum/p/grasp" in r]
 
 
+@pytest.mark.integration
 def test_resume_mid_run_draws_the_same_categories(tmp_path: Path) -> None:
     """curriculum=alp resumed from its middle checkpoint (the final one deleted, as if the run had died after the
     middle one): the same p rows, the same training successes per category (so the same categories drawn), the same
@@ -190,6 +191,7 @@ def test_resume_mid_run_draws_the_same_categories(tmp_path: Path) -> None:
     assert load_checkpoint(final, weights_only=False)["curriculum"] == ref_state
 
 
+@pytest.mark.integration
 def test_two_ranks_pool_episodes_and_draw_from_the_same_p(tmp_path: Path) -> None:
     """torchrun --nproc_per_node 2: at every checkpoint both ranks hold the same curriculum state, which counts both
     ranks' episodes, and every env of both ranks holds the same weights: the p logged at that step."""
@@ -217,6 +219,7 @@ def test_two_ranks_pool_episodes_and_draw_from_the_same_p(tmp_path: Path) -> Non
     assert moved, "p moved away from uniform at some checkpoint"
 
 
+@pytest.mark.integration
 def test_uniform_run_logs_and_saves_no_curriculum(tmp_path: Path) -> None:
     result = run_train([*SMALL, "total_env_steps=32", "eval.every=0"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,8 +31,16 @@ def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
+def free_port() -> int:
+    """A port nothing holds now: a fixed one (or one derived from the pid) can collide with a test of another
+    pytest-xdist worker or with anything else on the machine."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def launch(args: list[str], run_dir: Path, procs: int, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    cmd = [str(TORCHRUN), "--nproc_per_node", str(procs), "--master_port", str(29500 + os.getpid() % 1000)]
+    cmd = [str(TORCHRUN), "--nproc_per_node", str(procs), "--master_port", str(free_port())]
     if procs == 1:
         cmd = [sys.executable]
     return subprocess.run([*cmd, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=_env(),
@@ -63,6 +72,7 @@ def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, sub
     return two, launch(SMALL, two, 2)
 
 
+@pytest.mark.integration
 def test_two_processes_make_one_coherent_run(
         two_process_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
     two, result = two_process_run
@@ -95,6 +105,7 @@ def test_two_processes_make_one_coherent_run(
     assert "2 process(es)" in result.stderr and "this run has 1" in result.stderr
 
 
+@pytest.mark.integration
 def test_a_submitit_job_of_two_tasks_is_the_same_run(
         two_process_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
     """What a SLURM job with ``tasks_per_node=2`` does, by submitit's local executor: the two tasks find each other
@@ -113,6 +124,7 @@ def test_a_submitit_job_of_two_tasks_is_the_same_run(
     assert final_state(sweep / "run", 1)["world"] == 2
 
 
+@pytest.mark.integration
 def test_sigkill_of_two_processes_then_resume_matches(tmp_path: Path) -> None:
     args = [*SMALL, "total_env_steps=960"]  # long enough for the kill at 160 to land mid-run
     reference = tmp_path / "reference"
@@ -120,7 +132,7 @@ def test_sigkill_of_two_processes_then_resume_matches(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
     killed = tmp_path / "killed"
-    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(30500 + os.getpid() % 1000),
+    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "train.py"), *args, f"hydra.run.dir={killed}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -139,6 +151,7 @@ def test_sigkill_of_two_processes_then_resume_matches(tmp_path: Path) -> None:
     assert _comparable(read_metrics(killed)) == _comparable(read_metrics(reference))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("bad, message", [(["batch_size=7"], "batch_size=7 must divide by the 2 processes"),
                                           (["algo=eto"], "run ETO with one process"),
                                           (["logger.episodes=true"], "logger.episodes=true is single-process")])
@@ -148,6 +161,7 @@ def test_what_two_processes_refuse(bad: list[str], message: str, tmp_path: Path)
     assert message in result.stderr
 
 
+@pytest.mark.integration
 def test_two_processes_relabel_by_rules_and_pool_the_counts(tmp_path: Path) -> None:
     """relabel.source=rule on both ranks: every rank judges its own episodes, the logged precision and counts are
     pooled over ranks (the final line's episodes are both ranks' together), the weights stay equal."""
@@ -169,6 +183,7 @@ PPO = [o for o in SMALL if not o.startswith(("batch_size=", "learning_starts="))
     "algo=ppo", "algo.rollout_steps=8", "algo.minibatch_size=16", "checkpoint.keep=10"]
 
 
+@pytest.mark.integration
 def test_two_processes_run_ppo_and_resume_exactly(tmp_path: Path) -> None:
     """PPO-GLAM over 2 ranks: each its own rollout of 4 envs x 8 steps and half of every minibatch, gradients
     averaged (equal weights), one update per 64 global env steps; then resumed from the middle checkpoint of both

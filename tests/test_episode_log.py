@@ -217,6 +217,7 @@ while True:
 """
 
 
+@pytest.mark.integration
 def test_sigkill_loses_at_most_the_batch_being_written(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), str(ROOT)], stdout=subprocess.PIPE,
                             text=True, cwd=ROOT)

@@ -240,6 +240,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.integration
 def test_train_eto_logs_rounds_counts_every_env_step_and_writes_pairs(tmp_path: Path) -> None:
     result = run_train([*SMALL, "total_env_steps=150", "eval.every=60", "checkpoint.every=1"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -277,6 +278,7 @@ def kill_after_pairs(args: list[str], run_dir: Path, round_index: int) -> None:
     proc.wait()
 
 
+@pytest.mark.integration
 def test_sigkill_inside_a_round_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     args = [*SMALL, "total_env_steps=200", "eval.every=50", "checkpoint.every=1", "checkpoint.keep=2",
             "algo.epochs=4", "seed=2"]
@@ -293,6 +295,7 @@ def test_sigkill_inside_a_round_then_resume_matches_uninterrupted_run(tmp_path: 
         assert (killed / "pairs" / f.name).read_text() == f.read_text()
 
 
+@pytest.mark.integration
 def test_time_limit_stops_at_a_phase_boundary_and_resume_continues_exactly(tmp_path: Path) -> None:
     """``time_limit_min`` (the shared harness's, as for SAC): the run stops at the next phase boundary with its final
     checkpoint and an evaluation as its last row; ``resume=auto`` then continues it into the uninterrupted run."""
@@ -319,6 +322,7 @@ def test_time_limit_stops_at_a_phase_boundary_and_resume_continues_exactly(tmp_p
         assert (stopped / "pairs" / f.name).read_text() == f.read_text()
 
 
+@pytest.mark.integration
 def test_resuming_a_sac_run_with_eto_is_refused(tmp_path: Path) -> None:
     sac = ["env.num_envs=4", "batch_size=8", "learning_starts=48", "eval.episodes_per_category=2", "eval.num_envs=2",
            "env.corpus_episodes=20", "time_limit_min=0", "threads=1", "logger.progress=false"]
@@ -328,6 +332,7 @@ def test_resuming_a_sac_run_with_eto_is_refused(tmp_path: Path) -> None:
     assert result.returncode != 0 and "algo=sac" in result.stderr and "algo=eto" in result.stderr
 
 
+@pytest.mark.integration
 def test_dpo_on_a_user_pairs_file(tmp_path: Path) -> None:
     result = run_train([*SMALL, f"algo.pairs_file={EXAMPLE}", "algo.epochs=3", "'algo.lrs=[1e-2]'"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -339,6 +344,7 @@ def test_dpo_on_a_user_pairs_file(tmp_path: Path) -> None:
     assert not (tmp_path / "pairs").exists()  # no round of its own
 
 
+@pytest.mark.integration
 def test_a_malformed_pairs_file_names_its_line(tmp_path: Path) -> None:
     lines = EXAMPLE.read_text().splitlines()
     bad = json.loads(lines[1])

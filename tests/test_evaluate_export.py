@@ -133,6 +133,7 @@ def _check_roundtrip(run: Any, model: Any, out: Path) -> None:
     assert got.valid.sum() == sum(len(c) for c in states[2])
 
 
+@pytest.mark.integration
 def test_export_full_fine_tuning_reloads_with_plain_transformers(sac_run: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -152,6 +153,7 @@ def test_export_full_fine_tuning_reloads_with_plain_transformers(sac_run: Path, 
     assert policy["token_limits"]["max_obs_tokens"] == run.cfg.buffer.max_obs_tokens
 
 
+@pytest.mark.integration
 def test_export_lora_holds_the_actor_adapter_only(lora_run: Path, tmp_path: Path) -> None:
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -175,6 +177,7 @@ def test_export_lora_holds_the_actor_adapter_only(lora_run: Path, tmp_path: Path
     assert "PeftModel.from_pretrained" in (out / "README.md").read_text()
 
 
+@pytest.mark.integration
 def test_export_eto_lora_policy_reloads_and_scores_as_in_training(eto_run: Path, tmp_path: Path) -> None:
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -189,6 +192,7 @@ def test_export_eto_lora_policy_reloads_and_scores_as_in_training(eto_run: Path,
     _check_roundtrip(run, model, out)
 
 
+@pytest.mark.integration
 def test_export_ppo_value_head(ppo_run: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -212,6 +216,7 @@ def test_export_ppo_value_head(ppo_run: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(log_pi, want.log_pi, atol=1e-6, rtol=0)
 
 
+@pytest.mark.integration
 def test_export_cli_refuses_a_non_empty_folder(sac_run: Path, tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
@@ -225,6 +230,7 @@ def _rates(table: str) -> dict[tuple[str, str, str], float]:
     return {(r[0], r[1], r[2]): float(r[5]) for r in rows}
 
 
+@pytest.mark.integration
 def test_evaluate_cli_matches_sacglam_evaluate_on_the_same_seeds(sac_run: Path, tmp_path: Path) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -265,6 +271,7 @@ def test_evaluate_cli_matches_sacglam_evaluate_on_the_same_seeds(sac_run: Path, 
     assert "4242 + j" in result.stdout
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("which", ["sac", "ppo", "eto"])
 def test_evaluate_cli_reproduces_the_runs_final_evaluation(which: str, request: pytest.FixtureRequest) -> None:
     run: Path = request.getfixturevalue(f"{which}_run")
@@ -275,6 +282,7 @@ def test_evaluate_cli_reproduces_the_runs_final_evaluation(which: str, request: 
     assert {k: v for k, v in got.items() if "/success" in k} == {k: v for k, v in final.items() if "/success" in k}
 
 
+@pytest.mark.integration
 def test_evaluate_cli_missing_path(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-run"
     result = _script("evaluate.py", str(missing), timeout=120)
@@ -282,6 +290,7 @@ def test_evaluate_cli_missing_path(tmp_path: Path) -> None:
     assert str(missing) in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_evaluate_cli_corrupt_checkpoint(sac_run: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(sac_run / ".hydra", broken / ".hydra")
@@ -308,6 +317,7 @@ def test_split_overrides_and_variants_by_hand() -> None:
         parse("prompt.chat=true")
 
 
+@pytest.mark.integration
 def test_zero_shot_grid_on_the_tiny_model(tmp_path: Path) -> None:
     out = tmp_path / "zs.json"
     hot = "hot:agent.temperature=3.0,env.kwargs.goal_categories=[grasp],prompt.template='Do {goal}. {obs} >'"
@@ -323,6 +333,7 @@ def test_zero_shot_grid_on_the_tiny_model(tmp_path: Path) -> None:
     assert {r["category"] for r in saved["hot"]["rows"]} == {"grasp"}
 
 
+@pytest.mark.integration
 def test_zero_shot_bad_override_is_one_line(tmp_path: Path) -> None:
     result = _script("zero_shot.py", "--episodes", "1", "prompt.no_such_option=1", timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr

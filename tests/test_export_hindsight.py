@@ -169,6 +169,7 @@ def check_rows(rows: list[dict[str, Any]], fmt: str, want: list[tuple[EpisodeRec
     assert i == len(rows)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("source", ["oracle", "rule"])
 @pytest.mark.parametrize("fmt", ["messages", "sft", "dpo"])
 def test_export_formats_record_by_record(run: tuple[Path, list[EpisodeRecord]], fmt: str, source: str,
@@ -275,6 +276,7 @@ def test_missing_folder_and_missing_log_are_one_line_errors(tmp_path: Path, caps
     assert err.splitlines()[-1].startswith("export_hindsight.py: error: RunError:") and "config.yaml" in err
 
 
+@pytest.mark.integration
 def test_cli_runs_as_a_script(run: tuple[Path, list[EpisodeRecord]], tmp_path: Path) -> None:
     out = tmp_path / "sft.jsonl"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}

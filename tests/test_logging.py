@@ -224,6 +224,7 @@ def test_bad_wandb_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         RunLogger(tmp_path, LoggerConfig(wandb_mode="offlin", progress=False))
 
 
+@pytest.mark.integration
 def test_wandb_disabled_touches_no_network(tmp_path: Path) -> None:
     """WANDB_MODE=disabled overrides an offline config: wandb is never imported and no socket is opened."""
     code = f"""
@@ -248,6 +249,7 @@ print("ok")
     assert math.isclose(_lines(tmp_path / "metrics.jsonl")[0]["charts/success"], 1.0)
 
 
+@pytest.mark.integration
 def test_real_wandb_offline(tmp_path: Path) -> None:
     """The default mode with the real wandb package: an offline run folder, no account needed."""
     pytest.importorskip("wandb")

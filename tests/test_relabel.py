@@ -364,6 +364,7 @@ def textworld_episode(env: Any, seed: int, walkthrough_steps: int, rng: random.R
                          success=bool(info["won"]))
 
 
+@pytest.mark.integration
 def test_textworld_rules_against_the_oracle(textworld_games: list[Path]) -> None:
     """Walkthrough, walkthrough-then-random and random episodes: the yaml rules find every take/open/go-to exactly;
     with the per-game objective rule, every goal (precision = recall = 1)."""

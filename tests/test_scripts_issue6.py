@@ -267,6 +267,7 @@ def test_path_params_of_a_small_llama() -> None:
     assert bench.path_params(model) == (664, 664 + 400)
 
 
+@pytest.mark.integration
 def test_bench_out_of_memory_retries_with_more_micro_batches(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import torch
 
@@ -296,6 +297,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 
 
+@pytest.mark.integration
 def test_bench_quick_runs_and_writes_a_table(tmp_path: Path) -> None:
     out = tmp_path / "bench.md"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--threads", "1",
@@ -309,6 +311,7 @@ def test_bench_quick_runs_and_writes_a_table(tmp_path: Path) -> None:
     assert float(cells[3].replace(",", "")) > 0 and float(cells[4].replace(",", "")) > 0  # env steps/s, updates/s
 
 
+@pytest.mark.integration
 def test_reproduce_quick_bitflip_two_seeds(tmp_path: Path) -> None:
     runs, out = tmp_path / "runs", tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--quick", "--envs", "bitflip", "--steps", "128",

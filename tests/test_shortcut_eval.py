@@ -53,6 +53,7 @@ def test_scene_filter_returns_only_the_asked_scenes_reproducibly(shortcut: bool)
         a.reset(seed=0, options={"goal_category": "grasp"})  # type: ignore[attr-defined]
 
 
+@pytest.mark.integration
 def test_shortcut_eval_on_a_short_run(tmp_path: Path) -> None:
     run = run_train(["experiment=playground_sac_her", "env.num_envs=4", "total_env_steps=128", "learning_starts=32",
                      "batch_size=16", "eval.every=0", "eval.episodes_per_category=2", "eval.num_envs=2",

@@ -29,6 +29,7 @@ def _make_games(out: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
 
 
+@pytest.mark.integration
 def test_script_skips_existing_games(game: Path) -> None:
     result = _make_games(game.parent)
     assert f"| {game} | exists, skipped | - |" in result.stdout

@@ -60,6 +60,7 @@ PRESETS = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_preset_runs(preset: str, tmp_path: Path) -> None:
     steps = "total_env_steps=384" if preset == "babyai_sac_her" else "total_env_steps=160"  # 64-step BabyAI episodes
@@ -73,6 +74,7 @@ def test_preset_runs(preset: str, tmp_path: Path) -> None:
     assert any((tmp_path / "checkpoints").glob("step_*.pt"))
 
 
+@pytest.mark.integration
 def test_textworld_preset_runs(textworld_game: Path, tmp_path: Path) -> None:
     result = run_train(["experiment=textworld_sac", f"env.kwargs.game={textworld_game}", "env.vector=sync", *SMALL,
                         "env.kwargs.max_steps=8", "total_env_steps=160"], tmp_path)
@@ -80,12 +82,14 @@ def test_textworld_preset_runs(textworld_game: Path, tmp_path: Path) -> None:
     assert any("losses/critic" in m for m in read_metrics(tmp_path))
 
 
+@pytest.mark.integration
 def test_misspelt_override_names_the_key(tmp_path: Path) -> None:
     result = run_train(["algo.lr_actr=1e-3"], tmp_path, timeout=60)
     assert result.returncode != 0
     assert "lr_actr" in result.stderr
 
 
+@pytest.mark.integration
 def test_unknown_env_id_is_a_clear_error(tmp_path: Path) -> None:
     result = run_train(["env.id=sacglam/Nope-v0", *SMALL], tmp_path, timeout=60)
     assert result.returncode != 0
@@ -112,6 +116,7 @@ def kill_after_checkpoint(args: list[str], run_dir: Path, step: int) -> None:
     assert not (run_dir / "success.png").exists(), "the run finished before the kill"
 
 
+@pytest.mark.integration
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     args = ["experiment=playground_sac_her", *SMALL, "total_env_steps=640", "checkpoint.every=160",
             "checkpoint.keep=2", "eval.every=320", "seed=3"]
@@ -139,6 +144,7 @@ PPO_SMALL = [o for o in SMALL if not o.startswith(("batch_size=", "learning_star
     "algo.rollout_steps=8", "algo.minibatch_size=16"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("preset", ["playground_ppo", "paper_ppoglam"])
 def test_ppo_presets_run(preset: str, tmp_path: Path) -> None:
     extra = ["model.name=tiny", "algo.value_hidden=[16]"] if preset == "paper_ppoglam" else []
@@ -163,12 +169,14 @@ def test_ppo_presets_run(preset: str, tmp_path: Path) -> None:
                                      "algo.rollout_steps = 32"),
     ],
 )
+@pytest.mark.integration
 def test_ppo_bad_options_name_the_option(args: list[str], message: str, tmp_path: Path) -> None:
     result = run_train(["algo=ppo", *PPO_SMALL, *args], tmp_path, timeout=120)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.integration
 def test_ppo_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     # Checkpoints every 80 env steps fall inside rollouts (32 transitions each): the rollout storage is saved too.
     args = ["algo=ppo", *PPO_SMALL, "total_env_steps=480", "checkpoint.every=80", "checkpoint.keep=2",
@@ -186,6 +194,7 @@ def test_ppo_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> No
     assert _comparable(read_metrics(killed)) == _comparable(read_metrics(reference))
 
 
+@pytest.mark.integration
 def test_resuming_with_another_algo_is_refused(tmp_path: Path) -> None:
     result = run_train(["algo=ppo", *PPO_SMALL, "total_env_steps=64"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -194,6 +203,7 @@ def test_resuming_with_another_algo_is_refused(tmp_path: Path) -> None:
     assert "was written by algo=ppo, this run is algo=sac" in result.stderr
 
 
+@pytest.mark.integration
 def test_non_finite_loss_stops_naming_step_and_last_checkpoint(tmp_path: Path) -> None:
     """An infinite learning rate makes the weights non-finite after the first actor step; the run must stop."""
     result = run_train(["experiment=bitflip_her", *SMALL, "total_env_steps=800", "checkpoint.every=48",
@@ -226,6 +236,7 @@ def test_smollm2_trains_end_to_end(tmp_path: Path) -> None:
     assert "eval/greedy/success" in metrics[-1]
 
 
+@pytest.mark.integration
 def test_listed_actions_run_and_chat_needs_a_chat_template(tmp_path: Path) -> None:
     """prompt.list_actions flows through acting, the buffer and the update; the tiny tokenizer has no chat template,
     so prompt.chat=true is refused with the reason."""
@@ -237,6 +248,7 @@ def test_listed_actions_run_and_chat_needs_a_chat_template(tmp_path: Path) -> No
     assert result.returncode != 0 and "no chat_template" in result.stderr
 
 
+@pytest.mark.integration
 def test_sampled_evaluation_and_explicit_buffer_device(tmp_path: Path) -> None:
     """eval.sample=true adds the sampled policy's metrics; buffer.device=cpu is honoured (not overridden)."""
     result = run_train(["experiment=bitflip_her", *SMALL, "total_env_steps=96", "eval.sample=true",
@@ -246,6 +258,7 @@ def test_sampled_evaluation_and_explicit_buffer_device(tmp_path: Path) -> None:
     assert 0.0 <= final["eval/sample/success"] <= 1.0 and "eval/greedy/success" in final
 
 
+@pytest.mark.integration
 def test_rule_relabelling_and_episode_log_resume_exactly(tmp_path: Path) -> None:
     """relabel.source=rule with the episode log on: precision and recall against the oracle are logged (the
     Playground rules are exact), and a SIGKILL + resume gives the uninterrupted run's metrics and episode log."""
@@ -270,6 +283,7 @@ def test_rule_relabelling_and_episode_log_resume_exactly(tmp_path: Path) -> None
     assert [e.to_json() for e in read_episodes(killed)] == ref_eps
 
 
+@pytest.mark.integration
 def test_relabel_sources_other_than_the_oracle_need_sac(tmp_path: Path) -> None:
     result = run_train(["algo=ppo", *PPO_SMALL, "relabel.source=rule", "total_env_steps=64"], tmp_path / "run")
     assert result.returncode != 0

@@ -384,6 +384,7 @@ def test_textworld_sync_equals_subprocess(tmp_path: Path) -> None:
     _sync_equals_subprocess("sacglam/TextWorld-v0", {"game": str(game), "max_steps": 10}, 30)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("script", ["random_baseline.py", "bench_envs.py"])
 def test_scripts_run_quick(script: str) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
