@@ -192,7 +192,8 @@ def pass_table(args: argparse.Namespace, buf: ReplayBuffer, batch: Batch) -> Non
     torch.set_num_threads(threads)
     med = np.median(np.array(parts), 0)
     names = ["A: sampled rows (column search; their scalar rows prefetched)",
-             "B0 + A2: prefetch episode, window, HER source and token rows", "B: scalars (HER, rewards, n-step)",
+             "B0: prefetch episode, window and HER source rows",
+             "B: token rows prefetched (A2), scalars (HER, rewards, n-step)",
              "C: token copies (both prompts and candidate sets, masks)",
              "Python around the C call (uniform draws, out= check, pointers)", "whole sample(out=) call"]
     print(f"\nOne sample(out=) call of {args.batch} on 1 thread, {buf.cfg.token_dtype} buffer above, timing build; "

@@ -92,6 +92,94 @@ def test_torch_and_native_parts_agree_through_one_interface() -> None:
                 assert torch.equal(a, b), (P, name)
 
 
+NEEDS_NATIVE = pytest.mark.skipif(native.load() is None, reason=f"native code unavailable: {native.load_error()}")
+STORED = ("tok", "rows", "ranks", "eps", "rare_goal", "cur_start", "cur_k", "cur_step", "cur_ach", "lo",
+          "obs_len", "next_obs_len", "terminated", "truncated", "episode", "policy_version", "reward", "logp")
+
+
+def _other_dtypes(t: TransitionBatch) -> TransitionBatch:
+    """``t`` with every field the native add reads in place given otherwise: int32 ids and lengths, a non-contiguous
+    observation, uint8 flags, float64 reward and logp (each then converted before the C call)."""
+    i32 = {name: getattr(t, name).to(torch.int32) for name in (
+        "obs_len", "next_obs", "next_obs_len", "cands", "cand_len", "next_cands", "next_cand_len", "goal", "action",
+        "achieved", "policy_version")}
+    obs = torch.stack([t.obs, t.obs], -1)[..., 0]  # the same values, strided
+    assert not obs.is_contiguous()
+    return TransitionBatch(**{**t.__dict__, **i32, "obs": obs, "terminated": t.terminated.to(torch.uint8),
+                              "truncated": t.truncated.to(torch.uint8), "reward": t.reward.double(),
+                              "logp": t.logp.double()})
+
+
+@NEEDS_NATIVE
+def test_native_add_reads_inputs_in_place_or_converted_alike() -> None:
+    """The native add passes canonical CPU inputs (int64, float32, bool) to C as they are and converts the others:
+    both give the storage of the torch writer."""
+    ref, direct, converted = _parts(False), _parts(True), _parts(True)
+    for P in range(30):
+        ref[1].add(_step(P))
+        direct[1].add(_step(P))
+        converted[1].add(_other_dtypes(_step(P)))
+        for name in STORED:
+            want = getattr(ref[0], name)
+            assert torch.equal(getattr(direct[0], name), want), (P, name)
+            assert torch.equal(getattr(converted[0], name), want), (P, name)
+        assert direct[0].n_sampleable == converted[0].n_sampleable == ref[0].n_sampleable
+
+
+@NEEDS_NATIVE
+def test_native_add_follows_bookkeeping_tensors_replaced_between_adds() -> None:
+    """The native writer points at the [N] bookkeeping tensors once and again only when the storage holds other
+    ones: here the torch writer, which replaces them at each add, alternates with it on one storage."""
+    ref = _parts(False)
+    store, native_writer, _ = _parts(True)
+    torch_writer = TorchWriter(CFG, store, native_writer.goals)
+    for P in range(30):
+        ref[1].add(_step(P))
+        (torch_writer if P % 3 == 1 else native_writer).add(_step(P))
+        for name in STORED:
+            assert torch.equal(getattr(store, name), getattr(ref[0], name)), (P, name)
+
+
+@NEEDS_NATIVE
+def test_native_sample_writes_into_the_out_batch_it_is_given() -> None:
+    """The native sampler sets its output pointers only when ``out`` holds other tensors than at the last call:
+    sampling into A, then B, then A again writes each batch in turn (and B keeps its batch)."""
+    _, writer, sampler = _parts(True)
+    for P in range(30):
+        writer.add(_step(P))
+    sampler.window.refresh()
+    sampler.window_changed()
+    draws = Draws(CFG, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    a = sampler.sample(*draws.draw(8, gen), None)
+    b = sampler.sample(*draws.draw(8, gen), None)
+    b_before = {name: getattr(b, name).clone() for name in Batch.__dataclass_fields__}
+    d, rare_u = draws.draw(8, gen)
+    want = sampler.sample(d, rare_u, None)
+    assert sampler.sample(d, rare_u, a) is a
+    for name in Batch.__dataclass_fields__:
+        assert torch.equal(getattr(a, name), getattr(want, name)), name
+        assert torch.equal(getattr(b, name), b_before[name]), name
+    a.prompt_ids = a.prompt_ids.clone()  # one field replaced: written through its new tensor
+    d, rare_u = draws.draw(8, gen)
+    want = sampler.sample(d, rare_u, None)
+    sampler.sample(d, rare_u, a)
+    assert torch.equal(a.prompt_ids, want.prompt_ids)
+
+
+def test_draws_are_torch_rand_of_the_generator() -> None:
+    """``Draws.draw`` fills its reused tensor with exactly the numbers ``torch.rand`` draws from the same generator
+    state, and leaves the generator where ``torch.rand`` does (the draw order resumed runs depend on)."""
+    draws = Draws(CFG, torch.device("cpu"))
+    gen, ref = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for B in (5, 16, 5):
+        d, rare_u = draws.draw(B, gen)
+        assert torch.equal(d, torch.rand(B, 3 + CFG.her.rarity_draws, generator=ref, dtype=torch.float64))
+        assert rare_u is not None
+        assert torch.equal(rare_u, torch.rand(round(B * 0.25), generator=ref, dtype=torch.float64))
+    assert torch.equal(gen.get_state(), ref.get_state())
+
+
 def test_options_import_without_torch() -> None:
     code = ("import sys; import sacglam.replay.config as c; c.BufferConfig(her={'ratio': 0.5}); "
             "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules)")

@@ -15,7 +15,9 @@ This module imports torch only.
 from __future__ import annotations
 
 import ctypes
+import operator
 import warnings
+from typing import NoReturn
 
 import torch
 
@@ -33,17 +35,18 @@ _STRATEGY_CODES = {"future": 0, "episode": 1, "final": 2}  # as sacglam/replay/c
 # The SampleArgs field the native sampler writes each Batch field through (goal_limit and policy_version end in _out
 # there, since the inputs of those names are the buffer's tables).
 _NATIVE_OUTPUTS = tuple(f"{name}_out" if name in ("goal_limit", "policy_version") else name for name in BATCH_FIELDS)
-# TransitionBatch fields the native add reads: the dtype it reads each in and the AddArgs field it goes through.
+# TransitionBatch fields the native add reads: the AddArgs field it goes through, the dtype a field is converted to
+# when it has none of the dtypes the C code reads in place (bool flags are read as their uint8 bytes).
+_I64, _F32, _FLAGS = (torch.int64,), (torch.float32,), (torch.uint8, torch.bool)
 _ADD_INPUTS = (
-    ("obs", torch.int64, "obs"), ("obs_len", torch.int64, "obs_len_in"), ("next_obs", torch.int64, "next_obs"),
-    ("next_obs_len", torch.int64, "next_obs_len_in"), ("cands", torch.int64, "cands"),
-    ("cand_len", torch.int64, "cand_len_in"), ("next_cands", torch.int64, "next_cands"),
-    ("next_cand_len", torch.int64, "next_cand_len_in"), ("goal", torch.int64, "goal"),
-    ("action", torch.int64, "action"), ("achieved", torch.int64, "achieved"),
-    ("policy_version", torch.int64, "policy_version_in"), ("reward", torch.float32, "reward_in"),
-    ("logp", torch.float32, "logp_in"), ("terminated", torch.uint8, "terminated_in"),
-    ("truncated", torch.uint8, "truncated_in"),
+    ("obs", "obs", _I64), ("obs_len", "obs_len_in", _I64), ("next_obs", "next_obs", _I64),
+    ("next_obs_len", "next_obs_len_in", _I64), ("cands", "cands", _I64), ("cand_len", "cand_len_in", _I64),
+    ("next_cands", "next_cands", _I64), ("next_cand_len", "next_cand_len_in", _I64), ("goal", "goal", _I64),
+    ("action", "action", _I64), ("achieved", "achieved", _I64), ("policy_version", "policy_version_in", _I64),
+    ("reward", "reward_in", _F32), ("logp", "logp_in", _F32), ("terminated", "terminated_in", _FLAGS),
+    ("truncated", "truncated_in", _FLAGS),
 )  # fmt: skip
+_BOOKKEEPING = ("cur_start", "cur_k", "cur_step", "cur_ach", "lo")  # ReplayStorage's [N] int64 per-env tensors
 
 
 def pick_native(cfg: BufferConfig, device: torch.device,
@@ -91,11 +94,12 @@ class NativeWriter:
     def __init__(self, cfg: BufferConfig, store: ReplayStorage, goals: GoalTable, lib: ctypes.CDLL) -> None:
         self.cfg, self.store, self.goals, self.lib = cfg, store, goals, lib
         self._args = AddArgs()
-        self._stats = torch.zeros(11, dtype=torch.int64)  # what sacglam_add reports (see csrc/add.c)
+        self._stats = (ctypes.c_int64 * 11)()  # what sacglam_add reports (see csrc/add.c); read without torch
         self._scratch = torch.zeros(2 * store.n_envs, dtype=torch.int64)
+        self._bound: tuple[torch.Tensor | None, ...] = (None,) * len(_BOOKKEEPING)  # the [N] tensors pointed at
 
     def bind(self) -> None:
-        """Point the arguments at the storage (after each rebuild); the [N] bookkeeping is set per add."""
+        """Point the arguments at the storage (after each rebuild); the [N] bookkeeping is checked per add."""
         cfg, a, s, g = self.cfg, self._args, self.store, self.goals
         for name in ("obs_len", "next_obs_len", "terminated", "truncated", "episode", "policy_version", "reward",
                      "logp", "rare_goal"):
@@ -107,29 +111,53 @@ class NativeWriter:
         a.N, a.C, a.G, a.Lo, a.K, a.Lc = s.n_envs, s.capacity_per_env, cfg.max_achieved, cfg.max_obs_tokens, \
             cfg.max_cands, cfg.max_cand_tokens
         a.pad_id, a.token_max, a.counts_goals = s.pad_id, s.token_max, int(cfg.her.counts_goals)
-        a.scratch, a.stats = self._scratch.data_ptr(), self._stats.data_ptr()
+        a.scratch, a.stats = self._scratch.data_ptr(), ctypes.addressof(self._stats)
+        self._bound = (None,) * len(_BOOKKEEPING)
 
     def add(self, t: TransitionBatch) -> None:
-        """Store one step of all N envs (shapes already checked); raises as ``TorchWriter.add``."""
+        """Store one step of all N envs (shapes already checked); raises as ``TorchWriter.add``.
+
+        The Python around the C call is most of an add's time (the C code stores 16 envs' steps in ~6 us), so the
+        inputs already on the CPU, contiguous, in a dtype the C code reads, are passed as they are (no ``.to``), and
+        the [N] bookkeeping pointers are set only when the storage holds other tensors than at the last add.
+        """
         a, s = self._args, self.store
-        x = {name: getattr(t, name).to("cpu", dtype).contiguous() for name, dtype, _ in _ADD_INPUTS}
-        for name, _, arg in _ADD_INPUTS:
-            setattr(a, arg, x[name].data_ptr())
-        a.Lo_in, (a.K_in, a.Lc_in), a.G_in = x["obs"].shape[1], x["cands"].shape[1:], x["achieved"].shape[1]
+        _keep = self._inputs(t)  # converted copies of inputs: alive until the C call has returned
         a.P, a.n_goals, a.max_limit = s.pos, self.goals.n_goals, self.goals.max_limit
-        for name in ("cur_start", "cur_k", "cur_step", "cur_ach", "lo"):  # [N] bookkeeping, updated in place
-            setattr(a, name, getattr(s, name).data_ptr())
+        bookkeeping = (s.cur_start, s.cur_k, s.cur_step, s.cur_ach, s.lo)  # [N] int64, updated in place
+        if not all(map(operator.is_, bookkeeping, self._bound)):  # the torch writer or a test replaced one
+            for name, x in zip(_BOOKKEEPING, bookkeeping, strict=True):
+                setattr(a, name, x.data_ptr())
+            self._bound = bookkeeping
         code = self.lib.sacglam_add(ctypes.byref(a))
         if code:
-            stats = self._stats.tolist()
-            if code == 1:
-                what = ("observation", "next observation", "candidate action", "candidate action")[stats[0]]
-                name = "max_obs_tokens" if stats[0] < 2 else "max_cand_tokens"
-                raise width_error(what, stats[1], getattr(self.cfg, name), name)
-            check_step(self.cfg, s, self.goals.n_goals, stats[2:10], x["goal"], x["achieved"], x["action"])
-            raise AssertionError(f"sacglam_add refused a step with code {code} that no check explains: {stats}")
+            self._raise(code, t)
         s.pos += 1
-        s.n_sampleable = int(self._stats[10])
+        s.n_sampleable = self._stats[10]
+
+    def _inputs(self, t: TransitionBatch) -> list[torch.Tensor]:
+        """Point the arguments at the inputs of ``t`` (and set their widths); returns the converted copies made, which
+        must live until the C call returns."""
+        a, keep = self._args, []
+        for name, arg, dtypes in _ADD_INPUTS:
+            x = getattr(t, name)
+            if x.dtype not in dtypes or not x.is_cpu or not x.is_contiguous():
+                x = x.to("cpu", dtypes[0]).contiguous()
+                keep.append(x)
+            setattr(a, arg, x.data_ptr())
+        a.Lo_in, (a.K_in, a.Lc_in), a.G_in = t.obs.shape[1], t.cands.shape[1:], t.achieved.shape[1]
+        return keep
+
+    def _raise(self, code: int, t: TransitionBatch) -> NoReturn:
+        """The torch writer's error for a step ``sacglam_add`` refused with ``code`` (nothing was written)."""
+        stats = list(self._stats)
+        if code == 1:
+            what = ("observation", "next observation", "candidate action", "candidate action")[stats[0]]
+            name = "max_obs_tokens" if stats[0] < 2 else "max_cand_tokens"
+            raise width_error(what, stats[1], getattr(self.cfg, name), name)
+        check_step(self.cfg, self.store, self.goals.n_goals, stats[2:10], t.goal.cpu().long(),
+                   t.achieved.cpu().long(), t.action.cpu().long())
+        raise AssertionError(f"sacglam_add refused a step with code {code} that no check explains: {stats}")
 
 
 class NativeSampler:
@@ -153,7 +181,9 @@ class NativeSampler:
         width = max(64, cfg.n_step + 1)
         self._powers = (torch.tensor([1.0, cfg.gamma], dtype=torch.float32) if cfg.n_step == 1 else
                         (cfg.gamma ** torch.arange(width, dtype=torch.float32))[: cfg.n_step + 1].contiguous())
-        self._scratch: dict[int, torch.Tensor] = {}
+        self._scratch: dict[int, torch.Tensor] = {}  # per batch size: [6, B] int64 for the C call
+        # the output tensors the arguments point at (none yet: no identity matches)
+        self._bound_out: tuple[torch.Tensor | None, ...] = (None,) * len(BATCH_FIELDS)
 
     def bind(self) -> None:
         """Point the arguments at the storage and derived tables (after each rebuild)."""
@@ -186,23 +216,35 @@ class NativeSampler:
             a.rare_cdf, a.rare_total = win.rare_cdf.data_ptr(), float(win.rare_total)
 
     def wake(self, batch_size: int) -> None:
-        """The sampler's worker threads, if this batch is split over them, get ready while the draws are made."""
-        self.lib.sacglam_wake(torch.get_num_threads(), batch_size)
+        """The sampler's worker threads, if this batch is split over them, get ready while the draws are made (nothing
+        to do on one thread: the C call is skipped)."""
+        threads = torch.get_num_threads()
+        if threads > 1:
+            self.lib.sacglam_wake(threads, batch_size)
 
     def sample(self, draws: torch.Tensor, rare_u: torch.Tensor | None, out: Batch | None) -> Batch:
-        """The batch of ``draws`` and ``rare_u`` (as ``TorchSampler.sample``) in one C call."""
+        """The batch of ``draws`` and ``rare_u`` (as ``TorchSampler.sample``) in one C call.
+
+        The pointers of the draws, the scratch and the outputs are set only when they change: ``Draws`` reuses its
+        draws tensor per batch size and the training loop passes its last batch as ``out``, so a call usually sets
+        only the thread count and the rarity uniforms (20 output pointers cost ~3 us, 2-3% of a call of 256).
+        """
         a = self._args
         B = draws.shape[0]
         if out is None:
             out = Batch(**{name: torch.empty(shape, dtype=dtype) for name, shape, dtype in self.layout.layout(B)})
-        scratch = self._scratch.get(B)
-        if scratch is None:
-            scratch = self._scratch[B] = torch.empty((6, B), dtype=torch.int64)
-        a.draws, a.draw_w, a.B = draws.data_ptr(), draws.shape[1], B
+        if B != a.B or draws.data_ptr() != a.draws:
+            scratch = self._scratch.get(B)
+            if scratch is None:
+                scratch = self._scratch[B] = torch.empty((6, B), dtype=torch.int64)
+            a.draws, a.draw_w, a.B, a.scratch = draws.data_ptr(), draws.shape[1], B, scratch.data_ptr()
         a.rare_u, a.R = (0, 0) if rare_u is None else (rare_u.data_ptr(), rare_u.shape[0])
-        a.scratch, a.threads = scratch.data_ptr(), torch.get_num_threads()  # torch's intra-op threads, as its ops
-        for arg, t in zip(_NATIVE_OUTPUTS, batch_tensors(out), strict=True):
-            setattr(a, arg, t.data_ptr())
+        a.threads = torch.get_num_threads()  # torch's intra-op threads, as its ops
+        tensors = batch_tensors(out)
+        if not all(map(operator.is_, tensors, self._bound_out)):  # other output tensors than the last call's
+            for arg, t in zip(_NATIVE_OUTPUTS, tensors, strict=True):
+                setattr(a, arg, t.data_ptr())
+            self._bound_out = tensors  # held, so a later tensor cannot reuse a freed one's identity
         if self.lib.sacglam_sample(ctypes.byref(a)) != 0:
             raise RuntimeError("the native sampler refused its arguments (n_step or rarity_draws above its limits)")
         return out
