@@ -37,7 +37,8 @@ from sacglam.losses import candidate_policy, choose_candidates
 from sacglam.types import ActOutput
 
 ScoreFn = Callable[..., Any]
-"""``score_candidates(model, prompt_ids, prompt_mask, cand_ids, cand_mask, *, length_norm) -> ScoreOutput``."""
+"""``score_candidates(model, prompt_ids, prompt_mask, cand_ids, cand_mask, *, length_norm[, rows]) -> ScoreOutput``
+(``rows`` is passed only by a target pass given ``rows``)."""
 
 TARGET_ADAPTER = "target"
 CRITIC_ADAPTER = "critic"
@@ -310,7 +311,9 @@ class Agent(nn.Module):
         cand_mask: torch.Tensor,
         *,
         model: nn.Module | None = None,
+        rows: torch.Tensor | None = None,
     ) -> Any:
+        extra: dict[str, Any] = {} if rows is None else {"rows": rows}
         with self._adapter(adapter):
             return self._scorer(
                 self.model if model is None else model,
@@ -319,6 +322,7 @@ class Agent(nn.Module):
                 cand_ids,
                 cand_mask,
                 length_norm=self.cfg.length_norm,
+                **extra,
             )
 
     def forward(
@@ -330,6 +334,7 @@ class Agent(nn.Module):
         *,
         target: bool = False,
         action: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> AgentOutput:
         """Policy and critics for B states.
 
@@ -345,6 +350,10 @@ class Agent(nn.Module):
             target: use the target network, always without gradient and without dropout (eval mode for the pass);
                 see the module docstring for which policy. The online pass respects the module's train/eval mode.
             action: [B] long, the taken candidate of each state (online pass only): see above.
+            rows: [B] bool, target pass only: the states to evaluate (the scorer runs on those only; the others get
+                the output of a state with no candidate, whose soft value is 0). The SAC update passes
+                ``discount > 0``: a terminal transition's bootstrap is multiplied by zero, and with HER more than
+                half of a batch can be terminal.
 
         Returns:
             :class:`AgentOutput` with log_pi, pi [B, K], q [n_q, B, K], valid [B, K], and q_taken [n_q, B] when
@@ -352,6 +361,8 @@ class Agent(nn.Module):
         """
         args = (prompt_ids, prompt_mask, cand_ids, cand_mask)
         if not target:
+            if rows is not None:
+                raise ValueError("Agent.forward: `rows` is for the target pass (target=True) only.")
             out = self._score(self.actor_adapter, *args)
             log_pi, pi = candidate_policy(out.logp, out.valid, self.cfg.temperature)
             critic_out = self._score(self.critic_adapter, *args) if self.cfg.separate_adapter else out
@@ -364,10 +375,10 @@ class Agent(nn.Module):
             raise ValueError("Agent.forward: `action` is for the online pass (target=False) only.")
         with torch.no_grad(), self._eval_mode(self.model if self.target_model is None else self.target_model):
             if self.cfg.separate_adapter:
-                out = self._score(self.actor_adapter, *args)
-                critic_out = self._score(self.target_adapter, *args)
+                out = self._score(self.actor_adapter, *args, rows=rows)
+                critic_out = self._score(self.target_adapter, *args, rows=rows)
             else:
-                out = critic_out = self._score(self.target_adapter, *args, model=self.target_model)
+                out = critic_out = self._score(self.target_adapter, *args, model=self.target_model, rows=rows)
             log_pi, pi = candidate_policy(out.logp, out.valid, self.cfg.temperature)
             q = self.target_heads(critic_out.hidden, out.valid, critic_out.n_valid)
             return AgentOutput(log_pi=log_pi, pi=pi, q=q, valid=out.valid)

@@ -676,42 +676,69 @@ def _score_shared(
     return fn(inner, prompt_ids, prompt_mask, cand_ids, cand_mask, length_norm, lean, n_real, logit_chunk)
 
 
+def _zero_output(model: nn.Module, b: int, k: int, device: torch.device) -> ScoreOutput:
+    """The output of B states with no candidate (no row selected): zeros, no valid slot."""
+    weight = unwrap(model).get_input_embeddings().weight
+    h = int(weight.shape[1])
+    return ScoreOutput(
+        logp=torch.zeros(b, k, device=device),
+        hidden=torch.zeros(b, k, h, dtype=weight.dtype, device=device),
+        valid=torch.zeros(b, k, dtype=torch.bool, device=device),
+        prompt_hidden=torch.zeros(b, h, dtype=weight.dtype, device=device),
+        n_valid=0,
+    )
+
+
+def _scatter_rows(out: ScoreOutput, sel: torch.Tensor, b: int) -> ScoreOutput:
+    """Outputs of the selected rows ``sel`` [n] put back among B rows; the others are zeros with no valid slot."""
+
+    def put(x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(b, *x.shape[1:]).index_copy(0, sel, x)
+
+    return ScoreOutput(logp=put(out.logp), hidden=put(out.hidden), valid=put(out.valid),
+                       prompt_hidden=put(out.prompt_hidden), n_valid=out.n_valid)
+
+
 def _trimmed(
     model: nn.Module,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     cand_ids: torch.Tensor,
     cand_mask: torch.Tensor,
+    rows: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> ScoreOutput:
-    """:func:`_score_shared` on the used part of the inputs, outputs padded back to the K slots given.
+    """:func:`_score_shared` on the used part of the inputs, outputs padded back to the K slots (and B rows) given.
 
-    The one host sync reads the used widths, the number of real candidate tokens and the number of real candidate
-    slots (``ScoreOutput.n_valid``) together.
+    The one host sync reads the used widths, the number of real candidate tokens, the number of real candidate slots
+    (``ScoreOutput.n_valid``) and the number of selected ``rows`` together; widths and counts are those of the
+    selected rows.
     """
-    k = cand_ids.shape[1]
-    widths = torch.stack(
-        [
-            _used_width(prompt_mask.bool(), (0,)),
-            _used_width(cand_mask.bool(), (0, 2)),
-            _used_width(cand_mask.bool(), (0, 1)),
-            cand_mask.bool().sum(),
-            cand_mask.bool().any(-1).sum(),
-        ]
-    ).tolist()  # the one host sync
+    b, k = cand_ids.shape[:2]
+    p_mask, c_mask = prompt_mask.bool(), cand_mask.bool()
+    if rows is not None:
+        p_mask, c_mask = p_mask & rows[:, None], c_mask & rows[:, None, None]
+    stats = [_used_width(p_mask, (0,)), _used_width(c_mask, (0, 2)), _used_width(c_mask, (0, 1)), c_mask.sum(),
+             c_mask.any(-1).sum()]
+    if rows is not None:
+        stats.append(rows.sum())
+    widths = torch.stack(stats).tolist()  # the one host sync
     lp, kk, lc = (max(int(w), 1) for w in widths[:3])
     n_real, n_valid = int(widths[3]), int(widths[4])
-    out = _score_shared(
-        model,
-        prompt_ids[:, :lp],
-        prompt_mask[:, :lp],
-        cand_ids[:, :kk, :lc],
-        cand_mask[:, :kk, :lc],
-        n_real=n_real,
-        **kwargs,
+    cut: tuple[torch.Tensor, ...] = (
+        prompt_ids[:, :lp], prompt_mask[:, :lp], cand_ids[:, :kk, :lc], cand_mask[:, :kk, :lc]
     )
+    sel = None
+    if rows is not None:
+        if int(widths[5]) == 0:
+            return _zero_output(model, b, k, cand_ids.device)
+        sel = torch.nonzero_static(rows, size=int(widths[5])).squeeze(1)  # [n_rows]; no host sync
+        cut = tuple(x.index_select(0, sel) for x in cut)
+    out = _score_shared(model, *cut, n_real=n_real, **kwargs)
+    out.n_valid = n_valid
+    if sel is not None:
+        out = _scatter_rows(out, sel, b)
     if kk == k:
-        out.n_valid = n_valid
         return out
     pad = k - kk
     return ScoreOutput(
@@ -735,6 +762,7 @@ def score_candidates(
     trim: bool = True,
     lean: bool = True,
     logit_chunk: int | None = None,
+    rows: torch.Tensor | None = None,
 ) -> ScoreOutput:
     """Score K candidates per state, running each prompt once (shared prefix).
 
@@ -762,6 +790,10 @@ def score_candidates(
             repeats the encoder output over the K candidates, ``[B * K, Lp, H]``). Same results either way.
         logit_chunk: rows per LM-head chunk in the lean path (default: 32M logits per chunk,
             :data:`LOGIT_CHUNK_ELEMENTS` / V rows).
+        rows: [B] bool, the states to score (None: all). The model runs on those rows only (``trim=True``; with
+            ``trim=False`` every row is scored and the others are zeroed); the others get the output of a state with
+            no candidate: zero logp, hidden and prompt_hidden, no valid slot. The SAC update's target pass skips its
+            terminal transitions this way (their bootstrap is multiplied by a zero discount).
 
     Returns:
         :class:`ScoreOutput` with logp [B, K], hidden [B, K, H], valid [B, K], prompt_hidden [B, H].
@@ -772,9 +804,21 @@ def score_candidates(
         raise ValueError(f"score_candidates(logit_chunk={logit_chunk}): must be >= 1 row (or None for the default)")
     _check_inputs(prompt_ids, prompt_mask, cand_ids, cand_mask)
     kwargs: dict[str, Any] = {"length_norm": length_norm, "method": method, "lean": lean, "logit_chunk": logit_chunk}
+    if rows is not None and rows.shape != prompt_ids.shape[:1]:
+        raise ValueError(f"score_candidates: rows must be [B] bool with B = {prompt_ids.shape[0]}, got "
+                         f"{tuple(rows.shape)}")
     if trim:
-        return _trimmed(model, prompt_ids, prompt_mask, cand_ids, cand_mask, **kwargs)
-    return _score_shared(model, prompt_ids, prompt_mask, cand_ids, cand_mask, n_real=None, **kwargs)
+        return _trimmed(model, prompt_ids, prompt_mask, cand_ids, cand_mask, rows=rows, **kwargs)
+    out = _score_shared(model, prompt_ids, prompt_mask, cand_ids, cand_mask, n_real=None, **kwargs)
+    if rows is None:
+        return out
+    keep = rows.bool()
+    return ScoreOutput(
+        logp=torch.where(keep[:, None], out.logp, torch.zeros_like(out.logp)),
+        hidden=torch.where(keep[:, None, None], out.hidden, torch.zeros_like(out.hidden)),
+        valid=out.valid & keep[:, None],
+        prompt_hidden=torch.where(keep[:, None], out.prompt_hidden, torch.zeros_like(out.prompt_hidden)),
+    )
 
 
 def score_candidates_naive(

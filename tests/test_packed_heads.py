@@ -1,5 +1,6 @@
-"""The critic heads run on real candidate slots only, and the SAC online pass back-propagates the taken ones only
-(issue 28): both give the values and the gradients of the full, masked computation."""
+"""The SAC update's work on real data only (issue 28): the critic heads on real candidate slots, the online pass's
+heads backward on the taken candidates, the target pass on the non-terminal transitions (``rows``). Each gives the
+values and the gradients of the full, masked computation."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import pytest
 import torch
 
 from sacglam.agent import QHeads
-from sacglam.losses import actor_loss, critic_loss
+from sacglam.losses import actor_loss, critic_loss, critic_target, soft_value
+from sacglam.scoring import score_candidates
 from tests.test_agent import make_batch, tiny_agent
+from tests.test_scoring import _build, _random_inputs
 
 torch.set_num_threads(1)
 
@@ -103,3 +106,46 @@ def test_action_is_refused_on_the_target_pass() -> None:
     agent = tiny_agent()
     with pytest.raises(ValueError, match="online pass"):
         agent(batch.prompt_ids, batch.prompt_mask, batch.cand_ids, batch.cand_mask, target=True, action=batch.action)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+@pytest.mark.parametrize("trim", [True, False])
+def test_scoring_selected_rows_equals_scoring_all_of_them(family: str, trim: bool) -> None:
+    model = _build(family, "eager")
+    inputs = _random_inputs(5, b=7, lp=6, k=4, lc=3)
+    rows = torch.tensor([True, False, True, True, False, False, True])
+    full = score_candidates(model, *inputs, trim=trim)
+    part = score_candidates(model, *inputs, trim=trim, rows=rows)
+    assert torch.equal(part.valid, full.valid & rows[:, None])
+    for got, want in ((part.logp, full.logp), (part.hidden, full.hidden), (part.prompt_hidden, full.prompt_hidden)):
+        torch.testing.assert_close(got[rows], want[rows], rtol=0, atol=1e-5)
+        assert got[~rows].abs().sum() == 0
+    if trim:
+        assert part.n_valid == int(part.valid.sum()) and full.n_valid == int(full.valid.sum())
+    none = score_candidates(model, *inputs, trim=trim, rows=torch.zeros(7, dtype=torch.bool))
+    assert not none.valid.any() and none.logp.abs().sum() == 0 and none.hidden.shape == full.hidden.shape
+    with pytest.raises(ValueError, match="rows must be"):
+        score_candidates(model, *inputs, rows=rows[:3])
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_target_pass_on_non_terminal_rows_gives_the_same_bootstrap(lora: bool) -> None:
+    """``rows = discount > 0``: the critic target y equals the one of the target pass over every row, exactly where
+    the discount is zero and to float precision elsewhere; the skipped rows get a zero soft value."""
+    batch = make_batch(size=10, k=4, seed=4)
+    batch.discount[[3, 5, 8]] = 0.0  # more terminal rows, one of them (0) with no candidate in s'
+    agent = tiny_agent(lora=lora, n_q=2)
+    args = (batch.next_prompt_ids, batch.next_prompt_mask, batch.next_cand_ids, batch.next_cand_mask)
+    live = batch.discount > 0
+    full = agent(*args, target=True)
+    part = agent(*args, target=True, rows=live)
+    v_full = soft_value(full.pi, full.log_pi, full.q.min(0).values, 0.2)
+    v_part = soft_value(part.pi, part.log_pi, part.q.min(0).values, 0.2)
+    torch.testing.assert_close(v_part[live], v_full[live], rtol=1e-6, atol=1e-6)
+    assert v_part[~live].abs().sum() == 0
+    y_full = critic_target(batch.reward, batch.discount, v_full)
+    y_part = critic_target(batch.reward, batch.discount, v_part)
+    assert torch.equal(y_part[~live], y_full[~live])
+    torch.testing.assert_close(y_part, y_full, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="target pass"):
+        agent(*args, rows=live)

@@ -125,7 +125,9 @@ class SACUpdater:
         cfg = self.cfg
         agent = self.agent
         with torch.no_grad():
-            nxt = agent(mb.next_prompt_ids, mb.next_prompt_mask, mb.next_cand_ids, mb.next_cand_mask, target=True)
+            # Terminal transitions (zero discount: with HER often half the batch) need no bootstrap: not scored.
+            nxt = agent(mb.next_prompt_ids, mb.next_prompt_mask, mb.next_cand_ids, mb.next_cand_mask, target=True,
+                        rows=mb.discount > 0)
             next_v = soft_value(nxt.pi, nxt.log_pi, nxt.q.min(0).values, alpha)
             y = critic_target(mb.reward.to(next_v.dtype), mb.discount.to(next_v.dtype), next_v)
         action = mb.action.long()
