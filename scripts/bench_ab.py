@@ -12,8 +12,9 @@ see the same drift of a shared machine:
 
 ``bench`` mode parses each run's markdown table (one row per model) and prints the median of every numeric column
 per tree and the ratio this/reference. ``--train-minutes`` mode runs the default ``train.py`` run (plus
-``--train-args``) for that many minutes with ``threads=1`` in a temporary folder, and reports the env steps it reached
-(from the run's ``metrics.jsonl``, the last row's ``step``) and the last greedy evaluation's success.
+``--train-args``) of both trees at the same time, one thread each (so give it a machine with two free cores), for that
+many minutes in temporary folders, and reports the env steps each reached (its ``metrics.jsonl``'s last row) and its
+last greedy evaluation's success.
 """
 
 from __future__ import annotations
@@ -66,18 +67,32 @@ def run_bench(tree: Path, args: Sequence[str]) -> list[dict[str, str]]:
     return parse_table(out.stdout)
 
 
-def run_train(tree: Path, minutes: float, args: Sequence[str]) -> dict[str, float]:
-    """The default ``train.py`` run of ``tree`` for ``minutes``; env steps reached and the last greedy success."""
-    with tempfile.TemporaryDirectory(prefix="bench-ab-") as folder:
-        cmd = [sys.executable, str(tree / "train.py"), f"time_limit_min={minutes}", "threads=1",
-               "logger.progress=false", f"hydra.run.dir={folder}", *args]
-        out = subprocess.run(cmd, cwd=tree, env=_env(tree), capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
-        rows = [json.loads(x) for x in (Path(folder) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+def train_cmd(tree: Path, minutes: float, args: Sequence[str], folder: str) -> list[str]:
+    """The default ``train.py`` run of ``tree`` for ``minutes`` on one thread, into ``folder``."""
+    return [sys.executable, str(tree / "train.py"), f"time_limit_min={minutes}", "threads=1",
+            "logger.progress=false", f"hydra.run.dir={folder}", *args]
+
+
+def train_result(folder: str) -> dict[str, float]:
+    """Env steps reached (the last metrics row's ``step``) and the last greedy evaluation's success of a run."""
+    rows = [json.loads(x) for x in (Path(folder) / "metrics.jsonl").read_text().splitlines() if x.strip()]
     success = [r["eval/greedy/success"] for r in rows if "eval/greedy/success" in r]
     last = float(success[-1]) if success else float("nan")
     return {"env steps": float(rows[-1]["step"]), "last greedy success": last}
+
+
+def run_trains(trees: Sequence[Path], minutes: float, args: Sequence[str]) -> list[dict[str, float]]:
+    """The default ``train.py`` run of every tree, all at the same time (one thread each): one result per tree."""
+    with tempfile.TemporaryDirectory(prefix="bench-ab-") as root:
+        folders = [str(Path(root) / f"run{i}") for i in range(len(trees))]
+        cmds = [train_cmd(tree, minutes, args, folder) for tree, folder in zip(trees, folders, strict=True)]
+        procs = [subprocess.Popen(cmd, cwd=tree, env=_env(tree), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True) for cmd, tree in zip(cmds, trees, strict=True)]
+        for cmd, proc in zip(cmds, procs, strict=True):
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
+        return [train_result(folder) for folder in folders]
 
 
 def median_rows(runs: list[list[dict[str, str]]]) -> dict[str, dict[str, float]]:
@@ -121,12 +136,14 @@ def main(argv: Sequence[str] | None = None) -> str:
     runs: dict[str, list[list[dict[str, str]]]] = {"ref": [], "new": []}
     for r in range(opts.rounds):
         order = [("ref", ref_tree), ("new", HERE)] if r % 2 == 0 else [("new", HERE), ("ref", ref_tree)]
+        if opts.train_minutes is not None:  # both trees at once, one core each: the same machine state
+            results = run_trains([tree for _, tree in order], opts.train_minutes, opts.train_args)
+            for (label, _), got in zip(order, results, strict=True):
+                runs[label].append([{"model": "default run", **{k: f"{v}" for k, v in got.items()}}])
+                print(f"[bench_ab] round {r + 1}/{opts.rounds} {label}: {got}", file=sys.stderr, flush=True)
+            continue
         for label, tree in order:
-            if opts.train_minutes is not None:
-                got = {k: f"{v}" for k, v in run_train(tree, opts.train_minutes, opts.train_args).items()}
-                rows = [{"model": "default run", **got}]
-            else:
-                rows = run_bench(tree, opts.bench_args)
+            rows = run_bench(tree, opts.bench_args)
             runs[label].append(rows)
             print(f"[bench_ab] round {r + 1}/{opts.rounds} {label}: {rows}", file=sys.stderr, flush=True)
     columns = ("env steps", "last greedy success") if opts.train_minutes is not None else KEY_COLUMNS
