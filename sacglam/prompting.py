@@ -222,16 +222,17 @@ class PromptAssembler:
         return src
 
     def gather(
-        self, src: torch.Tensor, goal_len: torch.Tensor, obs_len: torch.Tensor
+        self, src: torch.Tensor, goal_len: torch.Tensor, obs_len: torch.Tensor, dtype: torch.dtype = torch.long
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts from laid-out sources: one gather with the tabled source columns.
 
         Args:
             src: [R, B, W] from ``source`` (or written in place the same way); goal_len: [B] int32/int64;
                 obs_len: [R, B] int16/int32/int64.
+            dtype: of the ids returned (the replay buffer's batches take int32, ``sacglam.types.BATCH_ID_DTYPE``).
 
         Returns:
-            prompt_ids: [R, B, Lp] long, right padded; prompt_mask: [R, B, Lp] bool.
+            prompt_ids: [R, B, Lp] ``dtype`` (long by default), right padded; prompt_mask: [R, B, Lp] bool.
         """
         R, B = obs_len.shape
         Lp = self.prompt_width
@@ -244,7 +245,7 @@ class PromptAssembler:
             idx = torch.maximum(self.head_index.index_select(0, goal_len),
                                 self.tail_index.index_select(0, s).view(R, B, Lp))
             mask = self.mask_table.index_select(0, s)
-        return src.gather(2, idx).long(), mask.view(R, B, Lp)
+        return src.gather(2, idx).to(dtype), mask.view(R, B, Lp)
 
     def assemble(
         self, head: torch.Tensor, goal_len: torch.Tensor, obs_ids: torch.Tensor, obs_len: torch.Tensor

@@ -636,8 +636,10 @@ def _score_seq2seq_packed(
 
 
 def _sanitise(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Replace ids under a False mask by 0, so any pad value (even -100) is a valid embedding index."""
-    return torch.where(mask, ids, torch.zeros_like(ids))
+    """Replace ids under a False mask by 0, so any pad value (even -100) is a valid embedding index; returned as
+    int64, which the token log-probs' gathers and some models' inputs need (a replay batch's ids are int32, here
+    converted once, after trimming)."""
+    return torch.where(mask, ids, torch.zeros_like(ids)).long()
 
 
 def _used_width(mask: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -769,9 +771,10 @@ def score_candidates(
     Args:
         model: a ``transformers`` causal LM or seq2seq model, or a ``peft.PeftModel`` wrapping one. Its train/eval
             mode is respected (dropout in train mode makes it differ from the naive scorer).
-        prompt_ids: [B, Lp] long, right padded; every prompt needs at least one real token.
+        prompt_ids: [B, Lp] int64 or int32 (a replay batch's), right padded; every prompt needs at least one
+            real token.
         prompt_mask: [B, Lp] bool, True on real tokens (a prefix of each row).
-        cand_ids: [B, K, Lc] long, right padded; any value under a False mask is ignored.
+        cand_ids: [B, K, Lc] int64 or int32, right padded; any value under a False mask is ignored.
         cand_mask: [B, K, Lc] bool; a slot whose mask is all False is absent.
         length_norm: divide each score by its candidate's token count.
         method: decoder-only models only. ``"packed"``: one sequence per state with a block attention mask (one

@@ -73,14 +73,22 @@ class TransitionBatch:
     policy_version: torch.Tensor
 
 
+BATCH_ID_DTYPE = torch.int32
+"""Dtype of the token ids in a sampled ``Batch``: int32 halves the bytes a sampler writes per transition (the native
+sampler's token pass was bound by writing int64 ids, docs/benchmarks.md "Replay buffer") and the bytes copied to a GPU.
+The scorer converts the ids to int64 itself (``sacglam.scoring``), once, on the trimmed tensors. Token ids must fit
+int32, as every tokenizer's vocabulary does (a buffer with ``token_dtype='int64'`` stores wider ids, but its batches
+cannot carry them)."""
+
+
 @dataclass
 class Batch:
     """A sampled minibatch, ready for the model; every tensor on the buffer's device.
 
     Attributes:
-        prompt_ids: [B, Lp] long, prompt of s_t (template + goal + observation), right padded.
+        prompt_ids: [B, Lp] int32 (``BATCH_ID_DTYPE``), prompt of s_t (template + goal + observation), right padded.
         prompt_mask: [B, Lp] bool.
-        cand_ids: [B, K, Lc] long, candidates A(s_t), right padded; cand_mask: [B, K, Lc] bool.
+        cand_ids: [B, K, Lc] int32, candidates A(s_t), right padded; cand_mask: [B, K, Lc] bool.
             A candidate slot whose mask is all False is absent (masked to -inf in the policy).
         action: [B] long, index of the taken candidate.
         reward: [B] float, n-step return R = sum_{j<k} gamma^j r_{t+j} for the (possibly relabelled) goal.

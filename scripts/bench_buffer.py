@@ -22,9 +22,9 @@ row alike, and the ratios against SB3 compare like with like. SB3 samples on one
 On a CPU our buffer samples with the native C sampler (``buffer.native``, sacglam/replay/csrc/sample.c; ``--sampler
 torch``
 measures the ~100-op torch path it replaces). At capacity 500k both buffers are then bound by random reads of ~1-2 KB
-of token rows per transition, and ours also by writing ~4.8 KB of int64 ids and masks per transition; int16 tokens
-halve the bytes read. ``--sampler compiled`` (BufferConfig.compile) is slower than eager on CPU: its generated
-kernel gathers token by token.
+of token rows per transition, and ours also by writing ~2.6 KB of int32 ids and bool masks per transition (4.8 KB
+while batches held int64 ids, until 2026-12-07); int16 tokens halve the bytes read. ``--sampler compiled``
+(BufferConfig.compile) is slower than eager on CPU: its generated kernel gathers token by token.
 """
 
 from __future__ import annotations

@@ -450,6 +450,22 @@ def test_int16_tokens_reject_large_ids() -> None:
     assert len(buf) == 2
 
 
+def test_int64_tokens_reject_ids_a_batch_cannot_carry() -> None:
+    """Sampled batches carry int32 ids: int64 storage refuses a wider id at add instead of wrapping it at sampling."""
+    cfg = BufferConfig(capacity=4, device="cpu", max_obs_tokens=1, max_goal_tokens=2, max_cands=1, max_cand_tokens=1,
+                       max_goals=2, max_achieved=1, token_dtype="int64")
+    buf = ReplayBuffer(cfg, 2, pad_id=0, prompt=PIECES)
+    buf.register_goal([7])
+    big = _batch(2)
+    big.obs = torch.tensor([[5], [2**31]])
+    with pytest.raises(ValueError, match="largest token_dtype=int64 stores; sampled batches carry int32 ids"):
+        buf.add(big)
+    widest = _batch(2)
+    widest.obs = torch.tensor([[5], [2**31 - 1]])
+    buf.add(widest)
+    assert len(buf) == 2
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_compiled_sampling_equals_eager() -> None:

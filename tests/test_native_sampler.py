@@ -192,6 +192,36 @@ def test_threads_split_the_batch_without_changing_it(threads: int) -> None:
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("top", [2**15 - 1, 2**31 - 1])
+def test_batch_token_ids_are_int32_whatever_the_storage(top: int) -> None:
+    """Every sampler returns token ids as int32 (``BATCH_ID_DTYPE``) holding the stored ids: int16, int32 and int64
+    storage, native and torch samplers, give one batch for one seed, up to the largest id the storage holds."""
+    rng = random.Random(11)
+    cfg = BufferConfig(capacity=40, n_step=2, gamma=0.9, device="cpu", max_obs_tokens=4, max_goal_tokens=2,
+                       max_cands=2, max_cand_tokens=3, max_goals=4, max_achieved=2, her=HERConfig("future", 0.8))
+    pieces = PromptPieces(torch.tensor([top - 1]), torch.tensor([6]), torch.tensor([top - 2]), pad_id=0)
+    dtypes = ["int16", "int32", "int64"] if top < 2**15 else ["int32", "int64"]
+    bufs = [ReplayBuffer(BufferConfig(**{**cfg.__dict__, "token_dtype": dt, "native": nat}), 2, pad_id=0,
+                         prompt=pieces)
+            for dt in dtypes for nat in (["on", "off"] if dt != "int64" else ["off"])]
+    for buf in bufs:
+        for g in range(3):
+            buf.register_goal([top - 3 - g], limit=3)
+    for P in range(30):
+        ends = [P % 5 == 4, P % 7 == 6]
+        step = _random_step(rng, 2, 4, 2, 3, 3, 2, P, ends, [ends[0], False])
+        step.obs[:, 0], step.next_obs[:, 0], step.cands[:, 0, 0], step.next_cands[:, 0, 0] = top, top, top, top
+        for buf in bufs:
+            buf.add(step)
+    batches = [buf.sample(64, torch.Generator().manual_seed(4)) for buf in bufs]
+    for b in batches:
+        for name in ("prompt_ids", "cand_ids", "next_prompt_ids", "next_cand_ids"):
+            assert getattr(b, name).dtype == torch.int32, name
+        assert_same_batch(b, batches[0], 2)
+    ids = torch.cat([batches[0].prompt_ids.flatten(), batches[0].cand_ids.flatten()])
+    assert int(ids.max()) == top and {top - 1, top - 2} <= set(ids.tolist())
+
+
 def _sample_in_child(buf: ReplayBuffer, out: Any) -> None:
     torch.set_num_threads(2)
     out.put(buf.sample(256, torch.Generator().manual_seed(3)).prompt_ids.sum().item())

@@ -331,3 +331,30 @@ def test_trimming_unused_padding_changes_nothing(family: str) -> None:
     torch.testing.assert_close(trimmed.logp[:, :5], ref.logp, atol=1e-5, rtol=0)
     torch.testing.assert_close(trimmed.hidden[:, :5], ref.hidden, atol=1e-5, rtol=0)
     assert not trimmed.valid[:, 5:].any() and (trimmed.logp[:, 5:] == 0).all()
+
+
+@pytest.mark.parametrize(("family", "method"), [("llama", "packed"), ("gpt2", "cache"), ("t5", "packed")])
+def test_int32_ids_score_as_int64(family: str, method: str) -> None:
+    """A replay batch's int32 token ids (``sacglam.types.BATCH_ID_DTYPE``) score exactly as the same ids in int64, in
+    every path (trimmed or not, lean or not, rows selected, the naive scorer), gradients included."""
+    model = _build(family, "eager").train(False)
+    pi, pm, ci, cm = _random_inputs(4, b=5, lp=7, k=4, lc=3)
+    rows = torch.tensor([True, False, True, True, False])
+    variants: list[dict[str, Any]] = [dict(trim=True), dict(trim=False), dict(trim=True, lean=False),
+                                      dict(trim=True, rows=rows)]
+    with torch.no_grad():
+        for kw in variants:
+            want = score_candidates(model, pi, pm, ci, cm, method=method, **kw)
+            got = score_candidates(model, pi.int(), pm, ci.int(), cm, method=method, **kw)
+            for name in ("logp", "hidden", "valid", "prompt_hidden"):
+                assert torch.equal(getattr(got, name), getattr(want, name)), (kw, name)
+        want, got = score_candidates_naive(model, pi, pm, ci, cm), score_candidates_naive(model, pi.int(), pm,
+                                                                                          ci.int(), cm)
+        assert torch.equal(got.logp, want.logp) and torch.equal(got.hidden, want.hidden)
+    grads = []
+    for p_ids, c_ids in ((pi, ci), (pi.int(), ci.int())):
+        model.zero_grad()
+        score_candidates(model, p_ids, pm, c_ids, cm, method=method).logp.sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) > 0 and len(grads[0]) == len(grads[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))

@@ -28,7 +28,7 @@ class GoalTable:
         token_max: the largest id the token dtype holds.
         asm: the prompt assembler whose heads are kept per goal.
         head_dtype: dtype of ``heads`` (the token dtype, or int32 when template ids do not fit it).
-        wide_heads: also keep ``heads64``, the heads as int64 (what the native sampler reads).
+        wide_heads: also keep ``heads32``, the heads as int32 (what the native sampler copies into the batch).
     """
 
     def __init__(self, cfg: BufferConfig, alloc: Alloc, *, pad_id: int, token_max: int, asm: PromptAssembler,
@@ -47,7 +47,7 @@ class GoalTable:
         self.max_limit = 1  # host copy of max(goal_limit): how far back an achievement marks rows (rare_goal)
         self.heads = alloc(cfg.max_goals, asm.head_width, dtype=head_dtype)  # [bos?] + pre + goal + mid
         self.goal_len32 = alloc(cfg.max_goals, dtype=torch.int32)
-        self.heads64 = alloc(cfg.max_goals, asm.head_width, dtype=torch.int64) if wide_heads else None
+        self.heads32 = alloc(cfg.max_goals, asm.head_width, dtype=torch.int32) if wide_heads else None
 
     @property
     def n_goals(self) -> int:
@@ -93,8 +93,8 @@ class GoalTable:
         heads = self.asm.heads(self.goal_tokens[g].long(), self.goal_len[g].long())
         self.heads[g] = heads.to(self.head_dtype)
         self.goal_len32[g] = self.goal_len[g].to(torch.int32)
-        if self.heads64 is not None:
-            self.heads64[g] = heads
+        if self.heads32 is not None:
+            self.heads32[g] = heads.to(torch.int32)
 
     def keys(self) -> list[list[int]]:
         """The goals' token ids in id order (what a state saves)."""

@@ -165,7 +165,7 @@ class NativeSampler:
     ``out`` or into a new ``Batch`` (one plain allocation per field).
 
     Args:
-        cfg, store, goals, window: as ``TorchSampler`` (the goal table keeps int64 heads, ``heads64``).
+        cfg, store, goals, window: as ``TorchSampler`` (the goal table keeps int32 heads, ``heads32``).
         asm: the prompt assembler (its widths); pieces: its template tokens (``post`` is read by the C code).
         layout: the batch layout (allocates a new batch).
         lib: the loaded library (``load()``).
@@ -176,7 +176,7 @@ class NativeSampler:
         self.cfg, self.store, self.goals, self.window, self.lib = cfg, store, goals, window, lib
         self.asm, self.pieces, self.layout = asm, pieces, layout
         self._args = SampleArgs()
-        self._post64 = pieces.post.to(torch.int64).contiguous()
+        self._post32 = pieces.post.to(torch.int32).contiguous()
         # gamma ** j as the torch path computes it (float32 pow over a vector); for n = 1 its discount is gamma.
         width = max(64, cfg.n_step + 1)
         self._powers = (torch.tensor([1.0, cfg.gamma], dtype=torch.float32) if cfg.n_step == 1 else
@@ -188,18 +188,18 @@ class NativeSampler:
     def bind(self) -> None:
         """Point the arguments at the storage and derived tables (after each rebuild)."""
         cfg, a, asm, s, g = self.cfg, self._args, self.asm, self.store, self.goals
-        assert g.heads64 is not None
+        assert g.heads32 is not None
         a.rows, a.ranks, a.eps = s.rows.data_ptr(), s.ranks.data_ptr(), s.eps.data_ptr()
         a.goal_count, a.goal_limit = g.goal_count.data_ptr(), g.goal_limit.data_ptr()
-        a.goal_len, a.heads = g.goal_len32.data_ptr(), g.heads64.data_ptr()
+        a.goal_len, a.heads = g.goal_len32.data_ptr(), g.heads32.data_ptr()
         a.obs, a.next_obs = s.obs.data_ptr(), s.next_obs.data_ptr()  # views into one [CN, tok_w] record
         a.cands, a.next_cands = s.cands.data_ptr(), s.next_cands.data_ptr()
         a.cand_len, a.next_cand_len = s.cand_len.data_ptr(), s.next_cand_len.data_ptr()
         a.tok_w = s.tok.shape[-1]
-        a.policy_version, a.post, a.powers = s.policy_version.data_ptr(), self._post64.data_ptr(), \
+        a.policy_version, a.post, a.powers = s.policy_version.data_ptr(), self._post32.data_ptr(), \
             self._powers.data_ptr()
         a.row_w, a.rank_w, a.head_w, a.n_post = s.rows.shape[-1], s.ranks.shape[-1], asm.head_width, \
-            self._post64.numel()
+            self._post32.numel()
         a.N, a.CN, a.n_step, a.G = s.n_envs, s.capacity_per_env * s.n_envs, cfg.n_step, cfg.max_achieved
         a.Lo, a.K, a.Lc, a.Lp = cfg.max_obs_tokens, cfg.max_cands, cfg.max_cand_tokens, asm.prompt_width
         a.pre_mid = self.pieces.prefix.numel() + self.pieces.mid.numel()

@@ -32,7 +32,7 @@ from sacglam.replay.goals import GoalTable
 from sacglam.replay.her import n_step_window, relabel
 from sacglam.replay.rarity import rare_weights
 from sacglam.replay.storage import ACHB, ACT, EPK, GOAL, LOGP, NOL, OL, REW, TERM, F, ReplayStorage, T
-from sacglam.types import Batch, RewardFn
+from sacglam.types import BATCH_ID_DTYPE, Batch, RewardFn
 
 BATCH_FIELDS = tuple(f.name for f in fields(Batch))  # Batch fields in declaration order
 batch_tensors = operator.attrgetter(*BATCH_FIELDS)  # Batch -> its tensors in field order, as one tuple
@@ -115,9 +115,9 @@ class BatchLayout:
         if cached is not None:
             return cached
         B, K, Lc, Lp = batch_size, self.cfg.max_cands, self.cfg.max_cand_tokens, self.prompt_width
-        i64, bl, f32 = torch.int64, torch.bool, torch.float32
+        tok, i64, bl, f32 = BATCH_ID_DTYPE, torch.int64, torch.bool, torch.float32
         ids, cands, row = ((B, Lp), (B, K, Lc), (B,))
-        layout = dict(prompt_ids=(ids, i64), prompt_mask=(ids, bl), cand_ids=(cands, i64), cand_mask=(cands, bl),
+        layout = dict(prompt_ids=(ids, tok), prompt_mask=(ids, bl), cand_ids=(cands, tok), cand_mask=(cands, bl),
                       action=(row, i64), reward=(row, f32), discount=(row, f32), n_steps=(row, i64),
                       terminated=(row, bl), truncated=(row, bl), goal=(row, i64), relabelled=(row, bl),
                       goal_gap=(row, i64), goal_limit=(row, i64), logp=(row, f32), policy_version=(row, i64))
@@ -285,7 +285,7 @@ class TorchSampler:
         self._gather_rows(src_tok[1, :, Hw : Hw + Lo], store.next_obs_flat, boot)
         src_tok[:, :, Hw + Lo :] = asm.tail_tokens
         prompt_ids, prompt_mask = asm.gather(src_tok, self.goals.goal_len32.index_select(0, goal),
-                                             torch.stack([obs_len, next_obs_len]))
+                                             torch.stack([obs_len, next_obs_len]), dtype=BATCH_ID_DTYPE)
         K, Lc = cfg.max_cands, cfg.max_cand_tokens
         cands = torch.empty((2, B, K * Lc), dtype=store.cands.dtype, device=dev)
         self._gather_rows(cands[0], store.cands_flat, flat)
@@ -293,7 +293,7 @@ class TorchSampler:
         cand_len = torch.empty((2, B, K), dtype=store.cand_len.dtype, device=dev)
         self._gather_rows(cand_len[0], store.cand_len_flat, flat)
         self._gather_rows(cand_len[1], store.next_cand_len_flat, boot)
-        cand_ids = cands.long().view(2, B, K, Lc)
+        cand_ids = cands.to(BATCH_ID_DTYPE).view(2, B, K, Lc)
         # Mask rows looked up by length; the table's rows are read as one wider integer each where Lc allows it.
         cand_mask = self._cand_mask_table.index_select(0, cand_len.view(-1).to(torch.int32))
         return prompt_ids, prompt_mask, cand_ids, cand_mask.view(torch.bool).view(2, B, K, Lc)

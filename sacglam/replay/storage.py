@@ -89,7 +89,9 @@ class ReplayStorage:
         self.pad_id = pad_id
         self.device = device
         self.token_dtype = tdt = TOKEN_DTYPES[cfg.token_dtype]
-        self.token_max = int(torch.iinfo(tdt).max)
+        # The largest id stored: the token dtype's, and never above int32's, which sampled batches carry
+        # (sacglam.types.BATCH_ID_DTYPE): a wider id is refused at add, not wrapped at sampling.
+        self.token_max = min(int(torch.iinfo(tdt).max), int(torch.iinfo(torch.int32).max))
         Lo, K, Lc, G = cfg.max_obs_tokens, cfg.max_cands, cfg.max_cand_tokens, cfg.max_achieved
         z = self.alloc
         # Row storage [C, N, ...]. Lengths are int16: no text field here is 32k tokens wide. The candidate lengths

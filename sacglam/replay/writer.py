@@ -57,8 +57,11 @@ def check_step(cfg: BufferConfig, store: ReplayStorage, n_goals: int, stats: lis
     N, C = store.n_envs, store.capacity_per_env
     tok_max, ep_steps, g_min, g_max, a_min, a_max, act_min, act_max = stats
     if tok_max > store.token_max:
-        raise ValueError(f"a token id exceeds token_dtype={cfg.token_dtype}'s maximum {store.token_max}; "
-                         f"set buffer token_dtype='int32' (int16 only fits vocabularies below 32768)")
+        fix = ("set buffer token_dtype='int32' (int16 only fits vocabularies below 32768)"
+               if cfg.token_dtype == "int16"
+               else "sampled batches carry int32 ids, and no tokenizer has that many: check the codec's ids")
+        raise ValueError(f"a token id exceeds {store.token_max}, the largest token_dtype={cfg.token_dtype} stores; "
+                         f"{fix}")
     if ep_steps >= C:
         raise ValueError(f"an episode reached {ep_steps + 1} steps > capacity_per_env={C} (capacity "
                          f"{cfg.capacity} // n_envs {N}); an episode must fit in its env's rows: set capacity "

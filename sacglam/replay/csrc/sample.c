@@ -11,9 +11,9 @@
  *      reward), the n-step window, the bootstrap row;
  *   C. the token copies: both prompts ([bos?] + pre + goal + mid | obs | post | pad) and both candidate sets, with
  *      software prefetch of the rows a few transitions ahead (again: see there).
- * On CPU the batch is bound by random reads of ~1-2 KB of token rows per transition and by writing ~4.8 KB of int64
- * ids and masks; the prefetch passes keep many rows in flight instead of waiting for each, and the ~100 op dispatches
- * of the torch path become one call. `scripts/bench_buffer.py --passes` times each pass.
+ * On CPU the batch is bound by random reads of ~1-2 KB of token rows per transition and by writing ~2.6 KB of int32
+ * ids and bool masks; the prefetch passes keep many rows in flight instead of waiting for each, and the ~100 op
+ * dispatches of the torch path become one call. `scripts/bench_buffer.py --passes` times each pass.
  *
  * Integer arithmetic follows torch's: float -> int64 conversions truncate (all operands are >= 0), `%` is a floor
  * modulo, argmin takes the first minimum. Floats: draws are float64 as torch draws them; rewards, discounts and
@@ -37,14 +37,14 @@ typedef struct {
     const int64_t *goal_count;    /* [max_goals] */
     const int64_t *goal_limit;    /* [max_goals] */
     const int32_t *goal_len;      /* [max_goals] */
-    const int64_t *heads;         /* [max_goals, head_w]: [bos?] + pre + goal + mid, right padded */
+    const int32_t *heads;         /* [max_goals, head_w]: [bos?] + pre + goal + mid, right padded */
     /* a row's tokens are one record [obs | cands | cand_len | next_obs | next_cands | next_cand_len] of tok_w
      * entries (int16 or int32, candidate lengths included); these point at each field's first row */
     const void *obs, *next_obs;   /* [Lo] */
     const void *cands, *next_cands;          /* [K * Lc] */
     const void *cand_len, *next_cand_len;    /* [K] */
     const int64_t *policy_version;           /* [CN] */
-    const int64_t *post;          /* [n_post] */
+    const int32_t *post;          /* [n_post] */
     const float *powers;          /* [n_step + 1]: gamma ** j in float32, as torch computes it */
     int64_t row_w, rank_w, head_w, n_post, tok_w;
     int64_t N, CN, n_step, G, Lo, K, Lc, Lp, pre_mid, token_bytes, pad_id;
@@ -65,9 +65,9 @@ typedef struct {
     int64_t R;
     int64_t *scratch;             /* [6, B]: z, flat row, bootstrap row, next obs length, obs length, goal length */
     /* outputs */
-    int64_t *prompt_ids, *next_prompt_ids;   /* [B, Lp] */
+    int32_t *prompt_ids, *next_prompt_ids;   /* [B, Lp] */
     uint8_t *prompt_mask, *next_prompt_mask; /* [B, Lp] */
-    int64_t *cand_ids, *next_cand_ids;       /* [B, K * Lc] */
+    int32_t *cand_ids, *next_cand_ids;       /* [B, K * Lc] */
     uint8_t *cand_mask, *next_cand_mask;     /* [B, K * Lc] */
     int64_t *action, *n_steps, *goal, *goal_gap, *goal_limit_out, *policy_version_out; /* [B] */
     float *reward, *discount, *logp; /* [B] */
@@ -153,29 +153,29 @@ static inline void prefetch_span_l2(const void *p, int64_t bytes) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 2);
 }
 
-/* dst[j] = field[row][j] for j < count, widened to int64 (a field of the token record, row stride tok_w). */
-static inline void widen(const SampleArgs *a, int64_t *dst, const void *field, int64_t row, int64_t count) {
+/* dst[j] = field[row][j] for j < count as int32 (a field of the token record, row stride tok_w): int16 tokens are
+ * widened, int32 tokens copied. */
+static inline void widen(const SampleArgs *a, int32_t *dst, const void *field, int64_t row, int64_t count) {
     if (a->token_bytes == 2) {
         const int16_t *s = (const int16_t *)field + row * a->tok_w;
         for (int64_t j = 0; j < count; j++) dst[j] = s[j];
     } else {
-        const int32_t *s = (const int32_t *)field + row * a->tok_w;
-        for (int64_t j = 0; j < count; j++) dst[j] = s[j];
+        memcpy(dst, (const int32_t *)field + row * a->tok_w, (size_t)count * sizeof *dst);
     }
 }
 
 /* One prompt: head[:pre_mid + gl] | obs[:ol] | post | pad, and its mask. */
-static inline void write_prompt(const SampleArgs *a, int64_t *ids, uint8_t *mask, int64_t g, int64_t gl,
+static inline void write_prompt(const SampleArgs *a, int32_t *ids, uint8_t *mask, int64_t g, int64_t gl,
                                 const void *obs, int64_t row, int64_t ol) {
-    const int64_t h = a->pre_mid + gl, *head = a->heads + g * a->head_w, Lp = a->Lp;
-    for (int64_t j = 0; j < h; j++) ids[j] = head[j];
+    const int64_t h = a->pre_mid + gl, Lp = a->Lp;
+    memcpy(ids, a->heads + g * a->head_w, (size_t)h * sizeof *ids);
     widen(a, ids + h, obs, row, ol);
     int64_t p = h + ol;
     for (int64_t j = 0; j < a->n_post; j++) ids[p + j] = a->post[j];
     p += a->n_post;
     memset(mask, 1, (size_t)p);
     memset(mask + p, 0, (size_t)(Lp - p));
-    for (; p < Lp; p++) ids[p] = a->pad_id;
+    for (; p < Lp; p++) ids[p] = (int32_t)a->pad_id;
 }
 
 /* MASK_WORDS[len]: the mask of a candidate of len tokens (len <= 8) as one little-endian word, bytes [0, len) = 1. */
@@ -198,7 +198,7 @@ static const uint64_t MASK_WORDS[9] = {
         }                                                                                                           \
     } while (0)
 
-static inline void write_cands(const SampleArgs *a, int64_t *ids, uint8_t *mask, const void *cands,
+static inline void write_cands(const SampleArgs *a, int32_t *ids, uint8_t *mask, const void *cands,
                                const void *lens, int64_t row) {
     const int64_t K = a->K, Lc = a->Lc;
     widen(a, ids, cands, row, K * Lc);
@@ -207,7 +207,7 @@ static inline void write_cands(const SampleArgs *a, int64_t *ids, uint8_t *mask,
 
 /* Transitions [lo, hi) of the batch: every pass reads and writes only its own rows of the outputs and scratch.
  * On x86-64 with glibc it is compiled three times (x86-64-v4 = AVX-512, v3 = AVX2, baseline) and the loader picks
- * the one the CPU runs: the token widening (int16/int32 -> int64) is most of its instructions, and AVX2 widens 4 ids
+ * the one the CPU runs: the token widening (int16 -> int32) is most of its instructions, and AVX2 widens 8 ids
  * per instruction where the baseline needs several per id. The library stays portable across a cluster's machines.
  * A compiler without these target names (GCC < 12) builds it once, with -DSACGLAM_NO_CLONES
  * (sacglam/replay/clib.py). */
@@ -355,8 +355,10 @@ static void sample_range(const SampleArgs *a, int64_t lo, int64_t hi) {
         if (ahead < hi) {
             /* the two halves of the token record: [obs | cands | cand_len] at the sampled row, the next-state half
              * at the bootstrap row (the same row when n_step = 1: one contiguous block). Pass B (A2) asked for the
-             * sampled rows already, but the ~1.2 MB this pass writes evicts much of that from L2 before it is read:
-             * without asking again here the pass took twice as long (93 against 48 us a call of 256). */
+             * sampled rows already, but the ~0.7 MB this pass writes (1.2 MB with int64 ids) evicts much of that
+             * from L2 before it is read: without asking again here the pass took twice as long with int64 ids (93
+             * against 48 us a call of 256), and with int32 ids a call between SB3's calls, as in
+             * scripts/bench_buffer.py, took 145 against 131 us (a warm call: 75 against 78 us, 2026-12-07). */
             prefetch_span((const char *)a->obs + flats[ahead] * a->tok_w * tb, half);
             prefetch_span((const char *)a->next_obs + boots[ahead] * a->tok_w * tb, half);
         }
