@@ -7,10 +7,13 @@ phase is timed separately (collect = env step + acting forward, add = tokenise +
 device synchronisation around every timed call. Evaluation is not part of the loop timed here.
 
 Scored tokens are counted from the masks (real tokens only, padding excluded): the acting pass (forward), the online
-update pass on ``s`` (forward + backward) and the target pass on ``s'`` (forward). The update's model FLOPs are
-``6 * P * tokens`` for the online pass and ``2 * P * tokens`` for the target pass, where ``P`` is the number of weights
-a token goes through (see :func:`path_params`), plus the Q heads once per candidate; MFU divides them by the update
-time and by the device's matmul rate measured in the same run (bf16 on a GPU, the model's dtype on CPU).
+update pass on ``s`` (forward + backward) and the target pass on ``s'`` (forward, non-terminal transitions only: the
+others are not scored). The update's model FLOPs are ``6 * P * tokens`` for the online pass and ``2 * P * tokens`` for
+the target pass, where ``P`` is the number of weights a token goes through (see :func:`path_params`), plus the Q heads
+(forward per present candidate, backward per taken one: :func:`update_flops`); MFU divides them by the update time
+and by the device's matmul rate measured in the same run (bf16 on a GPU, the model's dtype on CPU). These counts
+follow the update as it runs since issue 28; older tables counted every transition's ``s'`` and a forward and
+backward of the heads on every present candidate.
 
     python scripts/bench.py                       # tiny model on CPU, published settings
     python scripts/bench.py --quick               # seconds: 4 envs, batch 16 (used by the tests)
@@ -93,25 +96,31 @@ def path_params(model: nn.Module) -> tuple[int, int]:
 
 def update_flops(
     prompt_params: int, cand_params: int, head_params: int, online: tuple[float, float, float],
-    target: tuple[float, float, float],
+    target: tuple[float, float, float], taken: float,
 ) -> float:  # fmt: skip
-    """Model FLOPs of SAC updates: ``6 x`` for the online pass (forward + backward), ``2 x`` for the target pass.
+    """Model FLOPs of SAC updates, counting the work the update needs (docs/design/ALGORITHM.md section 2).
+
+    The trunk: ``6 x`` per token of the online pass (forward + backward), ``2 x`` per token of the target pass, which
+    scores the non-terminal transitions only. The Q heads: ``2 x`` per present candidate of either pass (forward;
+    the actor's Q values over every candidate take no gradient) plus ``4 x`` per taken candidate (the critic loss's
+    backward runs on the taken ones only).
 
     Args:
         prompt_params: weights per prompt token; cand_params: weights per candidate token.
-        head_params: weights of the Q heads (run once per present candidate).
+        head_params: weights of the Q heads.
         online: (prompt tokens, candidate tokens, present candidates) of the online pass on ``s``.
-        target: the same for the target pass on ``s'``.
+        target: the same for the target pass on ``s'``, over the non-terminal transitions.
+        taken: taken candidates (the batch size summed over the updates).
 
     Returns:
         FLOPs.
     """
 
-    def per_pass(counts: tuple[float, float, float]) -> float:
-        p_tok, c_tok, n_cand = counts
-        return prompt_params * p_tok + cand_params * c_tok + head_params * n_cand
+    def trunk(counts: tuple[float, float, float]) -> float:
+        return prompt_params * counts[0] + cand_params * counts[1]
 
-    return 6.0 * per_pass(online) + 2.0 * per_pass(target)
+    heads = 2.0 * head_params * (online[2] + target[2]) + 4.0 * head_params * taken
+    return 6.0 * trunk(online) + 2.0 * trunk(target) + heads
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int) -> float:
@@ -268,14 +277,14 @@ def timed_steps(loop: Loop, steps: int, device: torch.device) -> tuple[Timings, 
 
     Returns:
         (timings, token counts of the updates, acting tokens): the counts are the real prompt (``p``) and candidate
-        (``c``) tokens and the candidates (``k``) of the online pass on ``s`` (``on_*``) and the target pass on
-        ``s'`` (``tg_*``).
+        (``c``) tokens and the candidates (``k``) of the online pass on ``s`` (``on_*``, plus the batch rows
+        ``on_b``) and the target pass on ``s'`` over the non-terminal transitions (``tg_*``).
     """
     cfg, buffer, encoder, updater = loop.cfg, loop.buffer, loop.encoder, loop.updater
     updates_per_vector_step = cfg.replay_ratio * cfg.env.num_envs / cfg.batch_size
     t = Timings()
     zero = torch.zeros((), dtype=torch.long, device=device)
-    counts = {k: zero.clone() for k in ("on_p", "on_c", "on_k", "tg_p", "tg_c", "tg_k")}
+    counts = {k: zero.clone() for k in ("on_p", "on_c", "on_k", "on_b", "tg_p", "tg_c", "tg_k")}
     act_tokens0 = loop.actor.tokens.clone()
     credit = 0.0
     batch = None  # as in train.py: each sample overwrites the last batch once its update is done
@@ -301,9 +310,11 @@ def timed_steps(loop: Loop, steps: int, device: torch.device) -> tuple[Timings, 
             counts["on_p"] += batch.prompt_mask.sum()
             counts["on_c"] += batch.cand_mask.sum()
             counts["on_k"] += batch.cand_mask.any(-1).sum()
-            counts["tg_p"] += batch.next_prompt_mask.sum()
-            counts["tg_c"] += batch.next_cand_mask.sum()
-            counts["tg_k"] += batch.next_cand_mask.any(-1).sum()
+            counts["on_b"] += batch.cand_mask.shape[0]
+            live = batch.discount > 0  # the target pass scores the non-terminal transitions only
+            counts["tg_p"] += (batch.next_prompt_mask & live[:, None]).sum()
+            counts["tg_c"] += (batch.next_cand_mask & live[:, None, None]).sum()
+            counts["tg_k"] += (batch.next_cand_mask.any(-1) & live[:, None]).sum()
             t.updates += 1
             credit -= 1.0
     n = {k: float(v) for k, v in counts.items()}
@@ -318,7 +329,7 @@ def result_row(name: str, loop: Loop, t: Timings, n: dict[str, float], act_token
     p_params, c_params = path_params(model)
     head_params = sum(p.numel() for p in loop.agent.heads.parameters())
     flops = update_flops(p_params, c_params, head_params, (n["on_p"], n["on_c"], n["on_k"]),
-                         (n["tg_p"], n["tg_c"], n["tg_k"]))  # fmt: skip
+                         (n["tg_p"], n["tg_c"], n["tg_k"]), n["on_b"])  # fmt: skip
     rate_dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
     peak = matmul_rate(device, rate_dtype, matmul_n, repeats=5)
     update_tokens = n["on_p"] + n["on_c"] + n["tg_p"] + n["tg_c"]

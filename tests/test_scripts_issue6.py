@@ -251,9 +251,10 @@ def test_wall_minutes_from_done_files(tmp_path: Path) -> None:
 
 def test_update_flops_by_hand() -> None:
     bench = _load("bench")
-    # online: 10 prompt tokens x 100 + 4 candidate tokens x 150 + 2 candidates x 7 = 1614 -> x6 = 9684
-    # target: 5 x 100 + 2 x 150 + 1 x 7 = 807 -> x2 = 1614
-    assert bench.update_flops(100, 150, 7, (10, 4, 2), (5, 2, 1)) == 9684 + 1614
+    # trunk, online: 10 prompt tokens x 100 + 4 candidate tokens x 150 = 1600 -> x6 = 9600
+    # trunk, target (non-terminal rows): 5 x 100 + 2 x 150 = 800 -> x2 = 1600
+    # heads (7 weights): forward on 2 + 1 present candidates -> 2 x 7 x 3 = 42; backward on 3 taken -> 4 x 7 x 3 = 84
+    assert bench.update_flops(100, 150, 7, (10, 4, 2), (5, 2, 1), 3) == 9600 + 1600 + 42 + 84
 
 
 def test_path_params_of_a_small_llama() -> None:
