@@ -21,6 +21,7 @@ GRASP_ONLY = [
     "checkpoint.every=0",
     "time_limit_min=0",
     "logger.progress=false",
+    "threads=1",  # CI runs two tests at once on 2 cores (pytest-xdist): one thread each, no oversubscription
 ]
 
 
@@ -31,16 +32,28 @@ def final_success(run_dir: Path, category: str = "grasp") -> float:
     return float(evals[-1][key])
 
 
+# Each paired check (with HER, without it) is two tests, so that CI's parallel workers run the two halves at once.
+# Together they assert what one test asserted before: success with HER >= 0.9, and at least 0.2 above the run
+# without it (given the first bound, the second test's bound of 0.7 implies that gap).
+
+
 @pytest.mark.slow
 @pytest.mark.ci
-def test_sac_her_learns_grasp_goals_and_beats_sac_without_her(tmp_path: Path) -> None:
+def test_sac_her_learns_grasp_goals(tmp_path: Path) -> None:
     her = run_train(["experiment=playground_sac_her", *GRASP_ONLY], tmp_path / "her", timeout=900)
     assert her.returncode == 0, her.stderr[-3000:]
+    her_success = final_success(tmp_path / "her")
+    assert her_success >= 0.9, f"SAC + HER reached only {her_success:.2f} grasp success in 8k env steps"
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_sac_without_her_stays_below_sac_her_on_grasp_goals(tmp_path: Path) -> None:
+    """Plain SAC, same budget (docs/results.md: 0.27 after 12k env steps): at most 0.7, so >= 0.2 below SAC + HER."""
     no_her = run_train(["experiment=playground_sac", *GRASP_ONLY], tmp_path / "no_her", timeout=900)
     assert no_her.returncode == 0, no_her.stderr[-3000:]
-    her_success, no_her_success = final_success(tmp_path / "her"), final_success(tmp_path / "no_her")
-    assert her_success >= 0.9, f"SAC + HER reached only {her_success:.2f} grasp success in 8k env steps"
-    assert her_success - no_her_success >= 0.2, (her_success, no_her_success)
+    no_her_success = final_success(tmp_path / "no_her")
+    assert no_her_success <= 0.7, f"SAC without HER reached {no_her_success:.2f}: within 0.2 of SAC + HER's bound"
 
 
 @pytest.mark.slow
@@ -68,21 +81,28 @@ BITFLIP = [
     "checkpoint.every=0",
     "time_limit_min=0",
     "logger.progress=false",
+    "threads=1",
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.ci
-def test_bitflip_8_bits_solved_with_her_and_not_without(tmp_path: Path) -> None:
-    """The HER sanity check (issue 5): BitFlip-Text n=8, same 10k env-step budget. Measured (docs/results.md, 3
-    seeds): SAC + HER at 1.00 greedy success from 4k env steps; SAC without HER at most 0.02 at 20k."""
+def test_bitflip_8_bits_solved_with_her(tmp_path: Path) -> None:
+    """The HER sanity check (issue 5): BitFlip-Text n=8, 10k env steps. Measured (docs/results.md, 3 seeds): SAC + HER
+    at 1.00 greedy success from 4k env steps."""
     her = run_train(BITFLIP, tmp_path / "her", timeout=900)
     assert her.returncode == 0, her.stderr[-3000:]
+    her_success = final_success(tmp_path / "her", "bitflip")
+    assert her_success >= 0.9, f"SAC + HER reached only {her_success:.2f} on 8 bits in 10k env steps"
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_bitflip_8_bits_not_solved_without_her(tmp_path: Path) -> None:
+    """The same budget without HER (docs/results.md: at most 0.02 at 20k env steps): the check needs HER."""
     no_her = run_train([*BITFLIP, "buffer.her.ratio=0", "algo.hindsight_bc_coef=0"], tmp_path / "no_her", timeout=900)
     assert no_her.returncode == 0, no_her.stderr[-3000:]
-    her_success = final_success(tmp_path / "her", "bitflip")
     no_her_success = final_success(tmp_path / "no_her", "bitflip")
-    assert her_success >= 0.9, f"SAC + HER reached only {her_success:.2f} on 8 bits in 10k env steps"
     assert no_her_success < 0.2, f"SAC without HER reached {no_her_success:.2f}: the check no longer needs HER"
 
 
@@ -91,7 +111,7 @@ def test_bitflip_8_bits_solved_with_her_and_not_without(tmp_path: Path) -> None:
 def test_ppo_learns_grasp_goals(tmp_path: Path) -> None:
     """PPO-GLAM (experiment=playground_ppo, the swept preset) on grasp goals, 10k env steps. Measured
     (docs/results.md): greedy grasp success 0.83, 0.83 and 0.92 at 10k env steps for seeds 0, 1, 2 (64 episodes);
-    the threshold leaves a margin of 0.2 below the worst seed. About 3 minutes on 2 cores."""
+    the threshold leaves a margin of 0.2 below the worst seed. About 3 minutes on 1 core."""
     args = [o for o in GRASP_ONLY if not o.startswith(("total_env_steps=", "eval.every="))]
     run = run_train(["experiment=playground_ppo", *args, "total_env_steps=10000", "eval.every=5000"],
                     tmp_path / "ppo", timeout=900)
