@@ -213,15 +213,21 @@ def run_one(name: str, path: str, opts: argparse.Namespace) -> dict[str, Any]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if not reset:  # no /proc/self/clear_refs: the process peak (model building included) is all there is
         peak = max(peak, _vm_hwm_bytes())
+    return _row(name, path, model, batch, build_peak, rss_before, peak, seconds, stats, reset)
+
+
+def _row(name: str, path: str, model: nn.Module, batch: Any, build_peak: int, before: int, peak: int,
+         seconds: float, stats: Any, reset: bool) -> dict[str, Any]:  # fmt: skip
+    """One result row of :func:`run_one` (``before``: host RSS on CPU, GPU bytes allocated on CUDA)."""
     return {
         "model": name,
         "path": path,
         "params": sum(p.numel() for p in model.parameters()),
         "real cand tokens": int(batch.cand_mask.sum() + batch.next_cand_mask.sum()),
         "build peak": build_peak,
-        "rss before": rss_before,
+        "rss before": before,
         "peak total": peak,
-        "update increment": peak - rss_before,
+        "update increment": peak - before,
         "seconds": seconds,
         "loss": float(stats["losses/total"]),
         "hwm reset": reset,
@@ -241,19 +247,8 @@ def _measure_cuda(name: str, path: str, model: nn.Module, updater: Any, batch: A
     torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device)
-    return {
-        "model": name,
-        "path": path,
-        "params": sum(p.numel() for p in model.parameters()),
-        "real cand tokens": int(batch.cand_mask.sum() + batch.next_cand_mask.sum()),
-        "build peak": build_peak,
-        "rss before": before,  # on CUDA: the bytes allocated on the GPU before the update
-        "peak total": peak,
-        "update increment": peak - before,
-        "seconds": seconds,
-        "loss": float(stats["losses/total"]),
-        "hwm reset": True,
-    }
+    # on CUDA "rss before" holds the bytes allocated on the GPU before the update; the counter reset always works
+    return _row(name, path, model, batch, build_peak, before, peak, seconds, stats, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
