@@ -345,8 +345,8 @@ class Agent(nn.Module):
         not ``B * K``. The gradients reaching the heads and the trunk are those of the full computation.
 
         Args:
-            prompt_ids: [B, Lp] long, right padded; prompt_mask: [B, Lp] bool.
-            cand_ids: [B, K, Lc] long, right padded; cand_mask: [B, K, Lc] bool (all False = absent slot).
+            prompt_ids: [B, Lp] int64 or int32 (a replay batch's), right padded; prompt_mask: [B, Lp] bool.
+            cand_ids: [B, K, Lc] int64 or int32, right padded; cand_mask: [B, K, Lc] bool (all False = absent slot).
             target: use the target network, always without gradient and without dropout (eval mode for the pass);
                 see the module docstring for which policy. The online pass respects the module's train/eval mode.
             action: [B] long, the taken candidate of each state (online pass only): see above.

@@ -77,8 +77,7 @@ BATCH_ID_DTYPE = torch.int32
 """Dtype of the token ids in a sampled ``Batch``: int32 halves the bytes a sampler writes per transition (the native
 sampler's token pass was bound by writing int64 ids, docs/benchmarks.md "Replay buffer") and the bytes copied to a GPU.
 The scorer converts the ids to int64 itself (``sacglam.scoring``), once, on the trimmed tensors. Token ids must fit
-int32, as every tokenizer's vocabulary does (a buffer with ``token_dtype='int64'`` stores wider ids, but its batches
-cannot carry them)."""
+int32, as every tokenizer's vocabulary does: a buffer with ``token_dtype='int64'`` refuses a wider id at add."""
 
 
 @dataclass
