@@ -31,6 +31,11 @@ METHODS: dict[str, dict[str, list[str]]] = {
         "sac": ["experiment=bitflip_her", "buffer.her.ratio=0", "algo.hindsight_bc_coef=0"],
         "sac_her": ["experiment=bitflip_her"],
     },
+    "babyai": {
+        "sac": ["experiment=babyai_sac"],
+        "sac_her": ["experiment=babyai_sac_her"],
+        "ppo": ["experiment=babyai_ppo"],
+    },
 }
 # Playground-Text goal categories of every run (the preset's default since 2026-12-07 too): the comparison of the
 # SAC-GLAM paper covers all four.
