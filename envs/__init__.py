@@ -16,6 +16,7 @@ ENV_IDS: dict[str, str] = {
     "sacglam/PlaygroundText-v0": "envs.playground_text:PlaygroundTextEnv",
     "sacglam/BabyAIText-v0": "envs.babyai_text:BabyAITextEnv",
     "sacglam/TextWorld-v0": "envs.textworld_env:TextWorldEnv",
+    "sacglam/TextWorldSuite-v0": "envs.textworld_suite:TextWorldSuiteEnv",
     "sacglam/BitFlipText-v0": "envs.bitflip_text:BitFlipTextEnv",
 }
 
