@@ -36,6 +36,11 @@ METHODS: dict[str, dict[str, list[str]]] = {
         "sac_her": ["experiment=babyai_sac_her"],
         "ppo": ["experiment=babyai_ppo"],
     },
+    "textworld": {  # a suite of coin collectors (make it first: conf/env/textworld_suite.yaml says how)
+        "sac": ["experiment=textworld_suite_sac"],
+        "sac_her": ["experiment=textworld_suite_sac_her"],
+        "ppo": ["experiment=textworld_suite_ppo"],
+    },
 }
 # Playground-Text goal categories of every run (the preset's default since 2026-12-07 too): the comparison of the
 # SAC-GLAM paper covers all four.
