@@ -113,3 +113,21 @@ def test_rule_goals_of_a_scripted_suite_episode(suite: Path) -> None:
                                ["go to the cookery"], ["take the coin"]]
     assert result.dropped == 0
     env.close()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("preset", ["textworld_suite_sac_her", "textworld_suite_sac", "textworld_suite_ppo"])
+def test_suite_presets_train_and_evaluate_both_splits(preset: str, suite: Path, tmp_path: Path) -> None:
+    from tests.test_train import SMALL, read_metrics, run_train
+
+    small = [o for o in SMALL if not o.startswith(("batch_size", "learning_starts"))] if "ppo" in preset else SMALL
+    on_policy = ["algo.rollout_steps=8", "algo.minibatch_size=16"] if "ppo" in preset else []
+    result = run_train([f"experiment={preset}", f"env.kwargs.games={suite}/*.z8", "env.kwargs.heldout=1",
+                        "env.vector=sync", *small, *on_policy, "env.kwargs.max_steps=8", "total_env_steps=160"],
+                       tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    final = [m for m in metrics if "eval/greedy/success/objective" in m][-1]
+    assert 0.0 <= final["eval/heldout/greedy/success/objective"] <= 1.0  # the held-out game was evaluated
+    if preset == "textworld_suite_sac_her":  # rule-sourced achieved goals reached the buffer
+        assert max(m.get("relabel/accepted", 0.0) for m in metrics) > 0
