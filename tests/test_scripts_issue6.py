@@ -135,13 +135,17 @@ def test_load_curves_names_series_dedups_and_skips_nulls(tmp_path: Path) -> None
         {"step": 50, "charts/updates": 1.0},
         {"step": 100, "eval/greedy/success": 0.25, "eval/greedy/success/grasp": 0.5, "eval/greedy/length": 3.0,
          "eval/heldout/greedy/success": 0.1, "eval/heldout/greedy/success/grasp": None},
-        {"step": 200, "eval/greedy/success": 0.5},
+        {"step": 200, "eval/greedy/success": 0.5, "eval/sample/success": 0.6, "eval/sample/length": 9.0,
+         "eval/heldout/sample/success/grasp": 0.3},
         {"step": 200, "eval/greedy/success": 0.75},  # the final eval logged again at the same step: last one wins
     ])  # fmt: skip
     with path.open("a") as f:
         f.write('{"step": 300, "eval/greedy/succ')  # a torn last line
     curves = rep.load_curves(path)
-    assert sorted(curves) == ["all", "grasp", "heldout"]
+    assert sorted(curves) == ["all", "grasp", "heldout", "sampled/all", "sampled/heldout/grasp"]
+    assert rep.series_order(set(curves)) == ["all", "grasp", "heldout", "sampled/all", "sampled/heldout/grasp"]
+    np.testing.assert_array_equal(curves["sampled/all"][1], [0.6])
+    np.testing.assert_array_equal(curves["sampled/heldout/grasp"][1], [0.3])
     np.testing.assert_array_equal(curves["all"][0], [100, 200])
     np.testing.assert_array_equal(curves["all"][1], [0.25, 0.75])
     np.testing.assert_array_equal(curves["grasp"][1], [0.5])
@@ -182,8 +186,12 @@ def test_plan_runs_pairs_methods_and_rejects_unknown_envs(tmp_path: Path) -> Non
     assert "buffer.her.ratio=0" in sac and "algo.hindsight_bc_coef=0" in sac and "experiment=bitflip_her" in sac
     assert "buffer.her.ratio=0" not in runs[2].command()
     assert f"hydra.run.dir={tmp_path / 'bitflip' / 'sac' / 'seed0'}" in sac and "seed=0" in sac
-    with pytest.raises(ValueError, match="unknown env 'babyai'"):
-        rep.plan_runs(["babyai"], [0], tmp_path, [])
+    with pytest.raises(ValueError, match="unknown env 'minihack'"):
+        rep.plan_runs(["minihack"], [0], tmp_path, [])
+    babyai = rep.plan_runs(["babyai", "textworld"], [0], tmp_path, [])
+    assert [(r.env, r.method) for r in babyai] == [(env, m) for env in ("babyai", "textworld")
+                                                   for m in ("sac", "sac_her", "ppo")]
+    assert "experiment=textworld_suite_sac_her" in babyai[4].command()
 
 
 def test_plan_runs_with_algos_gives_ppo_its_on_policy_overrides_and_all_four_categories(tmp_path: Path) -> None:

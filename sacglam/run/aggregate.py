@@ -30,7 +30,7 @@ import numpy as np
 from sacglam.run.launch import DONE_FILE
 
 METRICS_FILE = "metrics.jsonl"
-_SUCCESS_KEY = re.compile(r"^eval/(heldout/)?greedy/success(?:/(.+))?$")
+_SUCCESS_KEY = re.compile(r"^eval/(heldout/)?(greedy|sample)/success(?:/(.+))?$")
 
 Curve = tuple[np.ndarray, np.ndarray]  # (steps [T] float64 increasing, values [T] float64)
 
@@ -147,8 +147,9 @@ def load_curves(metrics_path: str | Path) -> dict[str, Curve]:
     """Success curves of one run: series name -> (steps, values).
 
     Series: ``all`` (``eval/greedy/success``), ``<category>`` (``eval/greedy/success/<category>``), ``heldout`` and
-    ``heldout/<category>`` (``eval/heldout/greedy/...``). Null values and torn lines are skipped; a step logged twice
-    keeps its last value.
+    ``heldout/<category>`` (``eval/heldout/greedy/...``); with ``eval.sample=true`` the sampled policy's too, the
+    same names after ``sampled/`` (``sampled/all``, ``sampled/heldout/<category>``). Null values and torn lines are
+    skipped; a step logged twice keeps its last value.
     """
     points: dict[str, dict[int, float]] = {}
     with Path(metrics_path).open() as f:
@@ -161,8 +162,9 @@ def load_curves(metrics_path: str | Path) -> dict[str, Curve]:
                 m = _SUCCESS_KEY.match(key)
                 if m is None or value is None:
                     continue
-                heldout, category = m.group(1), m.group(2)
+                heldout, mode, category = m.group(1), m.group(2), m.group(3)
                 name = (category or "all") if not heldout else "heldout" + (f"/{category}" if category else "")
+                name = name if mode == "greedy" else f"sampled/{name}"
                 points.setdefault(name, {})[int(record["step"])] = float(value)
     out: dict[str, Curve] = {}
     for name, by_step in points.items():
@@ -217,8 +219,12 @@ def summarise(curves: Sequence[Curve], level: float = 0.95) -> Summary:
 
 
 def series_order(names: set[str]) -> list[str]:
-    """``all`` first, then the categories, then the held-out series."""
-    return sorted(names, key=lambda n: (n.startswith("heldout"), n != "all", n))
+    """``all`` first, then the categories, then the held-out series; the sampled policy's series after the greedy."""
+    def key(name: str) -> tuple[bool, bool, bool, str]:
+        base = name.removeprefix("sampled/")
+        return name.startswith("sampled/"), base.startswith("heldout"), base != "all", base
+
+    return sorted(names, key=key)
 
 
 def discover_runs(runs_dir: str | Path) -> dict[str, dict[str, list[Path]]]:
