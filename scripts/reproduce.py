@@ -235,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help=f"tiny budget ({QUICK_STEPS} steps, 4 envs), 2 seeds")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds, 0..N-1 (default 5; 2 with --quick)")
     p.add_argument("--steps", type=int, default=None, help="total_env_steps of every run (default: the preset's)")
-    p.add_argument("--envs", default="playground,bitflip", help="comma-separated: playground, bitflip, babyai, textworld")
+    p.add_argument("--envs", default="playground,bitflip",
+                   help="comma-separated: playground, bitflip, babyai, textworld")
     p.add_argument("--algos", default=None,
                    help="comma-separated methods: sac_her, sac, ppo (default: every method of each env)")
     p.add_argument("--categories", default=CATEGORIES,
