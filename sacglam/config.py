@@ -10,6 +10,11 @@ config never loads a model library (``tests/test_import_rules.py`` checks it):
 * ``sacglam.algos.<name>.config``: the options of each algorithm (``SACConfig``, ``PPOConfig``, ``ETOConfig``), the
   ``algo`` group's schemas;
 * ``sacglam.replay.config``: the replay buffer's options (``BufferConfig`` with ``HERConfig``).
+
+Every option's domain is declared in a table beside its dataclass (``<SECTION>_DOMAINS``: counts, fractions, learning
+rates, the allowed strings) and checked in ``__post_init__`` (``sacglam.validate``), so a bad value is refused when
+the typed config is built, with an error naming its command-line key; the rules between options (divisibility, one
+option needing another) are checked in the same ``__post_init__`` methods, those across groups in ``TrainConfig``'s.
 """
 
 from __future__ import annotations
@@ -23,6 +28,27 @@ from sacglam.algos.eto.config import ETOConfig
 from sacglam.algos.ppo.config import PPOConfig
 from sacglam.algos.sac.config import SACConfig
 from sacglam.replay.config import BufferConfig
+from sacglam.validate import (
+    COUNT,
+    DTYPES,
+    POSITIVE,
+    PROBABILITY,
+    SEED_MAX,
+    ConfigError,
+    Device,
+    Domain,
+    Each,
+    Flag,
+    Free,
+    Maybe,
+    OneOf,
+    Range,
+    Text,
+    check_divides,
+    check_domains,
+    count_or_off,
+    refuse,
+)
 
 ALGOS: dict[str, type] = {"sac": SACConfig, "ppo": PPOConfig, "eto": ETOConfig}
 """``algo.name`` -> the schema of the ``algo`` group (each ``conf/algo/*.yaml`` extends ``<name>_schema``)."""
@@ -35,6 +61,14 @@ SOURCES = ("oracle", "rule", "llm")
 """``relabel.source`` values: where achieved goals come from (``sacglam.relabel``)."""
 JUDGES = ("model", "rule")
 """``relabel.llm.judge`` values: what verifies the llm source's proposals (``sacglam.relabel``)."""
+ATTENTION = ("sdpa", "eager")
+"""``model.attn_implementation`` values (both work with the shared-prefix scorer's block mask)."""
+WANDB_MODES = ("offline", "online", "disabled")
+"""``logger.wandb_mode`` values."""
+VECTOR_MODES = ("sync", "subprocess")
+"""``env.vector`` values (``envs.vector.make_vector_env``)."""
+OBS_TRUNCATION = ("left", "right", "error")
+"""``prompt.obs_truncation`` values (``sacglam.prompting.PromptCodec``)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -51,6 +85,19 @@ class AgentConfig:
     length_norm: bool = False  # score a candidate by its mean (not summed) token log-prob
     separate_adapter: bool = False  # the critic reads its own LoRA adapter instead of sharing the actor's (peft only)
 
+    def __post_init__(self) -> None:
+        check_domains(self, "agent", AGENT_DOMAINS)
+
+
+AGENT_DOMAINS: dict[str, Domain] = {
+    "n_q": COUNT,
+    "critic_hidden": Each(COUNT),  # [] = a linear head
+    "temperature": POSITIVE,
+    "length_norm": Flag(),
+    "separate_adapter": Flag(),
+}
+"""The domain of each ``AgentConfig`` field (``sacglam.validate``)."""
+
 
 @dataclass
 class LoraConfig:
@@ -62,6 +109,20 @@ class LoraConfig:
     dropout: float = 0.0  # dropout on the adapter input
     target_modules: list[str] | None = None  # module name suffixes; None = models.LORA_TARGETS for the model's family
     top_layers: int = 0  # > 0: adapters on the last N blocks only (the backward pass then stops below them)
+
+    def __post_init__(self) -> None:
+        check_domains(self, "model.lora", LORA_DOMAINS)
+
+
+LORA_DOMAINS: dict[str, Domain] = {
+    "enabled": Flag(),
+    "r": COUNT,
+    "alpha": COUNT,
+    "dropout": Range(low=0, high=1, high_open=True),
+    "target_modules": Maybe(Each(Text(), nonempty=True)),
+    "top_layers": count_or_off("0 = every block"),
+}
+"""The domain of each ``LoraConfig`` field (``sacglam.validate``)."""
 
 
 @dataclass
@@ -83,6 +144,37 @@ class ModelConfig:
     init_seed: int = 0  # weights are initialised from this seed, without touching the global RNG
     tokenizer_cache: str = "~/.cache/sacglam/tokenizers"  # where tiny tokenizers are kept, one folder per corpus
 
+    def __post_init__(self) -> None:
+        """Check every option against ``MODEL_DOMAINS``; the tiny model's hidden size must divide by its heads, and
+        its LoRA ``top_layers`` not exceed its layers."""
+        if isinstance(self.lora, dict):
+            self.lora = LoraConfig(**self.lora)
+        check_domains(self, "model", MODEL_DOMAINS)
+        if self.name != TINY:  # (another model's shape is its own: models.py checks lora.top_layers against it)
+            return
+        if self.hidden % self.heads:
+            raise ConfigError(f"model.hidden={self.hidden} must be divisible by model.heads={self.heads}: each "
+                              "attention head of the tiny model takes an equal share of the hidden size")
+        if self.lora.enabled and self.lora.top_layers > self.layers:
+            raise refuse(self.lora, "model.lora", "top_layers", f"<= model.layers={self.layers} (the tiny model's "
+                         "blocks), or 0 for every block")
+
+
+MODEL_DOMAINS: dict[str, Domain] = {
+    "name": Text("a model: tiny, smollm2-135m, an alias, a local folder or a cached hub id"),
+    "dtype": OneOf(DTYPES),
+    "gradient_checkpointing": Flag(),
+    "attn_implementation": OneOf(ATTENTION),
+    "hidden": COUNT,
+    "layers": COUNT,
+    "heads": COUNT,
+    "intermediate": COUNT,
+    "max_positions": COUNT,
+    "init_seed": Range(low=-(2**63), high=2**64 - 1, integer=True, note="torch's seed range"),
+    "tokenizer_cache": Text("a folder"),
+}
+"""The domain of each ``ModelConfig`` field but ``lora`` (``sacglam.validate``)."""
+
 
 @dataclass
 class CheckpointConfig:
@@ -90,16 +182,24 @@ class CheckpointConfig:
 
     every: int = 10_000  # save every this many env steps (summed over the N parallel envs); 0 disables checkpoints
     keep: int = 3  # keep only the newest `keep` checkpoints of the run (oldest pruned first); 0 keeps all
+    # with a frozen base (LoRA): save the trainable weights and the base's name and fingerprint, not the base weights
+    # (sacglam.checkpoint.agent_state); false saves every weight. Full fine-tuning saves every weight either way
+    lean: bool = True
+    # a checkpoint that cannot be written (full disk, quota, I/O error): "stop" the run naming the file and the free
+    # space, or "continue" training with a warning (the previous complete checkpoint stays intact either way)
+    on_error: str = "stop"
 
     def __post_init__(self) -> None:
-        if self.every < 0:
-            raise ValueError(
-                f"CheckpointConfig.every={self.every} is negative; use a step interval > 0, or 0 to disable."
-            )
-        if self.keep < 0:
-            raise ValueError(
-                f"CheckpointConfig.keep={self.keep} is negative; use K >= 1 to keep the last K, or 0 for all."
-            )
+        check_domains(self, "checkpoint", CHECKPOINT_DOMAINS)
+
+
+CHECKPOINT_DOMAINS: dict[str, Domain] = {
+    "every": count_or_off("0 disables checkpoints"),
+    "keep": count_or_off("0 keeps all"),
+    "lean": Flag(),
+    "on_error": OneOf(("stop", "continue")),
+}
+"""The domain of each ``CheckpointConfig`` field (``sacglam.validate``)."""
 
 
 @dataclass
@@ -120,6 +220,24 @@ class LoggerConfig:
     episodes: bool = False  # write every finished training episode as text to run_dir/episodes/ (gzip JSONL)
     episodes_max_mb: float = 64.0  # start a new episode-log file once the current one holds this many MB
 
+    def __post_init__(self) -> None:
+        check_domains(self, "logger", LOGGER_DOMAINS)
+
+
+LOGGER_DOMAINS: dict[str, Domain] = {
+    "wandb_mode": OneOf(WANDB_MODES),
+    "project": Text(),
+    "entity": Free("a wandb name, or null"),
+    "run_name": Free("a wandb name, or null"),
+    "group": Free("a wandb name, or null"),
+    "jsonl": Flag(),
+    "progress": Flag(),
+    "log_every": count_or_off("0 = every vector step"),
+    "episodes": Flag(),
+    "episodes_max_mb": POSITIVE,
+}
+"""The domain of each ``LoggerConfig`` field (``sacglam.validate``)."""
+
 
 @dataclass
 class CurriculumConfig:
@@ -132,16 +250,17 @@ class CurriculumConfig:
     anneal_episodes: int = 2000  # training episodes (summed over ranks) over which eps goes linearly to eps_end
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"curriculum.kind={self.kind!r} is unknown; use one of {list(KINDS)}")
-        if self.window < 1:
-            raise ValueError(f"curriculum.window={self.window} must be at least 1 outcome")
-        for name in ("eps_start", "eps_end"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"curriculum.{name}={getattr(self, name)} is a probability in [0, 1]")
-        if self.anneal_episodes < 0:
-            raise ValueError(f"curriculum.anneal_episodes={self.anneal_episodes} is negative; use 0 for eps_end "
-                             "from the start")
+        check_domains(self, "curriculum", CURRICULUM_DOMAINS)
+
+
+CURRICULUM_DOMAINS: dict[str, Domain] = {
+    "kind": OneOf(KINDS),
+    "window": COUNT,
+    "eps_start": PROBABILITY,
+    "eps_end": PROBABILITY,
+    "anneal_episodes": count_or_off("0 = eps_end from the start"),
+}
+"""The domain of each ``CurriculumConfig`` field (``sacglam.validate``)."""
 
 
 @dataclass
@@ -170,6 +289,25 @@ class LLMRelabelConfig:
     device: str = "cpu"  # where the judge model runs
     dtype: str = "float32"
 
+    def __post_init__(self) -> None:
+        check_domains(self, "relabel.llm", LLM_RELABEL_DOMAINS)
+
+
+LLM_RELABEL_DOMAINS: dict[str, Domain] = {
+    "model": Text("a model: an alias, a local folder or smollm2-135m"),
+    "judge": OneOf(JUDGES),
+    "judge_model": Maybe(Text("a model")),
+    "threshold": PROBABILITY,
+    "max_goals": COUNT,
+    "chat": Flag(),
+    "batch_size": COUNT,
+    "background": Flag(),
+    "max_pending": count_or_off("0 = no limit"),
+    "device": Device(auto=False),
+    "dtype": OneOf(DTYPES),
+}
+"""The domain of each ``LLMRelabelConfig`` field (``sacglam.validate``)."""
+
 
 @dataclass
 class RelabelConfig:
@@ -180,14 +318,16 @@ class RelabelConfig:
     llm: LLMRelabelConfig = field(default_factory=LLMRelabelConfig)
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"relabel.source must be one of {SOURCES}, got {self.source!r}")
         if isinstance(self.llm, dict):
             self.llm = LLMRelabelConfig(**self.llm)
-        if self.llm.judge not in JUDGES:
-            raise ValueError(f"relabel.llm.judge must be one of {JUDGES}, got {self.llm.judge!r}")
-        if not 0.0 <= self.llm.threshold <= 1.0:
-            raise ValueError(f"relabel.llm.threshold must be in [0, 1], got {self.llm.threshold}")
+        check_domains(self, "relabel", RELABEL_DOMAINS)
+
+
+RELABEL_DOMAINS: dict[str, Domain] = {
+    "source": OneOf(SOURCES),
+    "rules": Free("null, or rules checked when they are compiled (sacglam.relabel)"),
+}
+"""The domain of each ``RelabelConfig`` field but ``llm`` (``sacglam.validate``)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -208,6 +348,22 @@ class EnvConfig:
     # Rules over a step's text -> achieved goals (relabel.source=rule, and the llm source's rule verifier).
     rules: list[RuleConfig] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        check_domains(self, "env", ENV_DOMAINS)
+
+
+ENV_DOMAINS: dict[str, Domain] = {
+    "id": Text("a registered env id (sacglam/...-v0)"),
+    "kwargs": Free("the env's own keyword arguments, checked by the env"),
+    "num_envs": COUNT,
+    "vector": OneOf(VECTOR_MODES),
+    "eval_kwargs": Free("the env's own keyword arguments, checked by the env"),
+    "heldout_kwargs": Free("the env's own keyword arguments, checked by the env"),
+    "corpus_episodes": count_or_off("0 = the template's and the goal lists' words only"),
+    "rules": Free("rules checked when they are compiled (sacglam.relabel)"),
+}
+"""The domain of each ``EnvConfig`` field (``sacglam.validate``)."""
+
 
 @dataclass
 class PromptConfig:
@@ -221,6 +377,29 @@ class PromptConfig:
     actions_format: str = "\nPossible actions: {actions}"  # how they are listed ({actions}: joined by ", ")
     action_sep: str | None = None  # text between prompt and action (null: " ", or "" after a chat generation prompt)
 
+    def __post_init__(self) -> None:
+        """Check every option against ``PROMPT_DOMAINS``, and the format strings' fields."""
+        check_domains(self, "prompt", PROMPT_DOMAINS)
+        t = self.template
+        if t.count("{goal}") != 1 or t.count("{obs}") != 1 or t.index("{goal}") > t.index("{obs}"):
+            raise refuse(self, "prompt", "template", "a format string holding {goal} then {obs}, each exactly once",
+                         "is not allowed")
+        if self.list_actions and self.actions_format.count("{actions}") != 1:
+            raise refuse(self, "prompt", "actions_format", "a format string holding {actions} exactly once (with "
+                         "prompt.list_actions=true)", "is not allowed")
+
+
+PROMPT_DOMAINS: dict[str, Domain] = {
+    "template": Text(),
+    "obs_truncation": OneOf(OBS_TRUNCATION),
+    "chat": Flag(),
+    "system": Free("any text, or null"),
+    "list_actions": Flag(),
+    "actions_format": Free("any text (read with prompt.list_actions=true)"),
+    "action_sep": Free("any text, or null"),
+}
+"""The domain of each ``PromptConfig`` field (``sacglam.validate``)."""
+
 
 @dataclass
 class EvalConfig:
@@ -231,6 +410,19 @@ class EvalConfig:
     num_envs: int = 16  # parallel evaluation envs
     sample: bool = False  # also evaluate the sampled (stochastic) policy
     seed: int = 1_000_000  # evaluation seeds start here (training seeds start at `seed`)
+
+    def __post_init__(self) -> None:
+        check_domains(self, "eval", EVAL_DOMAINS)
+
+
+EVAL_DOMAINS: dict[str, Domain] = {
+    "every": count_or_off("0 = only at the end"),
+    "episodes_per_category": COUNT,
+    "num_envs": COUNT,
+    "sample": Flag(),
+    "seed": Range(low=0, integer=True, note="env reset seeds are non-negative"),
+}
+"""The domain of each ``EvalConfig`` field (``sacglam.validate``)."""
 
 
 @dataclass
@@ -261,13 +453,34 @@ class TrainConfig:
     resume: str = "never"  # never | auto (newest complete checkpoint of the run folder) | a checkpoint file or folder
 
     def __post_init__(self) -> None:
-        if not self.resume:
-            raise ValueError('resume is empty; use "never", "auto" or a checkpoint path')
+        """Check the top-level options against ``TRAIN_DOMAINS`` and the rules across groups (each group checked
+        its own options when it was built)."""
+        check_domains(self, "", TRAIN_DOMAINS)
+        if isinstance(self.algo, SACConfig):
+            check_divides(("algo.grad_accum", self.algo.grad_accum), ("batch_size", self.batch_size),
+                          "every update splits its batch into equal micro-batches")
+            if self.buffer.capacity < self.env.num_envs:
+                raise refuse(self.buffer, "buffer", "capacity", f">= env.num_envs={self.env.num_envs} (each env "
+                             "keeps capacity // env.num_envs rows)")
         if self.curriculum.kind != "uniform" and getattr(self.algo, "name", None) == "eto":
             # ETO explores a fixed list of task seeds per round (eto.py), with no episode stream to reweight.
             raise ValueError(f"curriculum={self.curriculum.kind} reweights the goal categories of the training "
                              "episodes, which algo=eto does not draw (it explores fixed task seeds); use "
                              "curriculum=uniform with ETO")
+
+
+TRAIN_DOMAINS: dict[str, Domain] = {
+    "seed": Range(low=0, high=SEED_MAX, integer=True, note="numpy's seed range"),
+    "total_env_steps": count_or_off("0 = no training step: the initial model is evaluated and saved"),
+    "time_limit_min": Range(low=0, finite=False, note="0 = no limit"),
+    "batch_size": COUNT,
+    "replay_ratio": Range(low=0, note="0 = no update"),
+    "learning_starts": COUNT,  # (0 would sample before any episode has finished: the buffer samples finished ones)
+    "device": Device(auto=True),
+    "threads": count_or_off("0 = torch's default"),
+    "resume": Text('never, auto or a checkpoint file or folder'),
+}
+"""The domain of each top-level ``TrainConfig`` option (the groups, ``algo`` included, check their own)."""
 
 
 def register_configs() -> None:
@@ -282,14 +495,31 @@ def register_configs() -> None:
 
 
 __all__ = [
+    "AGENT_DOMAINS",
     "ALGOS",
+    "ATTENTION",
+    "CHECKPOINT_DOMAINS",
+    "CURRICULUM_DOMAINS",
+    "ENV_DOMAINS",
+    "EVAL_DOMAINS",
     "JUDGES",
     "KINDS",
+    "LLM_RELABEL_DOMAINS",
+    "LOGGER_DOMAINS",
+    "LORA_DOMAINS",
+    "MODEL_DOMAINS",
+    "OBS_TRUNCATION",
+    "PROMPT_DOMAINS",
+    "RELABEL_DOMAINS",
     "SOURCES",
     "TINY",
+    "TRAIN_DOMAINS",
+    "VECTOR_MODES",
+    "WANDB_MODES",
     "AgentConfig",
     "BufferConfig",
     "CheckpointConfig",
+    "ConfigError",
     "CurriculumConfig",
     "ETOConfig",
     "EnvConfig",

@@ -205,9 +205,10 @@ def test_resuming_with_another_algo_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_non_finite_loss_stops_naming_step_and_last_checkpoint(tmp_path: Path) -> None:
-    """An infinite learning rate makes the weights non-finite after the first actor step; the run must stop."""
+    """A learning rate of 1e30 (finite, so the option check lets it through) makes the weights overflow to
+    non-finite values after the first actor step; the run must stop."""
     result = run_train(["experiment=bitflip_her", *SMALL, "total_env_steps=800", "checkpoint.every=48",
-                        "algo.lr_actor=inf", "algo.critic_warmup_updates=2"], tmp_path)
+                        "algo.lr_actor=1e30", "algo.critic_warmup_updates=2"], tmp_path)
     assert result.returncode != 0
     assert "non-finite" in result.stderr and "stopped at env step" in result.stderr
     assert "Last good checkpoint: " + str(tmp_path / "checkpoints" / "step_") in result.stderr

@@ -1,13 +1,25 @@
 """The replay buffer's options: ``BufferConfig`` and its hindsight options ``HERConfig``.
 
-Plain dataclasses validated in ``__post_init__``; this module imports only the standard library (no torch, no numpy),
-so the Hydra schema (``sacglam.config``) imports it without loading the buffer.
+Plain dataclasses whose options are checked in ``__post_init__`` against the domain tables below
+(``sacglam.validate``); this module imports only the standard library (no torch, no numpy), so the Hydra schema
+(``sacglam.config``) imports it without loading the buffer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+
+from sacglam.validate import (
+    COUNT,
+    PROBABILITY,
+    Device,
+    Domain,
+    Flag,
+    OneOf,
+    Range,
+    check_domains,
+)
 
 Strategy = Literal["future", "final", "episode"]
 STRATEGIES: tuple[str, ...] = ("future", "final", "episode")
@@ -41,14 +53,8 @@ class HERConfig:
     rare_fraction: float = 0.0  # in [0, 1]; share of the batch sampled by rarity
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"her.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"her.ratio must be in [0, 1], got {self.ratio}")
-        if self.rarity_draws < 1:
-            raise ValueError(f"her.rarity_draws must be >= 1, got {self.rarity_draws}")
-        if not 0.0 <= self.rare_fraction <= 1.0:
-            raise ValueError(f"her.rare_fraction must be in [0, 1], got {self.rare_fraction}")
+        """Check every option against ``HER_DOMAINS`` (``ConfigError`` names it as ``buffer.her.<option>``)."""
+        check_domains(self, "buffer.her", HER_DOMAINS)
 
     @property
     def counts_goals(self) -> bool:
@@ -79,14 +85,36 @@ class BufferConfig:
     native: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.token_dtype not in TOKEN_DTYPES:
-            raise ValueError(f"token_dtype must be one of {sorted(TOKEN_DTYPES)}, got {self.token_dtype!r}")
-        if self.n_step < 1:
-            raise ValueError(f"n_step must be >= 1, got {self.n_step}")
-        if self.native not in NATIVE_MODES:
-            raise ValueError(f"native must be one of {NATIVE_MODES}, got {self.native!r}")
+        """Check every option against ``BUFFER_DOMAINS`` (``ConfigError`` names it as ``buffer.<option>``)."""
         if isinstance(self.her, dict):  # Hydra/OmegaConf may hand a plain mapping
             self.her = HERConfig(**self.her)
+        check_domains(self, "buffer", BUFFER_DOMAINS)
 
 
-__all__ = ["NATIVE_MODES", "STRATEGIES", "TOKEN_DTYPES", "BufferConfig", "HERConfig", "Strategy"]
+HER_DOMAINS: dict[str, Domain] = {
+    "strategy": OneOf(STRATEGIES),
+    "ratio": Range(low=0, high=1, note="0 disables HER"),
+    "rarity_draws": Range(low=1, integer=True, note="1 = plain HER"),
+    "rare_fraction": Range(low=0, high=1, note="0 = uniform sampling"),
+}
+"""The domain of each ``HERConfig`` field (``sacglam.validate``)."""
+
+BUFFER_DOMAINS: dict[str, Domain] = {
+    "capacity": COUNT,  # (and >= env.num_envs: TrainConfig checks it, it needs the env group)
+    "n_step": COUNT,
+    "gamma": PROBABILITY,
+    "device": Device(auto=True),
+    "max_obs_tokens": COUNT,
+    "max_goal_tokens": COUNT,
+    "max_cands": COUNT,
+    "max_cand_tokens": COUNT,
+    "max_goals": COUNT,
+    "max_achieved": COUNT,
+    "token_dtype": OneOf(TOKEN_DTYPES),
+    "compile": Flag(),
+    "native": OneOf(NATIVE_MODES),
+}
+"""The domain of each ``BufferConfig`` field but ``her`` (``sacglam.validate``)."""
+
+__all__ = ["BUFFER_DOMAINS", "HER_DOMAINS", "NATIVE_MODES", "STRATEGIES", "TOKEN_DTYPES", "BufferConfig", "HERConfig",
+           "Strategy"]

@@ -1,12 +1,30 @@
 """The options of ETO (``algo=eto``, ``conf/algo/eto.yaml``), light enough for the Hydra schema.
 
 This module imports only the standard library, so ``sacglam.config`` can compose the schema without torch;
-``sacglam.algos.eto.dpo`` imports :class:`ETOConfig` from here and re-exports it.
+``sacglam.algos.eto.dpo`` imports :class:`ETOConfig` from here and re-exports it. Every option is checked against
+``ETO_DOMAINS`` when the config is built (``sacglam.validate``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from sacglam.validate import (
+    COUNT,
+    NONNEGATIVE,
+    POSITIVE,
+    Domain,
+    Each,
+    Maybe,
+    OneOf,
+    Range,
+    Text,
+    check_domains,
+    refuse,
+)
+
+EXPLORE: tuple[str, ...] = ("greedy", "sample")
+PAIR_WITH: tuple[str, ...] = ("expert", "best")
 
 
 @dataclass
@@ -35,37 +53,12 @@ class ETOConfig:
     pairs_file: str | None = None
 
     def __post_init__(self) -> None:
-        """Check every field; raise ``ValueError`` naming the bad one."""
-        ints = {"tasks": (self.tasks, 1), "warm_start_episodes": (self.warm_start_episodes, 0),
-                "sft_epochs": (self.sft_epochs, 0), "rounds": (self.rounds, 0), "epochs": (self.epochs, 1),
-                "margin": (self.margin, 0), "batch_size": (self.batch_size, 1),
-                "sft_batch_size": (self.sft_batch_size, 1), "max_steps_per_batch": (self.max_steps_per_batch, 1)}
-        for key, (value, low) in ints.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"ETOConfig.{key} must be an int >= {low}, got {value!r}")
+        """Check every option against ``ETO_DOMAINS``, and that behaviour cloning has epochs when it has episodes
+        (``ConfigError`` names the option as ``algo.<option>``)."""
+        check_domains(self, "algo", ETO_DOMAINS)
         if self.warm_start_episodes > 0 and self.sft_epochs < 1:
-            raise ValueError(f"ETOConfig.sft_epochs must be >= 1 when warm_start_episodes="
-                             f"{self.warm_start_episodes} > 0 (set warm_start_episodes=0 to skip SFT), "
-                             f"got {self.sft_epochs}")
-        if not self.sft_lr > 0:
-            raise ValueError(f"ETOConfig.sft_lr must be > 0, got {self.sft_lr!r}")
-        if not self.max_grad_norm >= 0:
-            raise ValueError(f"ETOConfig.max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
-        if not self.sft_coef >= 0:
-            raise ValueError(f"ETOConfig.sft_coef must be >= 0, got {self.sft_coef!r}")
-        for key, values in (("betas", self.betas), ("lrs", self.lrs)):
-            values = list(values)
-            if not values:
-                raise ValueError(f"ETOConfig.{key} must hold at least one value (one per round, the last repeats)")
-            bad = [v for v in values if not (isinstance(v, int | float) and v > 0)]
-            if bad:
-                raise ValueError(f"ETOConfig.{key} must be positive numbers, got {values!r}")
-        if self.explore not in ("greedy", "sample"):
-            raise ValueError(f"ETOConfig.explore must be 'greedy' or 'sample', got {self.explore!r}")
-        if self.pair_with not in ("expert", "best"):
-            raise ValueError(f"ETOConfig.pair_with must be 'expert' or 'best', got {self.pair_with!r}")
-        if self.pairs_file is not None and not (isinstance(self.pairs_file, str) and self.pairs_file):
-            raise ValueError(f"ETOConfig.pairs_file must be a non-empty path or None, got {self.pairs_file!r}")
+            raise refuse(self, "algo", "sft_epochs", f">= 1 when algo.warm_start_episodes={self.warm_start_episodes}"
+                         " > 0 (set algo.warm_start_episodes=0 to skip behaviour cloning)")
 
     def beta(self, round_index: int) -> float:
         """DPO beta of round ``round_index`` (0-based); rounds past the list reuse its last value."""
@@ -76,10 +69,33 @@ class ETOConfig:
         return float(self.lrs[min(_check_round(round_index), len(self.lrs) - 1)])
 
 
+ETO_DOMAINS: dict[str, Domain] = {
+    "name": OneOf(("eto",)),
+    "tasks": COUNT,
+    "warm_start_episodes": Range(low=0, integer=True, note="0 = no behaviour cloning"),
+    "sft_epochs": Range(low=0, integer=True),  # (>= 1 with warm-start episodes: checked in __post_init__)
+    "sft_lr": POSITIVE,
+    "sft_batch_size": COUNT,
+    "rounds": Range(low=0, integer=True, note="0 = no DPO round"),
+    "betas": Each(POSITIVE, nonempty=True),
+    "lrs": Each(POSITIVE, nonempty=True),
+    "epochs": COUNT,
+    "explore": OneOf(EXPLORE),
+    "pair_with": OneOf(PAIR_WITH),
+    "margin": Range(low=0, integer=True),
+    "sft_coef": NONNEGATIVE,
+    "batch_size": COUNT,
+    "max_grad_norm": Range(low=0, finite=False, note="0 = no clipping"),
+    "max_steps_per_batch": COUNT,
+    "pairs_file": Maybe(Text("a non-empty path")),
+}
+"""The domain of each ``ETOConfig`` field (``sacglam.validate``)."""
+
+
 def _check_round(round_index: int) -> int:
     if round_index < 0:
         raise ValueError(f"ETO round index must be >= 0, got {round_index}")
     return round_index
 
 
-__all__ = ["ETOConfig"]
+__all__ = ["ETO_DOMAINS", "EXPLORE", "PAIR_WITH", "ETOConfig"]

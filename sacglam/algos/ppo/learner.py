@@ -44,6 +44,7 @@ from sacglam.distributed import Dist
 from sacglam.losses import candidate_policy, choose_candidates
 from sacglam.prompting import PromptCodec
 from sacglam.types import ActOutput, TextStep, UpdateStats
+from sacglam.validate import ConfigError
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the maths (tensors in, tensors out)
@@ -381,8 +382,8 @@ class PPOUpdater:
         """
         if cfg.rollout_steps < 1 or cfg.epochs < 1:
             raise ValueError(f"algo.rollout_steps ({cfg.rollout_steps}) and algo.epochs ({cfg.epochs}) must be >= 1")
-        if cfg.minibatch_size < 1 or batch_size % cfg.minibatch_size != 0:
-            raise ValueError(
+        if cfg.minibatch_size < 1 or batch_size % cfg.minibatch_size != 0:  # (its share with several processes)
+            raise ConfigError(
                 f"algo.minibatch_size={cfg.minibatch_size} does not divide the rollout of env.num_envs x "
                 f"algo.rollout_steps = {batch_size} transitions; choose a divisor of {batch_size}"
             )

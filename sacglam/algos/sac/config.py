@@ -1,12 +1,18 @@
 """The options of the SAC update (``algo=sac``, ``conf/algo/sac.yaml``), light enough for the Hydra schema.
 
 This module imports only the standard library, so ``sacglam.config`` can compose the schema without torch;
-``sacglam.algos.sac.learner`` imports :class:`SACConfig` from here and re-exports it.
+``sacglam.algos.sac.learner`` imports :class:`SACConfig` from here and re-exports it. Every option is checked against
+``SAC_DOMAINS`` when the config is built (``sacglam.validate``); ``batch_size`` divisible by ``grad_accum`` needs the
+top level and is checked by ``TrainConfig``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from sacglam.validate import COUNT, POSITIVE, PROBABILITY, Domain, Flag, OneOf, Range, check_domains
+
+ALPHA_MODES: tuple[str, ...] = ("auto", "fixed")
 
 
 @dataclass
@@ -34,5 +40,30 @@ class SACConfig:
     hindsight_bc_within_limit: bool = True  # only relabels achieved within the goal's step limit (t'-t+1 <= limit)
     hindsight_bc_discount: float = 0.0  # > 0: weight each hindsight term by this ** (t' - t) (e.g. gamma); 0 = off
 
+    def __post_init__(self) -> None:
+        """Check every option against ``SAC_DOMAINS`` (``ConfigError`` names it as ``algo.<option>``)."""
+        check_domains(self, "algo", SAC_DOMAINS)
 
-__all__ = ["SACConfig"]
+
+SAC_DOMAINS: dict[str, Domain] = {
+    "name": OneOf(("sac",)),
+    "lr_actor": POSITIVE,
+    "lr_critic": POSITIVE,
+    "lr_alpha": POSITIVE,
+    "alpha_mode": OneOf(ALPHA_MODES),
+    "alpha_init": POSITIVE,
+    "alpha_min": Range(low=0, note="0 = no floor"),
+    "target_entropy_ratio": PROBABILITY,  # the target is a share of the uniform policy's entropy log |A(s)|
+    "tau": PROBABILITY,
+    "critic_warmup_updates": Range(low=0, integer=True, note="0 = no critic-only warm-up"),
+    "grad_clip": Range(low=0, finite=False, note="0 = no clipping"),
+    "grad_accum": COUNT,
+    "huber": Flag(),
+    "hindsight_bc_coef": Range(low=0, note="0 = pure SAC-GLAM"),
+    "hindsight_bc_within_limit": Flag(),
+    "hindsight_bc_discount": Range(low=0, high=1, note="0 = off"),
+}
+"""The domain of each ``SACConfig`` field (``sacglam.validate``)."""
+
+
+__all__ = ["ALPHA_MODES", "SAC_DOMAINS", "SACConfig"]
