@@ -9,9 +9,16 @@ A checkpoint is one file ``run_dir/checkpoints/step_<step:010d>.pt``::
 as they pass (no in-memory copy of large tensors such as the replay buffer), writes the header last, flushes and
 fsyncs the file, renames it over the final name (atomic on POSIX) and fsyncs the folder so the rename itself is
 durable. A process killed at any moment therefore leaves either the previous set of complete checkpoints plus a
-stray temporary file, or the new complete checkpoint -- never a half-written file under a final name. The header's
-size and sha256 still catch files damaged later (truncated copies, disk errors), and ``find_latest_checkpoint``
-skips such files with a warning instead of loading them.
+stray temporary file, or the new complete checkpoint -- never a half-written file under a final name. A save that
+fails with an ``OSError`` (a full disk: ENOSPC at any write, the fsync, the rename or the pruning) removes its own
+temporary file and raises :class:`CheckpointWriteError`, naming the file, the error and the free space; the earlier
+checkpoints are untouched. The header's size and sha256 still catch files damaged later (truncated copies, disk
+errors), and ``find_latest_checkpoint`` skips such files with a warning instead of loading them.
+
+The agent's part (``agent_state`` / ``load_agent_state``) is lean with a frozen base (LoRA): the adapters, heads and
+target copies, without the base weights, plus the base's name and a cheap fingerprint (``base_identity``) that a
+resume checks against the base it rebuilt from its config. Full fine-tuning, ``checkpoint.lean=false`` and
+checkpoints written before lean ones hold every weight and load as they are.
 
 RNG states (Python ``random``, numpy's global generator, torch CPU and CUDA, and named ``torch.Generator`` objects)
 are captured as plain tensors, ints and strings, so a checkpoint loads with ``torch.load(weights_only=True)``.
@@ -22,15 +29,19 @@ here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import pickle
 import random
 import re
+import shutil
 import socket
 import struct
 import uuid
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +49,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+from torch import nn
 
 from sacglam.config import CheckpointConfig
 
@@ -60,13 +72,19 @@ __all__ = [
     "HEADER_SIZE",
     "CheckpointConfig",
     "CheckpointError",
+    "CheckpointWriteError",
+    "agent_state",
+    "base_differences",
+    "base_identity",
     "capture_rng_state",
     "check_run_state",
     "checkpoint_dir",
     "checkpoint_path",
     "checkpoint_step",
     "find_latest_checkpoint",
+    "frozen_base_keys",
     "list_checkpoints",
+    "load_agent_state",
     "load_checkpoint",
     "resolve_resume",
     "restore_rng_state",
@@ -77,6 +95,22 @@ __all__ = [
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or of an unknown format; the message names the file."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a quota, an I/O error): the message names the file, the error,
+    the free space left and the newest complete checkpoint, which the failed save left intact.
+
+    Attributes:
+        path: the checkpoint file that was being written.
+        free_bytes: free bytes on the checkpoint folder's filesystem after the failure (None if unknown).
+        written: True when the new checkpoint is complete under its final name and a later step (folder fsync,
+            pruning) failed; False when nothing of it is left.
+    """
+
+    def __init__(self, message: str, path: Path, free_bytes: int | None, written: bool) -> None:
+        super().__init__(message)
+        self.path, self.free_bytes, self.written = path, free_bytes, written
 
 
 # ----------------------------------------------------------------------------------------------------------- paths
@@ -137,15 +171,22 @@ class _HashingWriter:
         self._pool = pool
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.error: OSError | None = None  # the first failed write: torch.save re-raises it as a bare RuntimeError
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        if len(data) >= _OVERLAP_MIN:
-            pending = self._pool.submit(self.sha256.update, data)
-            n = self._f.write(data)
-            pending.result()
-        else:
-            self.sha256.update(data)
-            n = self._f.write(data)
+        try:
+            if len(data) >= _OVERLAP_MIN:
+                pending = self._pool.submit(self.sha256.update, data)
+                try:
+                    n = self._f.write(data)
+                finally:
+                    pending.result()
+            else:
+                self.sha256.update(data)
+                n = self._f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
         self.size += n
         return n
 
@@ -200,14 +241,34 @@ def save_checkpoint(run_dir: str | os.PathLike[str], step: int, state: dict[str,
 
     Raises:
         ValueError: ``step`` or ``keep`` is negative.
+        CheckpointWriteError: a write, fsync, rename or pruning failed with an ``OSError`` (a full disk, a quota, an
+            I/O error). A failure before the rename leaves no part of the new file and every earlier checkpoint
+            intact; one after it (``written=True``) leaves the new file complete. The message names the file, the
+            error and the free space.
     """
     if step < 0:
         raise ValueError(f"save_checkpoint: step={step} is negative; pass the run's env-step counter (>= 0).")
     if keep < 0:
         raise ValueError(f"save_checkpoint: keep={keep} is negative; pass K >= 1 to keep the last K, or 0 for all.")
     folder = checkpoint_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(run_dir, step)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomic(folder, final, state)
+    except OSError as exc:
+        raise _write_error(final, exc, written=False) from exc
+    try:
+        _fsync_dir(folder)
+        _prune(run_dir, keep, protect=final)
+        _remove_stale_temps(folder)
+    except OSError as exc:
+        raise _write_error(final, exc, written=True) from exc
+    return final
+
+
+def _write_atomic(folder: Path, final: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to a temporary file in ``folder``, fsync it and rename it to ``final``; on any failure remove
+    the temporary file and raise (an ``OSError`` raised by a write inside ``torch.save`` is re-raised as itself)."""
     # Same folder as the final file, so the rename stays on one filesystem and is atomic; the leading dot and the
     # .tmp suffix keep it from ever matching a checkpoint name.
     tmp = folder / f".{final.name}.{os.getpid()}@{socket.gethostname()}.{uuid.uuid4().hex[:12]}.tmp"
@@ -216,7 +277,12 @@ def save_checkpoint(run_dir: str | os.PathLike[str], step: int, state: dict[str,
             f.write(bytes(HEADER_SIZE))  # placeholder: an all-zero header never verifies (wrong magic)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash") as pool:
                 writer = _HashingWriter(f, pool)
-                torch.save(state, writer)  # type: ignore[arg-type]  # torch only calls write() and flush()
+                try:
+                    torch.save(state, writer)  # type: ignore[arg-type]  # torch only calls write() and flush()
+                except RuntimeError as exc:
+                    if writer.error is None:
+                        raise
+                    raise writer.error from exc  # torch reports a failed write as "unexpected pos": say what it was
             header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, writer.size, writer.sha256.digest())
             f.seek(0)
             f.write(header)
@@ -224,12 +290,38 @@ def save_checkpoint(run_dir: str | os.PathLike[str], step: int, state: dict[str,
             os.fsync(f.fileno())
         os.replace(tmp, final)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the original error is the one to report
+            tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(folder)
-    _prune(run_dir, keep, protect=final)
-    _remove_stale_temps(folder)
-    return final
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free bytes on the filesystem of ``path`` (or of its nearest existing parent); None if it cannot be read."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
+
+
+def _write_error(final: Path, exc: OSError, *, written: bool) -> CheckpointWriteError:
+    """The error of a failed save: the file, the OS error, the free space, and the newest checkpoint left."""
+    free = _free_bytes(final.parent)
+    space = f"{free / 2**20:.1f} MiB free on its filesystem" if free is not None else "free space unknown"
+    if written:
+        what = (f"Checkpoint {final} was written completely, but a step after it (the folder's fsync, pruning older "
+                f"checkpoints) failed: {exc}; {space}. The new file is complete and loads")
+    else:
+        others = [p for p in list_checkpoints(final.parent.parent) if p != final]
+        left = f"the newest checkpoint left is {others[-1]}" if others else "no earlier checkpoint exists"
+        what = f"Could not write checkpoint {final}: {exc}; {space}. No part of it was left on disk; {left}"
+    return CheckpointWriteError(
+        f"{what}. Free space (or lower checkpoint.keep / buffer.capacity) and continue with resume=auto, or set "
+        "checkpoint.on_error=continue to keep training when a checkpoint fails.",
+        final, free, written,
+    )
 
 
 def _prune(run_dir: str | os.PathLike[str], keep: int, protect: Path) -> None:
@@ -404,6 +496,191 @@ def resolve_resume(resume: str | os.PathLike[str] | None, run_dir: str | os.Path
     raise FileNotFoundError(
         f'resume={str(resume)!r} is neither "auto", "never", nor an existing checkpoint file or run folder.'
     )
+
+
+# ------------------------------------------------------------------------------------------------ lean agent state
+#
+# With a frozen base (LoRA through peft, with or without ``model.lora.top_layers``) the base weights never change, yet
+# they were most of every checkpoint (723 MB of the SmolLM2 run's). A lean checkpoint leaves them out and names the
+# base instead; the run that loads it rebuilds the base from its config (as it does anyway) and checks that it is the
+# same one. Full fine-tuning has no frozen base: its checkpoints hold every weight, as before.
+
+_SAMPLES_PER_TENSOR = 8
+# Config entries that differ between runs of the same weights (dtype, attention kernel, cache, versions, paths).
+_VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "torch_dtype", "dtype", "_name_or_path", "use_cache",
+                                   "_attn_implementation", "attn_implementation", "_attn_implementation_autoset",
+                                   "_commit_hash", "_attn_implementation_internal", "output_attentions"})
+
+
+def _peft_modules(agent: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost peft models inside ``agent`` (modules with a non-empty ``peft_config``), by their name."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in agent.named_modules():
+        adapters = getattr(module, "peft_config", None)
+        inside = any(name.startswith(f"{outer}.") or not outer for outer, _ in found)
+        if isinstance(adapters, Mapping) and adapters and not inside:
+            found.append((name, module))
+    return found
+
+
+def frozen_base_keys(agent: nn.Module) -> list[str]:
+    """The ``agent.state_dict()`` keys of the frozen base weights under a peft model: parameters that do not require
+    grad and belong to no adapter (no dot-separated part of their name is an adapter's name). A target adapter, which
+    changes by Polyak averaging without a gradient, is an adapter and so is kept. Empty for full fine-tuning.
+    Buffers are never counted as frozen (transformer LMs keep none that is large and persistent)."""
+    keys: list[str] = []
+    for prefix, module in _peft_modules(agent):
+        adapters = set(getattr(module, "peft_config"))  # noqa: B009 - duck-typed: no peft import here
+        for name, param in module.named_parameters(remove_duplicate=False):
+            if not param.requires_grad and adapters.isdisjoint(name.split(".")):
+                keys.append(f"{prefix}.{name}" if prefix else name)
+    return keys
+
+
+def _config_sha256(agent: nn.Module) -> str:
+    """sha256 of the base model's config (``config.to_dict()`` without its volatile entries) as sorted JSON."""
+    configs = []
+    for _, module in _peft_modules(agent):
+        config = getattr(module, "config", None)
+        to_dict = getattr(config, "to_dict", None)
+        raw = to_dict() if callable(to_dict) else {}
+        configs.append({k: v for k, v in raw.items() if k not in _VOLATILE_CONFIG_KEYS})
+    return hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _samples(t: torch.Tensor) -> torch.Tensor:
+    """``_SAMPLES_PER_TENSOR`` elements of ``t`` at evenly spaced flat positions (first and last included), float32.
+
+    Args:
+        t: any tensor (any shape, device and floating dtype); an empty one gives zeros.
+
+    Returns:
+        ``[_SAMPLES_PER_TENSOR]`` float32 on ``t``'s device.
+    """
+    flat = t.detach().reshape(-1)
+    if flat.numel() == 0:
+        return torch.zeros(_SAMPLES_PER_TENSOR, device=t.device)
+    last = flat.numel() - 1  # integer positions: a float32 linspace rounds past the end of a 28M-element tensor
+    idx = torch.tensor([i * last // (_SAMPLES_PER_TENSOR - 1) for i in range(_SAMPLES_PER_TENSOR)], device=t.device)
+    return flat[idx].float()
+
+
+def base_identity(agent: nn.Module, name: str, keys: list[str] | None = None) -> dict[str, Any]:
+    """The identity of ``agent``'s frozen base: its name and a cheap fingerprint of its config and weights.
+
+    The fingerprint is the sha256 of the config (without dtype, attention kernel, versions and paths), the sha256 of
+    the frozen tensors' names and shapes, and 8 elements of every frozen tensor at fixed evenly spaced positions
+    (``samples``, one small device-to-host copy; no pass over the weights). It catches another model, another size
+    or layout, another config, another initialisation or another pretrained checkpoint of the same architecture (its
+    weights differ at almost every position). It does not catch edits confined to elements it does not sample (a
+    few rows changed by hand), and with another dtype (bf16 against fp32) the samples are compared to bf16 precision,
+    so a base fine-tuned by less than about 1% relative change could pass.
+
+    Args:
+        agent: the agent (or any module) holding the peft model.
+        name: the base's name or path as configured (``model.name``).
+        keys: ``frozen_base_keys(agent)`` when the caller already has them.
+
+    Returns:
+        ``{"name", "dtype", "tensors", "config_sha256", "structure_sha256", "samples"}``: strings, an int and a
+        ``[tensors, 8]`` float32 CPU tensor (``weights_only``-safe).
+    """
+    keys = frozen_base_keys(agent) if keys is None else keys
+    state = agent.state_dict()
+    tensors = [state[k] for k in keys]
+    shapes = [[k, list(t.shape)] for k, t in zip(keys, tensors, strict=True)]
+    samples = torch.stack([_samples(t) for t in tensors]).cpu() if tensors else torch.zeros(0, _SAMPLES_PER_TENSOR)
+    return {
+        "name": name,
+        "dtype": str(tensors[0].dtype) if tensors else "none",
+        "tensors": len(tensors),
+        "config_sha256": _config_sha256(agent),
+        "structure_sha256": hashlib.sha256(json.dumps(shapes).encode()).hexdigest(),
+        "samples": samples,
+    }
+
+
+def _describe_base(identity: Mapping[str, Any]) -> str:
+    weights = hashlib.sha256(torch.as_tensor(identity["samples"]).float().numpy().tobytes()).hexdigest()
+    return (f"{identity['name']!r} ({identity['tensors']} frozen tensors, {identity['dtype']}, config "
+            f"{identity['config_sha256'][:12]}, shapes {identity['structure_sha256'][:12]}, weights {weights[:12]})")
+
+
+def base_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """What differs between two :func:`base_identity` results: a subset of ``["config", "shapes", "weights"]``.
+
+    Weight samples of the same dtype must be equal; across dtypes they must agree to bf16 precision (relative
+    ``2**-7``, absolute ``1e-6``), so a run evaluated in bf16 still loads a checkpoint trained in fp32.
+    """
+    diffs = []
+    if saved["config_sha256"] != current["config_sha256"]:
+        diffs.append("config")
+    if saved["structure_sha256"] != current["structure_sha256"]:
+        diffs.append("shapes")
+        return diffs  # samples of other shapes are not comparable
+    a, b = torch.as_tensor(saved["samples"]).float().cpu(), torch.as_tensor(current["samples"]).float().cpu()
+    same = torch.equal(a, b) if saved["dtype"] == current["dtype"] else torch.allclose(a, b, rtol=2**-7, atol=1e-6)
+    if not same:
+        diffs.append("weights")
+    return diffs
+
+
+def agent_state(agent: nn.Module, base_name: str, *, lean: bool = True) -> dict[str, Any]:
+    """The agent's entries of a checkpoint: ``{"agent": its state dict}``, and with a frozen base and ``lean``, the
+    state dict without the base weights plus ``"base"``: the base's :func:`base_identity`.
+
+    Args:
+        agent: the agent (SAC, PPO or ETO's), an ``nn.Module``.
+        base_name: the configured base model (``model.name``), recorded to name it in errors.
+        lean: leave the frozen base out (``checkpoint.lean``); full fine-tuning saves every weight either way.
+    """
+    state = agent.state_dict()
+    keys = frozen_base_keys(agent) if lean else []
+    if not keys:
+        return {"agent": state}
+    frozen = set(keys)
+    kept = OrderedDict((k, v) for k, v in state.items() if k not in frozen)
+    kept._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]  # module versions for loading
+    return {"agent": kept, "base": base_identity(agent, base_name, keys)}
+
+
+def load_agent_state(agent: nn.Module, state: Mapping[str, Any], path: str | os.PathLike[str],
+                     base_name: str) -> None:
+    """Load a checkpoint's agent weights into ``agent``: a full state dict (full fine-tuning, ``checkpoint.lean=false``
+    or a checkpoint written before lean ones) as is; a lean one over the base the run rebuilt, once that base is
+    checked to be the checkpoint's.
+
+    Args:
+        agent: the freshly built agent, with its base model loaded from the run's config.
+        state: the checkpoint's state (``state["agent"]`` and, for a lean one, ``state["base"]``).
+        path: the checkpoint file, for messages.
+        base_name: this run's ``model.name``.
+
+    Raises:
+        ValueError: the checkpoint was written over another base (the message names both and what differs), or
+            its weights do not fill exactly the trainable part of this agent.
+        RuntimeError: from ``load_state_dict``, a full state dict that does not fit the agent.
+    """
+    saved = state.get("base")
+    if saved is None:
+        agent.load_state_dict(state["agent"])
+        return
+    keys = frozen_base_keys(agent)
+    current = base_identity(agent, base_name, keys)
+    diffs = base_differences(saved, current)
+    if diffs:
+        raise ValueError(
+            f"{path} was written over the base model {_describe_base(saved)}; this run's base model is "
+            f"{_describe_base(current)}: their {', '.join(diffs)} differ. Resume with the checkpoint's base "
+            f"(model.name={saved['name']} and the same model options) or start a new run folder."
+        )
+    missing, unexpected = agent.load_state_dict(state["agent"], strict=False)
+    wrong = sorted(set(missing) ^ set(keys))
+    if unexpected or wrong:
+        raise ValueError(
+            f"{path} is a lean checkpoint whose weights do not fit this agent's trainable part: unexpected "
+            f"{sorted(unexpected)[:5]}, missing or extra {wrong[:5]}; were model.lora.* or agent.* options changed?"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------- RNG

@@ -5,6 +5,7 @@
     logger.close()  # finishes wandb and writes runs/x/success.png
 
 Tensors are converted to floats here and only here, so the training loop never syncs with the device for logging.
+Each metrics line goes into the file whole or not at all (:class:`LineFile`), even when the disk fills.
 Metric names follow CleanRL: ``charts/...``, ``losses/...``, ``eval/...``.
 
 The options (:class:`LoggerConfig`) live in the light ``sacglam.config`` (the Hydra schema) and are re-exported here.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 import uuid
 import warnings
@@ -80,15 +82,68 @@ def _truncate_jsonl(path: Path, max_step: int, max_lines: int | None = None) -> 
             if int(record.get("step", -1)) <= max_step and (max_lines is None or len(kept) < max_lines):
                 kept.append(json.dumps(record) + "\n")
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)  # atomic: a crash here leaves either the old or the new file
+    try:
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)  # atomic: a crash here leaves either the old or the new file
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: the old file is left whole, and no partial copy beside it
+        raise
     return len(kept)
 
 
 def read_metrics(metrics_path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics JSONL file, in order."""
+    """All records of a metrics JSONL file, in order; an unreadable line (torn by a crash or a full disk in a file
+    written by older code) is skipped with a warning naming its line number."""
+    records: list[dict[str, Any]] = []
     with Path(metrics_path).open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                warnings.warn(f"{metrics_path}:{number}: skipping an unreadable line (torn by a crash mid-write?): "
+                              f"{line[:80]!r}", stacklevel=2)
+    return records
+
+
+class LineFile:
+    """An append-only text file that holds whole lines only: each line goes in with ``os.write`` calls on an
+    ``O_APPEND`` descriptor, and a write that fails (a full disk: ENOSPC, a quota, an I/O error) is cut back to the
+    file's size before it, so no torn line is ever left behind; the error is raised naming the file and the free
+    space. No buffering: a line is in the file (the OS's page cache) when :meth:`write_line` returns.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write_line(self, line: str) -> None:
+        """Append ``line`` (which ends with a newline) whole, or leave the file as it was and raise ``OSError``."""
+        if self._fd is None:
+            raise ValueError(f"LineFile {self.path} is closed")
+        data = memoryview(line.encode())
+        start = os.fstat(self._fd).st_size
+        try:
+            while data:  # os.write may write part of a large line without an error; write the rest
+                data = data[os.write(self._fd, data):]
+        except OSError as exc:
+            try:
+                os.ftruncate(self._fd, start)  # O_APPEND: the next line starts where this one would have
+                cut = "the partial line was removed"
+            except OSError as cut_exc:
+                cut = f"removing the partial line failed too ({cut_exc}); readers skip it"
+            try:
+                free = f"{shutil.disk_usage(self.path.parent).free / 2**20:.1f} MiB free"
+            except OSError:
+                free = "free space unknown"
+            raise OSError(exc.errno, f"could not append a line to {self.path}: {exc.strerror}; {free}; {cut}. "
+                          "Free space and continue the run with resume=auto") from exc
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
@@ -197,7 +252,7 @@ class RunLogger:
         self._postfix: dict[str, str] = {}
         self._closed = False
 
-        self._file = None
+        self._file: LineFile | None = None
         self.lines = 0  # metrics lines in the file, this run's and the resumed ones (store it with a checkpoint)
         if cfg.jsonl:
             if resume_from_step is not None and self.metrics_path.exists():
@@ -205,7 +260,7 @@ class RunLogger:
             elif resume_from_step is None and self.metrics_path.exists() and self.metrics_path.stat().st_size > 0:
                 warnings.warn(f"{self.metrics_path} exists and this is not a resume: starting it afresh", stacklevel=2)
                 self.metrics_path.write_text("")
-            self._file = self.metrics_path.open("a")
+            self._file = LineFile(self.metrics_path)
 
         self._wandb: Any = None
         if mode != "disabled":
@@ -260,8 +315,8 @@ class RunLogger:
         values = _floats(metrics)
         self._last_log_step = step
         if self._file is not None:
-            self._file.write(json.dumps({"step": int(step), **values}) + "\n")
-            self._file.flush()  # a crash loses at most the line being written
+            # one whole line or none: a crash or a full disk never leaves a torn line (LineFile)
+            self._file.write_line(json.dumps({"step": int(step), **values}) + "\n")
             self.lines += 1
         if self._wandb is not None:
             try:

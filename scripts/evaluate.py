@@ -9,7 +9,8 @@ The run is rebuilt from its own ``.hydra/config.yaml`` with the given hydra-styl
 key the saved config lacks, ``~key`` removes one); the model always has the run's vocabulary. Splits, seeds and the
 sampling generator are train.py's ``run_eval``'s: with no overrides the numbers equal the run's own final
 evaluation at the same checkpoint. A missing path, a run without a complete checkpoint or a corrupt checkpoint
-file ends with one line naming it and exit status 2.
+file ends with one line naming it and exit status 2. A lean checkpoint (a LoRA run's, without the frozen base) loads
+over the base rebuilt from the run's config once its fingerprint matches; another base ends with one line naming both.
 """
 
 from __future__ import annotations

@@ -22,6 +22,10 @@ The policy is ``pi(a|s) = softmax_a(score(a|s) / temperature)`` over the admissi
 ``sacglam.scoring.score_candidates`` (summed, or with ``length_norm`` mean, candidate token log-probs after the
 prompt the codec assembles). Errors (missing path, no complete checkpoint, corrupt file, OUT not empty) end with one
 line naming the path and exit status 2.
+
+A lean checkpoint (a LoRA run's: the adapters and heads without the frozen base, ``checkpoint.lean``) is exported the
+same way: the base is rebuilt from the run's config and checked against the fingerprint the checkpoint holds; another
+base (e.g. a ``model.*`` override) ends with one line naming both.
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ from sacglam.checkpoint import (
     checkpoint_dir,
     find_latest_checkpoint,
     list_checkpoints,
+    load_agent_state,
     load_checkpoint,
 )
 from sacglam.config import ALGOS, TrainConfig, register_configs
@@ -241,7 +242,11 @@ def load_run(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Loa
         raise RunError(f"{ckpt} was written by algo={state.get('algo')} but {config_file} says "
                        f"algo={cfg.algo.name}")
     try:
-        agent.load_state_dict(state["agent"])
+        # A lean checkpoint (frozen base) holds the trainable weights only: they go over the base rebuilt above,
+        # once its fingerprint matches the checkpoint's.
+        load_agent_state(agent, state, ckpt, cfg.model.name)
+    except ValueError as exc:
+        raise RunError(f"{exc} (rebuilt from {config_file}; was model.* overridden?)") from exc
     except RuntimeError as exc:
         first = str(exc).splitlines()[1:3]
         raise RunError(f"{ckpt}: the agent weights do not fit the model rebuilt from {config_file} "

@@ -23,7 +23,7 @@ from sacglam.algos.eto.config import ETOConfig
 from sacglam.algos.eto.dpo import Pair, read_pairs
 from sacglam.algos.eto.rollout import TaskRunner
 from sacglam.algos.eto.trainer import ETOTrainer
-from sacglam.checkpoint import capture_rng_state, restore_rng_state
+from sacglam.checkpoint import agent_state, capture_rng_state, load_agent_state, restore_rng_state
 from sacglam.config import TrainConfig
 from sacglam.pipeline import make_act_fn
 from sacglam.run.builders import build_model, make_agent, make_env_fn, make_evaluator, seed_everything
@@ -72,7 +72,7 @@ class ETORun:
     # ------------------------------------------------------------------------------------------- state, logs
     def resume(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's state (agent, trainer, generators and the loop's counters)."""
-        self.agent.load_state_dict(state["agent"])
+        load_agent_state(self.agent, state, self.ctx.resumed_from or "the checkpoint", self.ctx.cfg.model.name)
         eto, saved = self.eto, state["eto"]
         self.trainer.load_state_dict(saved, eto.sft_lr if saved["phase"] == "sft" else eto.lr(int(saved["round"])))
         restore_rng_state(state["rng"], generators=self.generators)
@@ -84,8 +84,9 @@ class ETORun:
     def checkpoint(self, final: bool = False) -> None:
         """A checkpoint at the trainer's env step (with ``checkpoint.every`` > 0, or ``final``)."""
         if self.ctx.cfg.checkpoint.every or final:
+            cfg = self.ctx.cfg
             self.ctx.save(self.trainer.env_steps, {
-                "agent": self.agent.state_dict(), "eto": self.trainer.state_dict(),
+                **agent_state(self.agent, cfg.model.name, lean=cfg.checkpoint.lean), "eto": self.trainer.state_dict(),
                 "rng": capture_rng_state(generators=self.generators), "loop": (self.next_eval, self.logged)})
 
     def log(self, metrics: dict[str, float]) -> None:
