@@ -29,6 +29,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from envs.vector import make_vector_env
@@ -36,9 +37,9 @@ from sacglam.algos.base import Learner
 from sacglam.algos.eto.config import ETOConfig
 from sacglam.algos.eto.run import run_eto
 from sacglam.algos.sac.learner import NonFiniteLossError
-from sacglam.checkpoint import capture_rng_state, restore_rng_state
+from sacglam.checkpoint import agent_state, capture_rng_state, load_agent_state, restore_rng_state
 from sacglam.collector import Collector, episode_metrics
-from sacglam.config import register_configs
+from sacglam.config import ConfigError, register_configs
 from sacglam.curriculum import ALPCurriculum, make_curriculum, resume_curriculum
 from sacglam.distributed import rank_seed
 from sacglam.episodes import EpisodeTracker
@@ -89,7 +90,7 @@ def build(ctx: RunContext) -> StepRun:
 
 def resume(run: StepRun, state: dict[str, Any]) -> None:
     """Continue exactly from a checkpoint's state (envs that could not be saved restart their episodes)."""
-    run.agent.load_state_dict(state["agent"])
+    load_agent_state(run.agent, state, run.ctx.resumed_from or "the checkpoint", run.ctx.cfg.model.name)
     run.learner.load_state_dict(state["learner"])
     if state["envs"] is not None:
         run.vec.set_state(state["envs"])
@@ -107,8 +108,10 @@ def resume(run: StepRun, state: dict[str, Any]) -> None:
 def checkpoint(run: StepRun) -> None:
     """Save this rank's checkpoint at the run's env step (every rank together)."""
     curriculum = run.curriculum.state_dict() if run.curriculum is not None else None
+    cfg = run.ctx.cfg
     run.ctx.save(run.steps(), {
-        "agent": run.agent.state_dict(), "learner": run.learner.state_dict(), "collector": run.collector.state_dict(),
+        **agent_state(run.agent, cfg.model.name, lean=cfg.checkpoint.lean),  # "agent" (and a frozen base's "base")
+        "learner": run.learner.state_dict(), "collector": run.collector.state_dict(),
         "envs": env_state(run.vec), "episodes": run.tracker.state_dict(), "curriculum": curriculum,
         "rng": capture_rng_state(generators=run.learner.generators), "loop": (run.next_eval, run.next_ckpt)})
 
@@ -142,7 +145,7 @@ def loop_step(run: StepRun) -> bool:
     the time limit stops the run here (agreed by every rank, so all stop at the same step)."""
     ctx, cfg, dist = run.ctx, run.ctx.cfg, run.ctx.dist
     step, episodes = run.collector.step()
-    records = run.tracker.add(step, episodes, policy_version=run.learner.updates, env_steps=run.collector.env_steps)
+    records = run.tracker.add(step, episodes, policy_version=run.learner.updates, env_steps=run.steps())
     ctx.write_episodes(records)
     shared = dist.gather((episodes, ctx.time_up()))  # every rank's finished episodes and time-limit verdict
     episodes = [e for part, _ in shared for e in part]
@@ -182,8 +185,7 @@ def finish(run: StepRun) -> float:
     return run.ctx.close(final, f"after {run.steps()} env steps and {run.learner.updates} updates")
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="config")
-def main(dcfg: DictConfig) -> float:
+def train(dcfg: DictConfig) -> float:
     """Run the composed configuration to its end (or time limit); returns the final greedy success."""
     hydra_cfg = HydraConfig.get()  # (sacglam never reads Hydra's global state: what it needs is passed on)
     ctx = RunContext.start(dcfg, Path(hydra_cfg.runtime.output_dir), hydra_cfg.overrides.task)
@@ -195,12 +197,22 @@ def main(dcfg: DictConfig) -> float:
         resume(run, state)
     if run.curriculum is not None:  # the envs draw from p from their next reset on (no RNG is used to set it)
         run.vec.call("set_goal_weights", run.curriculum.weights())
-    ctx.open_logs(state, log_step=run.steps(), episode_step=run.collector.env_steps)
+    ctx.open_logs(state, log_step=run.steps(), episode_step=run.steps())
     ctx.start_clock()
     while run.steps() < ctx.cfg.total_env_steps:
         if loop_step(run):
             break
     return finish(run)
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
+def main(dcfg: DictConfig) -> float:
+    """:func:`train` under Hydra. An option outside its domain (``sacglam.validate.ConfigError``, raised when the
+    typed config is built or the run's parts are) stops the run with its message alone, no traceback."""
+    try:
+        return train(dcfg)
+    except ConfigError as exc:
+        raise CompactHydraException(str(exc)) from None
 
 
 if __name__ == "__main__":

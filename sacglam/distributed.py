@@ -6,7 +6,8 @@ train.py ...`` (GPUs, nccl) start N processes; so does a submitit job of N tasks
 envs (seeds ``rank_seed``), holds its own replay buffer shard and samples its share of the batch
 (``sacglam.run.builders.rank_config``); the learner is given this process's :class:`Dist` when it is built
 (``make_learner(..., dist=...)``) and its updater averages gradients, so the weights stay equal on every rank. One
-process (rank 0) logs, evaluates and prints; every rank writes its own checkpoint shard (``sacglam.run.harness``).
+process (rank 0) logs, evaluates and prints; every rank writes its own checkpoint shard (``sacglam.run.harness``) and
+its own episode log (``sacglam.episode_log``: ``episodes/rank<k>/``, read back as one stream).
 
 Accelerate's process state is used as it is, with one subtlety: on CPU it must be built with ``cpu=True``, or every
 process believes it is alone (``num_processes == 1``) and steps the same seeds.
@@ -161,24 +162,24 @@ def check_data_parallel(cfg: Any, dist: Dist) -> None:
         return
     from sacglam.algos.ppo.config import PPOConfig
     from sacglam.algos.sac.config import SACConfig
+    from sacglam.validate import ConfigError
 
     if not isinstance(cfg.algo, (SACConfig, PPOConfig)):
         raise ValueError(f"{dist.world} processes: data-parallel training runs algo=sac and algo=ppo (got algo="
                          f"{cfg.algo.name}): ETO's rounds are not split across processes (every rank would play the "
                          "same training tasks, and its SFT and DPO steps do not average gradients, so the ranks' "
-                         "weights would drift apart); run ETO with one process")
-    if cfg.logger.episodes:
-        raise ValueError(f"{dist.world} processes: logger.episodes=true is single-process only for now; use "
-                         "logger.episodes=false")
+                         "weights would drift apart; the README's data-parallel paragraph says what it would take); "
+                         "run ETO with one process")
     if isinstance(cfg.algo, PPOConfig):
         share = dist.world * cfg.algo.grad_accum
         if cfg.algo.minibatch_size % share:
-            raise ValueError(f"algo.minibatch_size={cfg.algo.minibatch_size} must divide by the {dist.world} "
-                             f"processes x algo.grad_accum={cfg.algo.grad_accum} (each takes its share of every "
-                             "minibatch)")
-    elif cfg.batch_size % dist.world:
-        raise ValueError(f"batch_size={cfg.batch_size} must divide by the {dist.world} processes (each samples its "
-                         "share of the global batch)")
+            raise ConfigError(f"algo.minibatch_size={cfg.algo.minibatch_size} must divide by the {dist.world} "
+                              f"processes x algo.grad_accum={cfg.algo.grad_accum} (each takes its share of every "
+                              "minibatch)")
+    elif cfg.batch_size % (dist.world * cfg.algo.grad_accum):
+        raise ConfigError(f"batch_size={cfg.batch_size} must divide by the {dist.world} processes x algo.grad_accum="
+                          f"{cfg.algo.grad_accum} (each samples its share of the global batch, in equal "
+                          "micro-batches)")
 
 
 def resolve_rank_resume(resume: str, run_dir: Path, dist: Dist) -> Path | None:

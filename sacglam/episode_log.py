@@ -21,11 +21,22 @@ line is ``{"resume_from_step": S}``. Episodes of earlier files with ``env_step >
 uninterrupted run. A fresh run (no resume) that finds log files in its folder moves them to
 ``episodes/replaced-<time>/`` (with a warning), where the reader does not look.
 
+Several processes (data-parallel runs, ``sacglam.distributed``): every rank writes its own log, rank 0 into
+``RUN/episodes/`` as above and rank k > 0 into ``RUN/episodes/rank<k>/`` (the same file names), so no two processes
+ever write one file. ``max_mb`` caps each rank's files on their own (the log of N ranks rotates at N x ``max_mb`` in
+total). Episode ids of rank k > 0 are written as ``r<k>`` + the tracker's id (``r1e0k3``): every rank numbers its
+own envs' episodes from ``e0k0``, and the export keys on the id. Given a run folder or its ``episodes/`` folder,
+``read_episodes`` reads every rank's files, applies the resume rule to each rank's files on their own (each rank
+writes its own resume markers), and merges the ranks' streams by ``env_step``, ties in rank order: one deterministic
+order, that of the run's vector steps. A fresh run also moves the folders of ranks it does not have (left by an
+earlier run with more processes) to ``episodes/replaced-<time>/``.
+
 Cost: one ``json.dumps`` per episode and one zlib compression (level 6) and sync flush per ``write`` call.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import re
 import time
@@ -41,7 +52,9 @@ from sacglam.episodes import EpisodeRecord
 EPISODES_DIRNAME = "episodes"
 FILE_FORMAT = "episodes-{:05d}.jsonl.gz"
 RESUME_KEY = "resume_from_step"
+RANK_FORMAT = "rank{}"
 _FILE_RE = re.compile(r"^episodes-(\d+)\.jsonl\.gz$")
+_RANK_RE = re.compile(r"^rank(\d+)$")
 _GZIP_WBITS = 16 + zlib.MAX_WBITS  # zlib writes and reads the gzip header and trailer itself
 _READ_CHUNK = 1 << 18
 _MAX_WARNINGS = 20  # per read; further errors are still counted in the report
@@ -58,23 +71,51 @@ class EpisodeLogWarning(UserWarning):
 
 
 def log_files(folder: Path) -> list[Path]:
-    """The episode-log files directly in ``folder``, in write order (by their number)."""
+    """The episode-log files directly in ``folder``, in write order (by their number): one rank's log."""
     found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_file() and (m := _FILE_RE.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def rank_folders(folder: Path) -> list[tuple[int, Path]]:
+    """``(rank, folder)`` of every rank's log under an ``episodes/`` folder, by rank: ``(0, folder)`` itself, then
+    each ``rank<k>/`` subfolder (k >= 1) that holds log files."""
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _RANK_RE.match(p.name))]
+    return [(0, folder), *sorted((k, p) for k, p in found if k > 0 and log_files(p))]
+
+
+def rank_log_folder(episodes_dir: Path, rank: int) -> Path:
+    """Where rank ``rank`` writes its log: ``episodes_dir`` itself for rank 0, ``episodes_dir/rank<k>`` otherwise."""
+    return episodes_dir if rank == 0 else episodes_dir / RANK_FORMAT.format(rank)
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
 
 
-def _line(rec: EpisodeRecord) -> str:
-    """``json.dumps(rec.to_json())`` as one line. The record's own ``__dict__`` is dumped (its fields are plain JSON
-    types; ``to_json``'s ``asdict`` deep-copies them first, 4x the cost of the dump), falling back to ``to_json`` for a
-    field ``json`` cannot write as it is."""
+def _line(rec: EpisodeRecord, id_prefix: str = "") -> str:
+    """``json.dumps(rec.to_json())`` as one line, the id prefixed by ``id_prefix``. The record's own ``__dict__`` is
+    dumped (its fields are plain JSON types; ``to_json``'s ``asdict`` deep-copies them first, 4x the cost of the dump),
+    falling back to ``to_json`` for a field ``json`` cannot write as it is."""
     try:
-        text = json.dumps(vars(rec), ensure_ascii=False, separators=(",", ":"))
+        fields = {**vars(rec), "id": id_prefix + rec.id} if id_prefix else vars(rec)
+        text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
     except TypeError:
-        text = json.dumps(rec.to_json(), ensure_ascii=False, separators=(",", ":"))
+        fields = {**rec.to_json(), "id": id_prefix + rec.id}
+        text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
     return text + "\n"
+
+
+def _move_aside(folder: Path, files: Sequence[Path], rank_dirs: Sequence[Path]) -> None:
+    """Move an earlier run's log ``files`` and the folders ``rank_dirs`` (of ranks this run does not have) into a new
+    ``folder/replaced-<time>/``, where the reader does not look, with a warning."""
+    stamp, n = time.strftime("replaced-%Y%m%d-%H%M%S"), 0
+    while (dest := folder / (stamp + (f"-{n}" if n else ""))).exists():
+        n += 1
+    dest.mkdir()
+    for p in [*files, *rank_dirs]:
+        p.rename(dest / p.name)
+    ranks = f" and the logs of {len(rank_dirs)} rank(s) this run does not have" if rank_dirs else ""
+    warnings.warn(f"{folder} held the episode log of an earlier run and this is not a resume: moved its "
+                  f"{len(files)} file(s){ranks} to {dest}", stacklevel=3)
 
 
 class EpisodeLog:
@@ -82,9 +123,12 @@ class EpisodeLog:
 
     Args:
         run_dir: the run folder (``episodes/`` is created in it).
-        max_mb: start a new file once the current one holds this many MB (10^6 bytes) of compressed data.
+        max_mb: start a new file once the current one holds this many MB (10^6 bytes) of compressed data (this
+            rank's files).
         resume_from_step: the env step of the checkpoint the run restarted from, or None for a fresh run.
         compresslevel: zlib level (1 fastest .. 9 smallest).
+        rank, world: this process's place in a data-parallel run: rank k > 0 writes to ``episodes/rank<k>/`` and
+            prefixes its episode ids with ``r<k>``; a fresh rank 0 moves aside the logs of ranks >= ``world``.
 
     Attributes:
         bytes_written: compressed bytes written by this object (all its files).
@@ -93,27 +137,25 @@ class EpisodeLog:
     """
 
     def __init__(self, run_dir: str | Path, max_mb: float = 64.0, resume_from_step: int | None = None, *,
-                 compresslevel: int = 6) -> None:
+                 compresslevel: int = 6, rank: int = 0, world: int = 1) -> None:
         if not max_mb > 0:
             raise ValueError(f"logger.episodes_max_mb must be > 0, got {max_mb}")
         if resume_from_step is not None and resume_from_step < 0:
             raise ValueError(f"resume_from_step must be >= 0 or None, got {resume_from_step}")
-        self.folder = Path(run_dir) / EPISODES_DIRNAME
+        if not 0 <= rank < world:
+            raise ValueError(f"rank={rank} must lie in 0 .. world - 1 = {world - 1}")
+        root = Path(run_dir) / EPISODES_DIRNAME
+        self.folder = rank_log_folder(root, rank)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.id_prefix = f"r{rank}" if rank else ""
         self.max_bytes = int(max_mb * 1e6)
         self.compresslevel = compresslevel
         self.bytes_written = 0
         self.records_written = 0
         existing = log_files(self.folder)
-        if existing and resume_from_step is None:
-            stamp, n = time.strftime("replaced-%Y%m%d-%H%M%S"), 0
-            while (dest := self.folder / (stamp + (f"-{n}" if n else ""))).exists():
-                n += 1
-            dest.mkdir()
-            for p in existing:
-                p.rename(dest / p.name)
-            warnings.warn(f"{self.folder} held the episode log of an earlier run and this is not a resume: moved its "
-                          f"{len(existing)} file(s) to {dest}", stacklevel=2)
+        stale = [p for k, p in rank_folders(root) if k >= world] if rank == 0 else []
+        if (existing or stale) and resume_from_step is None:
+            _move_aside(self.folder, existing, stale)
             existing = []
         m = _FILE_RE.match(existing[-1].name) if existing else None
         self._index = int(m.group(1)) + 1 if m else 0
@@ -162,7 +204,7 @@ class EpisodeLog:
         if self._file is None:  # the previous write filled a file
             self._index += 1
             self._open()
-        self._append("".join(_line(r) for r in records).encode())
+        self._append("".join(_line(r, self.id_prefix) for r in records).encode())
         self.records_written += len(records)
         if self._file_bytes >= self.max_bytes:
             self._finish()
@@ -221,7 +263,8 @@ class LogReport:
 
 
 def resolve_log(path: str | Path) -> list[Path]:
-    """The log files of ``path``: a run folder (its ``episodes/``), an ``episodes/`` folder, or one file.
+    """The log files of ``path``: a run folder (its ``episodes/``), an ``episodes/`` folder, or one file. Every
+    rank's files, rank by rank (rank 0's, then ``rank1/``'s, ...), each rank's in write order.
 
     Raises:
         FileNotFoundError: the path does not exist, or holds no episode log (names ``logger.episodes=true``).
@@ -233,7 +276,7 @@ def resolve_log(path: str | Path) -> list[Path]:
     if p.is_file():
         return [p]
     folder = p / EPISODES_DIRNAME if (p / EPISODES_DIRNAME).is_dir() else p
-    files = log_files(folder)
+    files = [f for _, sub in rank_folders(folder) for f in log_files(sub)]
     if not files:
         raise FileNotFoundError(f"no episode log in {p} (no {EPISODES_DIRNAME}/episodes-*.jsonl.gz): train with "
                                 "logger.episodes=true to log every finished episode")
@@ -315,6 +358,9 @@ def read_episodes(path: str | Path, *, on_error: OnError = "warn",
                   report: LogReport | None = None) -> Iterator[EpisodeRecord]:
     """The episodes of a log, in write order, with the resume rule applied.
 
+    A data-parallel run's log (several ranks' folders) reads as one stream: each rank's episodes in write order, the
+    ranks merged by ``env_step`` (ties in rank order); the resume rule applies to each rank's files on their own.
+
     Args:
         path: a run folder, its ``episodes/`` folder, or one log file (then no other file's resume marker applies).
         on_error: for an unreadable line (bad JSON, a record ``EpisodeRecord.from_json`` refuses, a line cut by a
@@ -334,7 +380,23 @@ def read_episodes(path: str | Path, *, on_error: OnError = "warn",
 
 
 def _read(files: list[Path], on_error: OnError, report: LogReport) -> Iterator[EpisodeRecord]:
-    # Episodes of file i with env_step above the smallest resume step of a later file were logged again.
+    """The episodes of ``files``: one rank's files (those of one folder) in order, several ranks' merged by
+    ``env_step`` (``heapq.merge`` is stable: ties go to the rank listed first)."""
+    ranks: dict[Path, list[Path]] = {}
+    for f in files:
+        ranks.setdefault(f.parent, []).append(f)
+    warned = [0]
+    streams = [_read_rank(group, on_error, report, warned) for group in ranks.values()]
+    if len(streams) == 1:
+        return streams[0]
+    return heapq.merge(*streams, key=lambda rec: rec.env_step)
+
+
+def _read_rank(files: list[Path], on_error: OnError, report: LogReport,
+               warned: list[int]) -> Iterator[EpisodeRecord]:
+    """One rank's files in write order. Episodes of file i with env_step above the smallest resume step of a later
+    file were logged again (after the checkpoint that later file resumed from), so they are dropped. ``warned``
+    counts the warnings of the whole read."""
     marks = [_resume_step(p) for p in files]
     cutoffs: list[int | None] = []
     low: int | None = None
@@ -343,18 +405,16 @@ def _read(files: list[Path], on_error: OnError, report: LogReport) -> Iterator[E
         if m is not None:
             low = m if low is None else min(low, m)
     cutoffs.reverse()
-    warned = 0
 
     def bad(path: Path, line: int, reason: str) -> None:
-        nonlocal warned
         err = LogError(path, line, reason)
         report.errors.append(err)
         if on_error == "raise":
             raise EpisodeLogError(str(err))
         if on_error == "warn":
-            warned += 1
-            if warned <= _MAX_WARNINGS:
-                more = " (further errors are counted, not shown)" if warned == _MAX_WARNINGS else ""
+            warned[0] += 1
+            if warned[0] <= _MAX_WARNINGS:
+                more = " (further errors are counted, not shown)" if warned[0] == _MAX_WARNINGS else ""
                 warnings.warn(f"skipping {err}{more}", EpisodeLogWarning, stacklevel=3)
 
     for path, cutoff in zip(files, cutoffs, strict=True):
@@ -402,6 +462,8 @@ __all__ = [
     "LogError",
     "LogReport",
     "log_files",
+    "rank_folders",
+    "rank_log_folder",
     "read_episodes",
     "resolve_log",
 ]

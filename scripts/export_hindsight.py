@@ -5,7 +5,8 @@
     python scripts/export_hindsight.py RUN --format dpo --source llm relabel.llm.device=cuda --max-episodes 5000
 
 The run must have logged its episodes (``train.py logger.episodes=true``: ``RUN/episodes/episodes-*.jsonl.gz``, read
-with ``sacglam.episode_log.read_episodes``, resume rule included). Every FAILED episode is relabelled with the goals
+with ``sacglam.episode_log.read_episodes``, resume rule included; a data-parallel run's other ranks' files, in
+``RUN/episodes/rank<k>/``, are read with them, in env-step order). Every FAILED episode is relabelled with the goals
 it achieved, by the chosen source:
 
 - ``oracle``: the env's own achieved goals, as logged (``EpisodeRecord.achieved``); confidence 1.

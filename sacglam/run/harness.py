@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sacglam.checkpoint import (
+    CheckpointWriteError,
     check_run_state,
     find_latest_checkpoint,
     load_checkpoint,
@@ -141,16 +143,17 @@ class RunContext:
                 ``log_step`` (and, when the checkpoint counted them, only its first ``metrics_lines``), the episode
                 log its episodes up to ``episode_step``.
             log_step: the env step of the resumed state's last metrics line (or of the state itself).
-            episode_step: the env step of the resumed state on this process.
+            episode_step: the run's env step of the resumed state (over all ranks, as ``EpisodeRecord.env_step``).
         """
         cfg, resumed = self.cfg, state is not None
         if self.dist.is_main:
             self.logger = RunLogger(self.run_dir, cfg.logger, self.config_dict, cfg.total_env_steps,
                                     resume_from_step=log_step if resumed else None,
                                     keep_lines=state.get("metrics_lines") if state is not None else None)
-        if cfg.logger.episodes:
+        if cfg.logger.episodes:  # every rank its own files (sacglam.episode_log)
             self.episode_log = EpisodeLog(self.run_dir, cfg.logger.episodes_max_mb,
-                                          episode_step if resumed else None)
+                                          episode_step if resumed else None, rank=self.dist.rank,
+                                          world=self.dist.world)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """One metrics row at env step ``step`` (rank 0; nothing elsewhere)."""
@@ -163,19 +166,44 @@ class RunContext:
             self.episode_log.write(records)
 
     # ------------------------------------------------------------------------------------------------- checkpoints
-    def save(self, step: int, parts: Mapping[str, Any]) -> Path:
+    def save(self, step: int, parts: Mapping[str, Any]) -> Path | None:
         """Save this rank's checkpoint of env step ``step``: ``{"algo", **parts, "world", "metrics_lines"}``
         (atomically, keeping the newest ``checkpoint.keep``), then wait until every rank has saved its own.
+
+        A save that fails on any rank (a full disk: ``CheckpointWriteError``) leaves the earlier checkpoints intact;
+        every rank then stops with that error (``checkpoint.on_error=stop``) or warns and goes on (``continue``).
 
         Args:
             step: the run's env step (the checkpoint's name).
             parts: the algorithm's state (agent, learner, RNG, loop counters, ...), by key.
+
+        Returns:
+            This rank's checkpoint, or None when a rank's save failed and ``checkpoint.on_error=continue``.
+
+        Raises:
+            CheckpointWriteError: a rank's save failed and ``checkpoint.on_error=stop`` (the message names the file
+                and the free space).
         """
         state = {"algo": self.cfg.algo.name, **parts, "world": self.dist.world,
                  "metrics_lines": self.logger.lines if self.logger is not None else None}
-        path = save_checkpoint(rank_dir(self.run_dir, self.dist.rank), step, state, keep=self.cfg.checkpoint.keep)
-        self.dist.barrier()  # every rank's shard is on disk before any goes on
-        return path
+        path: Path | None = None
+        error: CheckpointWriteError | None = None
+        try:
+            path = save_checkpoint(rank_dir(self.run_dir, self.dist.rank), step, state, keep=self.cfg.checkpoint.keep)
+        except CheckpointWriteError as exc:
+            error = exc
+        # One collective in place of a barrier: every rank's shard is on disk (or failed) before any goes on, and all
+        # ranks learn of a failure so that they stop, or go on, together.
+        failures = [f"rank {rank}: {msg}" for rank, msg in enumerate(self.dist.gather(error and str(error))) if msg]
+        if not failures:
+            return path
+        if self.cfg.checkpoint.on_error == "stop":
+            if error is not None:
+                raise error
+            raise CheckpointWriteError("; ".join(failures), rank_dir(self.run_dir, self.dist.rank), None, False)
+        warnings.warn(f"checkpoint of env step {step} failed, training goes on (checkpoint.on_error=continue): "
+                      f"{'; '.join(failures)}", stacklevel=2)
+        return None
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint of the run folder (rank 0's), for messages."""
