@@ -184,3 +184,17 @@ def test_options_import_without_torch() -> None:
     code = ("import sys; import sacglam.replay.config as c; c.BufferConfig(her={'ratio': 0.5}); "
             "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_storage_that_does_not_fit_names_the_capacity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An allocation failure (a huge buffer.capacity) is an error naming the option, not torch's bare one."""
+    import sacglam.replay.storage as storage_module
+
+    def no_memory(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 800000000000 bytes.")
+
+    monkeypatch.setattr(storage_module.torch, "empty", no_memory)
+    cfg = BufferConfig(capacity=10**9, max_obs_tokens=8, max_cands=2, max_cand_tokens=2)
+    with pytest.raises(ValueError, match=r"^buffer\.capacity=1000000000 does not fit: .* \(DefaultCPUAllocator: "
+                                         r"can't allocate memory.*lower buffer\.capacity"):
+        ReplayStorage(cfg, n_envs=4, pad_id=0, device=torch.device("cpu"))

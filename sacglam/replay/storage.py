@@ -36,10 +36,13 @@ This module imports torch only.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sacglam.replay.clib import advise_huge_pages
 from sacglam.replay.config import BufferConfig
+from sacglam.validate import ConfigError
 
 TOKEN_DTYPES = {"int16": torch.int16, "int32": torch.int32, "int64": torch.int64}
 
@@ -148,10 +151,23 @@ class ReplayStorage:
         self.rebuild()
 
     def alloc(self, *shape: int, dtype: torch.dtype, fill: float = 0) -> torch.Tensor:
-        """A new tensor of ``shape`` filled with ``fill`` on the storage's device (huge pages advised on CPU)."""
-        if self.device.type != "cpu":
-            return torch.full(shape, fill, dtype=dtype, device=self.device)
-        out = torch.empty(shape, dtype=dtype)  # large CPU storage: huge pages (advised before the first touch)
+        """A new tensor of ``shape`` filled with ``fill`` on the storage's device (huge pages advised on CPU).
+
+        Raises:
+            ConfigError: the memory is not there (names ``buffer.capacity``, the tensor's size and the device).
+        """
+        try:
+            if self.device.type != "cpu":
+                return torch.full(shape, fill, dtype=dtype, device=self.device)
+            out = torch.empty(shape, dtype=dtype)  # large CPU storage: huge pages (advised before the first touch)
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            gib = math.prod(shape) * dtype.itemsize / 2**30
+            capacity = self.capacity_per_env * self.n_envs
+            raise ConfigError(
+                f"buffer.capacity={capacity} does not fit: the replay storage could not allocate a {list(shape)} "
+                f"{dtype} tensor ({gib:.1f} GiB) on {self.device} ({str(exc).splitlines()[0]}); lower "
+                f"buffer.capacity or the token widths (buffer.max_obs_tokens, max_cands, max_cand_tokens)"
+            ) from None
         advise_huge_pages(out)
         return out.fill_(fill)
 
