@@ -62,8 +62,9 @@ from sacglam.run.launch import CATEGORIES, QUICK, QUICK_STEPS, Run, execute, pla
 # The aggregation (sacglam/run/aggregate.py) and the runs (sacglam/run/launch.py) are the package's, shared with the
 # sweep scripts; their names stay importable from here as well.
 __all__ = ["METHOD_LABELS", "THRESHOLDS", "Run", "Summary", "aggregate", "common_grid", "format_separation",
-           "format_table", "format_wall", "load_curves", "main", "mean_ci", "on_grid", "plan_runs", "plot",
-           "separation", "steps_to_threshold", "summarise", "t_quantile", "wall_minutes", "write_report"]
+           "format_table", "format_wall", "load_curves", "main", "mean_ci", "on_grid", "parse_floors", "plan_runs",
+           "plot", "separation", "steps_to_threshold", "summarise", "t_quantile", "wall_minutes",
+           "write_report"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,8 +167,10 @@ def format_table(results: dict[str, dict[str, dict[str, Summary]]], thresholds: 
     return "\n".join(lines)
 
 
-def plot(results: dict[str, dict[str, dict[str, Summary]]], out_png: str | Path) -> Path:
-    """One panel per (env, series), one line per method with its 95% band (clipped to [0, 1]); Agg canvas."""
+def plot(results: dict[str, dict[str, dict[str, Summary]]], out_png: str | Path,
+         floors: dict[str, float] | None = None) -> Path:
+    """One panel per (env, series), one line per method with its 95% band (clipped to [0, 1]), and the env's random
+    agent as a dashed line where ``floors`` has it; Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -193,9 +196,11 @@ def plot(results: dict[str, dict[str, dict[str, Summary]]], out_png: str | Path)
             ax.plot(s.grid, s.mean, label=label, color=color, marker="." if s.grid.size < 30 else None)
             if not np.isnan(s.lo).all():
                 ax.fill_between(s.grid, np.clip(s.lo, 0, 1), np.clip(s.hi, 0, 1), color=color, alpha=0.2, lw=0)
+        if floors and env in floors:
+            ax.axhline(floors[env], color="grey", ls="--", lw=1, label=f"random agent ({floors[env]:.2f})")
         ax.set_title(f"{env}: {name}")
         ax.set_xlabel("env steps")
-        ax.set_ylabel("greedy success")
+        ax.set_ylabel("sampled success" if name.startswith("sampled/") else "greedy success")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", loc="best")
@@ -206,10 +211,15 @@ def plot(results: dict[str, dict[str, dict[str, Summary]]], out_png: str | Path)
     return out
 
 
-def write_report(runs_dir: Path, out_dir: Path, name: str, note: str = "") -> tuple[Path, Path]:
-    """Aggregate ``runs_dir`` and write ``out_dir/<name>.png`` and ``out_dir/<name>.md``; returns both paths."""
+def write_report(runs_dir: Path, out_dir: Path, name: str, note: str = "",
+                 floors: dict[str, float] | None = None) -> tuple[Path, Path]:
+    """Aggregate ``runs_dir`` and write ``out_dir/<name>.png`` and ``out_dir/<name>.md``; returns both paths.
+    ``floors``: env -> a uniform random agent's success (``scripts/random_baseline.py``), drawn and listed."""
     results = aggregate(runs_dir)
-    png = plot(results, out_dir / f"{name}.png")
+    png = plot(results, out_dir / f"{name}.png", floors)
+    if floors:
+        listed = ", ".join(f"{env} {value:.3f}" for env, value in sorted(floors.items()))
+        note += f"Uniform random agent (`scripts/random_baseline.py`, dashed in the plot): {listed}.\n\n"
     table = format_table(results)
     wall = format_wall(runs_dir)
     wall = f"\n\nWall-clock time per run (this machine, `--jobs` runs sharing its cores):\n\n{wall}" if wall else ""
@@ -219,14 +229,30 @@ def write_report(runs_dir: Path, out_dir: Path, name: str, note: str = "") -> tu
     wall = sep + wall
     md = out_dir / f"{name}.md"
     md.write_text(
-        f"# {name}\n\n{note}Runs: `{runs_dir}`. Greedy evaluation success, mean over seeds with a Student-t 95% "
-        f"interval; steps to a threshold: first crossing of the seed mean (linear interpolation), (seeds reaching "
-        f"it on their own / seeds).\n\n![success]({png.name})\n\n{table}{wall}\n"
+        f"# {name}\n\n{note}Runs: `{runs_dir}`. Evaluation success (greedy; the sampled policy's under `sampled/`), "
+        f"mean over seeds with a Student-t 95% interval; steps to a threshold: first crossing of the seed mean "
+        f"(linear interpolation), (seeds reaching it on their own / seeds).\n\n![success]({png.name})\n\n"
+        f"{table}{wall}\n"
     )
     print(table + wall)
     print(f"wrote {png} and {md}")
     return png, md
 
+
+
+def parse_floors(items: Sequence[str]) -> dict[str, float]:
+    """``["babyai=0.28", ...]`` -> ``{"babyai": 0.28}``; SystemExit naming a malformed item or a value outside
+    [0, 1]."""
+    floors: dict[str, float] = {}
+    for item in items:
+        env, sep, value = item.partition("=")
+        try:
+            floors[env] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not env or not 0 <= floors.get(env, -1) <= 1:
+            raise SystemExit(f"--floor {item!r}: expected ENV=SUCCESS with SUCCESS in [0, 1], e.g. babyai=0.28")
+    return floors
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,11 +274,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--aggregate-only", type=Path, default=None, metavar="DIR", help="re-aggregate runs in DIR")
     p.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1; each gets cores/jobs threads)")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    p.add_argument("--floor", action="append", default=[], metavar="ENV=SUCCESS",
+                   help="a uniform random agent's success on ENV (scripts/random_baseline.py), drawn in every panel "
+                        "of ENV and listed; repeat for several envs")
     p.add_argument("overrides", nargs="*", help="extra train.py overrides for every run, e.g. eval.every=10000")
     opts = p.parse_intermixed_args(argv)  # overrides may come before and after the options
+    floors = parse_floors(opts.floor)
     name = opts.name or ("reproduce_quick" if opts.quick else "reproduce")
     if opts.aggregate_only is not None:
-        write_report(opts.aggregate_only, opts.out, name)
+        write_report(opts.aggregate_only, opts.out, name, floors=floors)
         return 0
     if opts.jobs < 1:
         raise SystemExit(f"--jobs must be >= 1, got {opts.jobs}")
@@ -279,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = [r for r, rc, _ in results if rc != 0]
     note = "**Quick mode: a smoke run of the pipeline; these numbers say nothing about learning.**\n\n"
     note = note if opts.quick else ""
-    write_report(runs_dir, opts.out, name, note)
+    write_report(runs_dir, opts.out, name, note, floors)
     if failed:
         print(f"{len(failed)} run(s) failed: " + ", ".join(str(r.run_dir) for r in failed), file=sys.stderr)
         return 1

@@ -348,3 +348,19 @@ def test_reproduce_quick_both_envs(tmp_path: Path) -> None:
     md = (tmp_path / "out" / "reproduce_quick.md").read_text()
     assert "| playground | grasp | SAC + HER | 2 |" in md and "| bitflip | all | SAC | 2 |" in md
     assert "| playground | grasp | ETO | 2 |" in md and "| playground | grasp | PPO-GLAM | 2 |" in md
+
+
+def test_floors_parse() -> None:
+    assert rep.parse_floors(["babyai=0.28", "textworld=0.45"]) == {"babyai": 0.28, "textworld": 0.45}
+    for bad in ("babyai", "babyai=x", "=0.2", "babyai=1.5"):
+        with pytest.raises(SystemExit, match="expected ENV=SUCCESS"):
+            rep.parse_floors([bad])
+
+
+def test_aggregate_only_with_a_floor_lists_it(tmp_path: Path) -> None:
+    _fake_runs(tmp_path / "runs")
+    rep.main(["--aggregate-only", str(tmp_path / "runs"), "--out", str(tmp_path), "--name", "r",
+              "--floor", "bitflip=0.004"])
+    md = (tmp_path / "r.md").read_text()
+    assert "Uniform random agent (`scripts/random_baseline.py`, dashed in the plot): bitflip 0.004." in md
+    assert "| bitflip | all | SAC + HER |" in md
