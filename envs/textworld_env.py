@@ -70,6 +70,15 @@ def clean_text(raw: str) -> str:
     return "\n".join(lines).strip()
 
 
+def goal_category(goal: str) -> str:
+    """``go_to``/``take``/``open`` from a rule goal's first words (``go to the``, ``take the``, ``open the``), else
+    ``objective`` (a game's objective is free text). Pure."""
+    for prefix, category in (("go to the ", "go_to"), ("take the ", "take"), ("open the ", "open")):
+        if goal.startswith(prefix):
+            return category
+    return "objective"
+
+
 def _command_goal(command: str) -> str | None:
     """The rule goal a command achieves by running (``take X from Y`` -> ``take the X``), if any."""
     if command.startswith("take "):
@@ -264,12 +273,7 @@ class TextWorldEnv(TextEnvBase):
 
     def goal_category(self, goal: str) -> str:
         """``go_to``/``take``/``open`` from a rule goal's first words, else ``objective``. Pure."""
-        if goal == self.objective:
-            return "objective"
-        for prefix, category in (("go to the ", "go_to"), ("take the ", "take"), ("open the ", "open")):
-            if goal.startswith(prefix):
-                return category
-        return "objective"
+        return "objective" if goal == self.objective else goal_category(goal)
 
     def goal_step_limit(self, goal: str) -> int | None:
         """``max_steps`` for every goal (one fixed limit). Pure."""

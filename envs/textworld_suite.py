@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from envs.base import TextEnvBase
-from envs.textworld_env import GOAL_CATEGORIES, MAKE_GAMES_HINT, TextWorldEnv
+from envs.textworld_env import GOAL_CATEGORIES, MAKE_GAMES_HINT, TextWorldEnv, goal_category
 
 SPLITS: tuple[str, ...] = ("train", "heldout", "all")
 
@@ -110,7 +110,9 @@ class TextWorldSuiteEnv(TextEnvBase):
         self.split = split
         chosen = {"train": train, "heldout": held, "all": train + held}[split]
         self.games = [TextWorldEnv(p, max_steps=max_steps, invalid_action=invalid_action) for p in chosen]
-        self._goals_of_split = {"train": self._goal_lists(train), "test": self._goal_lists(held)}
+        # category -> goals, per goal-space split ("train" or "test"), built on the first goal_space call: only the
+        # tokenizer corpus and the relabel sources ask, and games of the other split must be opened to answer.
+        self._goals_of_split: dict[str, dict[str, list[str]]] = {}
         present = {c for g in self.games for c in g.goal_categories}
         self.goal_categories: list[str] = [c for c in GOAL_CATEGORIES if c in present]
         self.max_steps = max_steps
@@ -168,17 +170,17 @@ class TextWorldSuiteEnv(TextEnvBase):
     # ------------------------------------------------------------------------------------------ contract API
     def goal_space(self, category: str, split: str) -> list[str]:
         """The goals of ``category`` over the training games (``split="train"``) or the held-out ones (else)."""
-        lists = self._goals_of_split["train" if split == "train" else "test"]
+        key = "train" if split == "train" else "test"
+        if key not in self._goals_of_split:
+            self._goals_of_split[key] = self._goal_lists(self.train_games if key == "train" else self.heldout_games)
+        lists = self._goals_of_split[key]
         if category not in lists:
             raise ValueError(f"unknown TextWorld goal category {category!r}; known: {list(GOAL_CATEGORIES)}")
         return list(lists[category])
 
     def goal_category(self, goal: str) -> str:
         """``go_to``/``take``/``open`` from a rule goal's first words, else ``objective``. Pure."""
-        for prefix, category in (("go to the ", "go_to"), ("take the ", "take"), ("open the ", "open")):
-            if goal.startswith(prefix):
-                return category
-        return "objective"
+        return goal_category(goal)
 
     def goal_step_limit(self, goal: str) -> int | None:
         """``max_steps`` for every goal. Pure."""
