@@ -376,24 +376,18 @@ class PPOUpdater:
             generator: draws the minibatch permutations (CPU).
             dist: this process's place in a data-parallel run (one process when None).
 
+        The options' domains, and that ``grad_accum`` divides ``minibatch_size``, were checked when ``cfg`` was
+        built (``PPO_DOMAINS``); this process's share of the rollout is checked here.
+
         Raises:
-            ValueError: naming the option, on a minibatch that does not divide the rollout, a grad_accum that does
-                not divide the minibatch, or another bad value.
+            ConfigError: the minibatch does not divide the rollout (naming ``algo.minibatch_size``).
+            ValueError: an agent with nothing to train.
         """
-        if cfg.rollout_steps < 1 or cfg.epochs < 1:
-            raise ValueError(f"algo.rollout_steps ({cfg.rollout_steps}) and algo.epochs ({cfg.epochs}) must be >= 1")
         if cfg.minibatch_size < 1 or batch_size % cfg.minibatch_size != 0:  # (its share with several processes)
             raise ConfigError(
                 f"algo.minibatch_size={cfg.minibatch_size} does not divide the rollout of env.num_envs x "
                 f"algo.rollout_steps = {batch_size} transitions; choose a divisor of {batch_size}"
             )
-        if cfg.grad_accum < 1 or cfg.minibatch_size % cfg.grad_accum != 0:
-            raise ValueError(
-                f"algo.grad_accum={cfg.grad_accum} does not divide algo.minibatch_size={cfg.minibatch_size}; the "
-                "micro-batches must be equal for the accumulated gradient to equal the minibatch's"
-            )
-        if cfg.clip_coef <= 0:
-            raise ValueError(f"algo.clip_coef must be > 0, got {cfg.clip_coef}")
         self.cfg, self.agent, self.device = cfg, agent, torch.device(device)
         self.batch_size = batch_size
         self.generator = generator if generator is not None else torch.Generator()

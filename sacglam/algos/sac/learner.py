@@ -76,17 +76,11 @@ class SACUpdater:
             cfg: :class:`SACConfig`.
             accelerator: an ``accelerate.Accelerator``; a default one (single process) when None.
 
+        The options' domains were checked when ``cfg`` was built (``SAC_DOMAINS``).
+
         Raises:
-            ValueError: on a bad option or an agent with nothing to train.
+            ValueError: an agent with nothing to train.
         """
-        if cfg.alpha_mode not in ("auto", "fixed"):
-            raise ValueError(f"SACConfig.alpha_mode must be 'auto' or 'fixed', got {cfg.alpha_mode!r}.")
-        if cfg.alpha_init <= 0:
-            raise ValueError(f"SACConfig.alpha_init must be > 0, got {cfg.alpha_init}.")
-        if cfg.grad_accum < 1:
-            raise ValueError(f"SACConfig.grad_accum must be >= 1, got {cfg.grad_accum}.")
-        if not 0.0 <= cfg.tau <= 1.0:
-            raise ValueError(f"SACConfig.tau must be in [0, 1], got {cfg.tau}.")
         self.cfg = cfg
         self.accelerator = accelerator if accelerator is not None else Accelerator()
         self.device = self.accelerator.device
