@@ -247,11 +247,12 @@ def parse_floors(items: Sequence[str]) -> dict[str, float]:
     for item in items:
         env, sep, value = item.partition("=")
         try:
-            floors[env] = float(value)
+            success = float(value)
         except ValueError:
-            sep = ""
-        if not sep or not env or not 0 <= floors.get(env, -1) <= 1:
+            success = math.nan
+        if not sep or not env or not 0 <= success <= 1:
             raise SystemExit(f"--floor {item!r}: expected ENV=SUCCESS with SUCCESS in [0, 1], e.g. babyai=0.28")
+        floors[env] = success
     return floors
 
 
