@@ -13,7 +13,8 @@ Aggregation (per env, method and goal category, from every run's ``metrics.jsonl
   grid point below the threshold and the first one at or above it (the first grid step if the curve starts above it).
 
 Also the wall-clock minutes of finished runs (their ``DONE`` files, written by :func:`sacglam.run.launch.execute`).
-Used by ``scripts/reproduce.py`` (which writes the report), ``scripts/sweep_ppo.py`` and ``scripts/sweep_eto.py``.
+Used by ``scripts/reproduce.py`` (which writes the report), ``scripts/sweep.py`` (``sacglam/run/sweep.py``) and
+``scripts/sweep_eto.py``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Runs go to ``RUNS/<env>/<method>/seed<k>/`` with ``resume=auto``, so an interrup
 stopped and a finished run (marked by a ``DONE`` file holding its command and wall-clock seconds) is skipped. A loop
 of subprocesses rather than a Hydra multirun: every run is isolated (a crash or OOM loses one run, whose
 ``train.log`` says why, not the sweep), and finished runs are skipped on a rerun. Used by ``scripts/reproduce.py``,
-``scripts/sweep_ppo.py`` and ``scripts/sweep_eto.py``.
+``scripts/sweep.py`` (``sacglam/run/sweep.py``) and ``scripts/sweep_eto.py``.
 """
 
 from __future__ import annotations
