@@ -116,12 +116,16 @@ def test_rule_goals_of_a_scripted_suite_episode(suite: Path) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("preset", ["textworld_suite_sac_her", "textworld_suite_sac", "textworld_suite_ppo"])
+@pytest.mark.parametrize("preset", ["textworld_suite_sac_her", "textworld_suite_sac", "textworld_suite_ppo",
+                                    "textworld_suite_eto"])
 def test_suite_presets_train_and_evaluate_both_splits(preset: str, suite: Path, tmp_path: Path) -> None:
     from tests.test_train import SMALL, read_metrics, run_train
 
     small = [o for o in SMALL if not o.startswith(("batch_size", "learning_starts"))] if "ppo" in preset else SMALL
     on_policy = ["algo.rollout_steps=8", "algo.minibatch_size=16"] if "ppo" in preset else []
+    if "eto" in preset:  # rounds of 4 tasks, the expert's warm start on 4 episodes
+        small = [o for o in SMALL if not o.startswith(("batch_size", "learning_starts"))]
+        on_policy = ["algo.tasks=4", "algo.warm_start_episodes=4", "algo.sft_epochs=1", "algo.epochs=1"]
     result = run_train([f"experiment={preset}", f"env.kwargs.games={suite}/*.z8", "env.kwargs.heldout=1",
                         "env.vector=sync", *small, *on_policy, "env.kwargs.max_steps=8", "total_env_steps=160"],
                        tmp_path)

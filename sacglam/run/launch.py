@@ -40,6 +40,7 @@ METHODS: dict[str, dict[str, list[str]]] = {
         "sac": ["experiment=textworld_suite_sac"],
         "sac_her": ["experiment=textworld_suite_sac_her"],
         "ppo": ["experiment=textworld_suite_ppo"],
+        "eto": ["experiment=textworld_suite_eto"],  # its expert's env steps count toward the same budget
     },
 }
 # Playground-Text goal categories of every run (the preset's default since 2026-12-07 too): the comparison of the
