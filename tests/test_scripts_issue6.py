@@ -190,9 +190,10 @@ def test_plan_runs_pairs_methods_and_rejects_unknown_envs(tmp_path: Path) -> Non
         rep.plan_runs(["minihack"], [0], tmp_path, [])
     babyai = rep.plan_runs(["babyai", "textworld"], [0], tmp_path, [])
     assert [(r.env, r.method) for r in babyai] == [(env, m) for env in ("babyai", "textworld")
-                                                   for m in ("sac", "sac_her", "ppo")] + [("textworld", "eto")]
-    assert "experiment=textworld_suite_sac_her" in babyai[4].command()
-    assert "experiment=textworld_suite_eto" in babyai[6].command()
+                                                   for m in ("sac", "sac_her", "ppo", "eto")]
+    assert "experiment=babyai_eto" in babyai[3].command()
+    assert "experiment=textworld_suite_sac_her" in babyai[5].command()
+    assert "experiment=textworld_suite_eto" in babyai[7].command()
 
 
 def test_plan_runs_with_algos_gives_ppo_its_on_policy_overrides_and_all_four_categories(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ METHODS: dict[str, dict[str, list[str]]] = {
         "sac": ["experiment=babyai_sac"],
         "sac_her": ["experiment=babyai_sac_her"],
         "ppo": ["experiment=babyai_ppo"],
+        "eto": ["experiment=babyai_eto"],  # its expert's env steps count toward the same budget
     },
     "textworld": {  # a suite of coin collectors (make it first: conf/env/textworld_suite.yaml says how)
         "sac": ["experiment=textworld_suite_sac"],
