@@ -38,7 +38,8 @@ def test_a_plus_joined_key_is_one_axis_setting_every_part() -> None:
 
 def test_point_name() -> None:
     assert sweep.point_name([("algo.lr", "1e-3"), ("env.kwargs.games", "g/*.z8")]) == \
-        "algo.lr=1e-3__env.kwargs.games=g_*.z8"
+        "algo.lr_1e-3__env.kwargs.games_g--.z8"
+    assert sweep.point_name([("algo.lr_actor+algo.lr_critic", "3e-4")]) == "algo.lr_actor-algo.lr_critic_3e-4"
     assert sweep.point_name([]) == "preset"
 
 
@@ -56,9 +57,9 @@ def test_main_reports_final_and_mean_success_and_ranks_by_the_mean(tmp_path: Pat
     runs = tmp_path / "runs"
     # lr 1e-3: learns early (sampled 0.5, 1.0, 1.0); lr 3e-3: learns late but ends higher on greedy.
     for seed, late in ((0, 0.0), (1, 0.2)):
-        _finished_run(runs / "algo.lr=1e-3" / "babyai" / "ppo" / f"seed{seed}",
+        _finished_run(runs / "algo.lr_1e-3" / "babyai" / "ppo" / f"seed{seed}",
                       {1000: (0.1, 0.5), 2000: (0.4, 1.0), 3000: (0.6, 1.0)}, minutes=2.0)
-        _finished_run(runs / "algo.lr=3e-3" / "babyai" / "ppo" / f"seed{seed}",
+        _finished_run(runs / "algo.lr_3e-3" / "babyai" / "ppo" / f"seed{seed}",
                       {1000: (0.0, late), 2000: (0.0, late), 3000: (1.0, 1.0)}, minutes=4.0)
     out = tmp_path / "sweep.md"
     rc = sweep.main(["--env", "babyai", "--algo", "ppo", "--grid", "algo.lr=1e-3,3e-3", "--seeds", "2",
@@ -78,8 +79,8 @@ def test_main_reports_final_and_mean_success_and_ranks_by_the_mean(tmp_path: Pat
 
 def test_main_rejects_a_method_the_env_has_no_preset_for(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        sweep.main(["--env", "babyai", "--algo", "eto", "--grid", "algo.lr=1"])
-    assert "babyai has no 'eto' preset" in capsys.readouterr().err
+        sweep.main(["--env", "bitflip", "--algo", "ppo", "--grid", "algo.lr=1"])
+    assert "bitflip has no 'ppo' preset" in capsys.readouterr().err
 
 
 def test_main_runs_every_point_with_the_preset_and_its_overrides(tmp_path: Path,
@@ -100,6 +101,17 @@ def test_main_runs_every_point_with_the_preset_and_its_overrides(tmp_path: Path,
                and "algo.target_entropy_ratio=0.3" in r.overrides)
     assert one.overrides[0] == "experiment=babyai_sac_her"
     assert {"algo.lr_critic=1e-3", "total_env_steps=500", "eval.every=250"} <= set(one.overrides)
-    assert one.run_dir == (tmp_path / "algo.lr_actor+algo.lr_critic=1e-3__algo.target_entropy_ratio=0.3"
+    assert one.run_dir == (tmp_path / "algo.lr_actor-algo.lr_critic_1e-3__algo.target_entropy_ratio_0.3"
                            / "babyai" / "sac_her" / "seed1")
     assert "| 3e-4 | 0.3 | 0.500 / 0.500 | 1.0 |" in (tmp_path / "sweep.md").read_text()
+
+
+def test_a_point_whose_runs_all_failed_is_reported_as_nan_not_a_crash(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_execute(run: Run) -> tuple[Run, int, float]:
+        run.run_dir.mkdir(parents=True)
+        return run, 1, 0.0
+
+    monkeypatch.setattr(sweep, "execute", failing_execute)
+    rc = sweep.main(["--env", "babyai", "--algo", "ppo", "--grid", "algo.lr=1e-3", "--runs-dir", str(tmp_path)])
+    assert rc == 1 and "| 1e-3 | nan / nan | - |" in (tmp_path / "sweep.md").read_text()

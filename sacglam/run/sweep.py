@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import re
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -61,13 +62,21 @@ def point_overrides(point: Sequence[tuple[str, str]]) -> list[str]:
 
 
 def point_name(point: Sequence[tuple[str, str]]) -> str:
-    """The folder of one grid point: ``algo.lr=1e-3__algo.ent_coef=0`` (``/`` in a value becomes ``_``)."""
-    return "__".join(f"{k}={v.replace('/', '_')}" for k, v in point) or "preset"
+    """The folder of one grid point: ``algo.lr_1e-3__algo.ent_coef_0``.
+
+    Only ``[A-Za-z0-9._-]`` (any other character becomes ``-``): the folder goes into ``hydra.run.dir=...``, whose
+    override grammar refuses a second ``=``.
+    """
+    name = "__".join(f"{k}_{v}" for k, v in point) or "preset"
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name)
 
 
 def summarise_point(runs_dir: Path, env: str, method: str, series: Sequence[str]) -> dict[str, tuple[float, float]]:
     """Series -> (final, mean over evaluations) of one point's runs, each the mean over seeds (NaN if not logged)."""
-    results = aggregate(runs_dir).get(env, {}).get(method, {})
+    try:
+        results = aggregate(runs_dir).get(env, {}).get(method, {})
+    except FileNotFoundError:  # every run of the point failed before its first evaluation (its train.log says why)
+        results = {}
     out = {}
     for name in series:
         s = results.get(name)
