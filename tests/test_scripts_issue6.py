@@ -181,7 +181,9 @@ def test_aggregate_only_names_the_expected_layout(tmp_path: Path) -> None:
 
 def test_plan_runs_pairs_methods_and_rejects_unknown_envs(tmp_path: Path) -> None:
     runs = rep.plan_runs(["bitflip"], [0, 1], tmp_path, ["total_env_steps=64"])
-    assert [(r.method, r.seed) for r in runs] == [("sac", 0), ("sac", 1), ("sac_her", 0), ("sac_her", 1)]
+    assert [(r.method, r.seed) for r in runs] == [("sac", 0), ("sac", 1), ("sac_her", 0), ("sac_her", 1),
+                                                  ("ppo", 0), ("ppo", 1)]
+    assert "experiment=bitflip_ppo" in runs[4].command()
     sac = runs[0].command()
     assert "buffer.her.ratio=0" in sac and "algo.hindsight_bc_coef=0" in sac and "experiment=bitflip_her" in sac
     assert "buffer.her.ratio=0" not in runs[2].command()
@@ -199,13 +201,14 @@ def test_plan_runs_pairs_methods_and_rejects_unknown_envs(tmp_path: Path) -> Non
 def test_plan_runs_with_algos_gives_ppo_its_on_policy_overrides_and_all_four_categories(tmp_path: Path) -> None:
     runs = rep.plan_runs(["playground", "bitflip"], [0], tmp_path, [], ["ppo", "sac_her"], quick=True)
     assert [(r.env, r.method) for r in runs] == [("playground", "ppo"), ("playground", "sac_her"),
-                                                 ("bitflip", "sac_her")]  # bitflip has no PPO preset
+                                                 ("bitflip", "ppo"), ("bitflip", "sac_her")]
     ppo, sac_her = runs[0].command(), runs[1].command()
     assert "experiment=playground_ppo" in ppo and "algo.rollout_steps=8" in ppo
     assert not any(o.startswith(("batch_size=", "learning_starts=", "buffer.")) for o in ppo)
     assert "batch_size=16" in sac_her and "algo.rollout_steps=8" not in sac_her
     cats = "env.kwargs.goal_categories=[grasp,grow_plant,grow_herbivore,grow_carnivore]"
-    assert cats in ppo and cats in sac_her and cats not in runs[2].command()
+    assert cats in ppo and cats in sac_her and cats not in runs[3].command()
+    assert rep.plan_runs(["bitflip"], [0], tmp_path, [], ["eto"]) == []  # bitflip has no ETO preset: skipped
     with pytest.raises(ValueError, match="unknown method 'dqn'"):
         rep.plan_runs(["playground"], [0], tmp_path, [], ["dqn"])
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: train.py (the package is installed editable)
 
-# The methods per env, as train.py overrides. BitFlip has no plain-SAC preset: HER and its hindsight term off.
+# The methods per env, as train.py overrides. BitFlip's plain SAC is its HER preset with HER and the hindsight term off.
 METHODS: dict[str, dict[str, list[str]]] = {
     "playground": {
         "sac": ["experiment=playground_sac"],
@@ -30,6 +30,7 @@ METHODS: dict[str, dict[str, list[str]]] = {
     "bitflip": {
         "sac": ["experiment=bitflip_her", "buffer.her.ratio=0", "algo.hindsight_bc_coef=0"],
         "sac_her": ["experiment=bitflip_her"],
+        "ppo": ["experiment=bitflip_ppo"],
     },
     "babyai": {
         "sac": ["experiment=babyai_sac"],
