@@ -71,7 +71,8 @@ ROOT = Path(__file__).resolve().parents[1]
 METHOD_LABELS = {"sac_her": "SAC + HER", "sac": "SAC", "ppo": "PPO-GLAM", "eto": "ETO",
                  "eto_ws32": "ETO, small warm start",  # these two: variants linked in by hand (results.md)
                  "sac_her_alp": "SAC + HER, ALP curriculum", "sac_head256": "SAC, critic heads 256 x 256",
-                 "sac_her_oracle": "SAC + HER, oracle goals"}
+                 "sac_her_oracle": "SAC + HER, oracle goals",
+                 "ppo_playground": "PPO-GLAM, Playground settings"}
 THRESHOLDS = (0.5, 0.8, 0.9)
 
 

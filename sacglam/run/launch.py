@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: train.py (the package is installed editable)
 
-# The methods per env, as train.py overrides. BitFlip's plain SAC is its HER preset with HER and the hindsight term off.
+# The methods per env, as train.py overrides. BitFlip's plain SAC: its HER preset with HER and the hindsight term off.
 METHODS: dict[str, dict[str, list[str]]] = {
     "playground": {
         "sac": ["experiment=playground_sac"],
