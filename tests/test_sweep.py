@@ -77,10 +77,12 @@ def test_main_reports_final_and_mean_success_and_ranks_by_the_mean(tmp_path: Pat
     assert rc == 0 and "Best by final all: algo.lr=3e-3 (1.000)" in out.read_text()
 
 
-def test_main_rejects_a_method_the_env_has_no_preset_for(capsys: pytest.CaptureFixture[str]) -> None:
+def test_main_rejects_a_method_the_env_has_no_preset_for(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sweep, "execute", lambda run: pytest.fail(f"a run was started: {run}"))
     with pytest.raises(SystemExit):
-        sweep.main(["--env", "bitflip", "--algo", "ppo", "--grid", "algo.lr=1"])
-    assert "bitflip has no 'ppo' preset" in capsys.readouterr().err
+        sweep.main(["--env", "bitflip", "--algo", "eto", "--grid", "algo.lr=1", "--runs-dir", str(tmp_path)])
+    assert "bitflip has no 'eto' preset" in capsys.readouterr().err
 
 
 def test_main_runs_every_point_with_the_preset_and_its_overrides(tmp_path: Path,
