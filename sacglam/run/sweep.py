@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from sacglam.run.aggregate import aggregate, wall_minutes
-from sacglam.run.launch import METHODS, Run, execute, plan_runs
+from sacglam.run.launch import CATEGORIES, METHODS, Run, execute, plan_runs
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (the package is installed editable)
 
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--series", default="all", help="comma-separated series to report; the first ranks the points")
     p.add_argument("--rank", default="mean", choices=["mean", "final"])
-    p.add_argument("--categories", default=None, help="Playground goal categories (default: reproduce.py's)")
+    p.add_argument("--categories", default=CATEGORIES, help="Playground goal categories (default: reproduce.py's)")
     p.add_argument("--runs-dir", type=Path, default=None, help="default: runs/sweep_<env>_<algo>")
     p.add_argument("--out", type=Path, default=None, help="the markdown report (default: <runs-dir>/sweep.md)")
     p.add_argument("overrides", nargs="*", help="extra train.py overrides for every run")
@@ -122,26 +122,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     series = [s.strip() for s in opts.series.split(",") if s.strip()]
     keys = [k for k, _ in grid]
     points = [list(zip(keys, values, strict=True)) for values in itertools.product(*(v for _, v in grid))]
+    point_dirs = [runs_dir / point_name(point) for point in points]
     threads = [f"threads={max(1, (os.cpu_count() or 1) // opts.jobs)}"] if opts.jobs > 1 else []
     runs: list[Run] = []
-    extra_kw = {"categories": opts.categories} if opts.categories is not None else {}
-    for point in points:
+    for point, point_dir in zip(points, point_dirs, strict=True):
         extra = [f"total_env_steps={opts.steps}", *threads, *opts.overrides, *point_overrides(point)]
-        runs += plan_runs([opts.env], range(opts.seeds), runs_dir / point_name(point), extra, [opts.algo], **extra_kw)
+        runs += plan_runs([opts.env], range(opts.seeds), point_dir, extra, [opts.algo], opts.categories)
     print(f"{len(points)} points x {opts.seeds} seed(s) = {len(runs)} runs ({opts.jobs} at a time) into {runs_dir}",
           flush=True)
     with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
         done = list(pool.map(execute, runs))
 
     rows = []
-    for point in points:
-        point_dir = runs_dir / point_name(point)
+    for point, point_dir in zip(points, point_dirs, strict=True):
         walls = [w for ws in wall_minutes(point_dir).values() for w in ws]
         wall = f"{np.mean(walls):.1f}" if walls else "-"
         rows.append((point, summarise_point(point_dir, opts.env, opts.algo, series), wall))
     which = 0 if opts.rank == "final" else 1
-    ranked = sorted(rows, key=lambda r: -np.nan_to_num(r[1][series[0]][which], nan=-1.0))
-    best = ranked[0]
+    best = max(rows, key=lambda r: np.nan_to_num(r[1][series[0]][which], nan=-1.0))
     best_text = ", ".join(f"{k}={v}" for k, v in best[0]) or "the preset"
     table = format_table(rows, keys, series)
     out.parent.mkdir(parents=True, exist_ok=True)
