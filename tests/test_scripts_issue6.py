@@ -328,13 +328,15 @@ def test_bench_quick_runs_and_writes_a_table(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_reproduce_quick_bitflip_two_seeds(tmp_path: Path) -> None:
     runs, out = tmp_path / "runs", tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--quick", "--envs", "bitflip", "--steps", "128",
-           "--runs-dir", str(runs), "--out", str(out), "eval.every=64"]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--quick", "--envs", "bitflip",
+           "--algos", "sac,sac_her", "--steps", "128", "--runs-dir", str(runs), "--out", str(out),
+           "eval.every=64"]  # fmt: skip
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     md = (out / "reproduce_quick.md").read_text()
     assert "Quick mode" in md and (out / "reproduce_quick.png").is_file()
     assert "| bitflip | all | SAC | 2 | 128 |" in md and "| bitflip | all | SAC + HER | 2 | 128 |" in md
+    assert "PPO-GLAM" not in md and not (runs / "bitflip" / "ppo").exists()  # --algos leaves BitFlip's PPO out
     for method in ("sac", "sac_her"):
         for seed in (0, 1):
             assert (runs / "bitflip" / method / f"seed{seed}" / "DONE").is_file()
