@@ -44,7 +44,15 @@ from sacglam.curriculum import ALPCurriculum, make_curriculum, resume_curriculum
 from sacglam.distributed import rank_seed
 from sacglam.episodes import EpisodeTracker
 from sacglam.prompting import PromptCodec
-from sacglam.run.builders import build_model, env_state, make_env_fn, make_evaluator, make_learner, seed_everything
+from sacglam.run.builders import (
+    build_model,
+    check_sizes,
+    env_state,
+    make_env_fn,
+    make_evaluator,
+    make_learner,
+    seed_everything,
+)
 from sacglam.run.harness import RunContext, print_main
 from sacglam.types import TextStep
 
@@ -81,6 +89,7 @@ def build(ctx: RunContext) -> StepRun:
     curriculum = make_curriculum(cfg.curriculum, probe, cfg.env.id, cfg.env.kwargs)
     vec = make_vector_env(cfg.env.id, cfg.env.num_envs, env_kwargs=dict(cfg.env.kwargs), mode=cfg.env.vector)
     model, _, codec = build_model(cfg, probe, device)
+    print_main(ctx.dist, check_sizes(cfg, probe, codec))  # a too-small token width stops the run here, not minutes in
     agent, learner = make_learner(cfg, model, codec, probe, device, ctx.dist, overrides=ctx.overrides)
     collector = Collector(vec, learner.act, seed=rank_seed(cfg.seed, ctx.dist.rank))
     ctx.evaluator = make_evaluator(cfg, agent, codec, probe, device)  # greedy (and sampled) success per category

@@ -345,6 +345,9 @@ class EnvConfig:
     eval_kwargs: dict[str, Any] = field(default_factory=dict)  # overrides of `kwargs` for evaluation envs
     heldout_kwargs: dict[str, Any] = field(default_factory=dict)  # if set, also evaluate with these overrides
     corpus_episodes: int = 200  # random episodes whose text builds the tiny model's tokenizer
+    # Episodes per env (training and evaluation; half by the env's expert) whose text is checked against the
+    # buffer's token widths before the run starts (sacglam/run/sizes.py); 0 = no start-up check.
+    preflight_episodes: int = 8
     # Rules over a step's text -> achieved goals (relabel.source=rule, and the llm source's rule verifier).
     rules: list[RuleConfig] = field(default_factory=list)
 
@@ -360,6 +363,7 @@ ENV_DOMAINS: dict[str, Domain] = {
     "eval_kwargs": Free("the env's own keyword arguments, checked by the env"),
     "heldout_kwargs": Free("the env's own keyword arguments, checked by the env"),
     "corpus_episodes": count_or_off("0 = the template's and the goal lists' words only"),
+    "preflight_episodes": count_or_off("0 = no start-up check of the token widths"),
     "rules": Free("rules checked when they are compiled (sacglam.relabel)"),
 }
 """The domain of each ``EnvConfig`` field (``sacglam.validate``)."""

@@ -543,6 +543,17 @@ class PromptCodec:
             cache.move_to_end(text)
         return ids
 
+    def piece_length(self, kind: str, text: str) -> int:
+        """Tokens of ``text`` as the prompt holds it (``kind``: ``goal``, ``obs`` or ``cand``), before any limit or
+        cut: what ``max_goal_tokens``, ``max_obs_tokens`` and ``max_cand_tokens`` are compared with (cached).
+
+        Raises:
+            ValueError: an unknown ``kind``.
+        """
+        if kind not in self._cache:
+            raise ValueError(f"kind must be 'goal', 'obs' or 'cand', got {kind!r}")
+        return len(self._cached(kind, text))
+
     def observation_text(self, observation: str, candidates: Sequence[str] | None = None) -> str:
         """The observation as the prompt shows it: with the candidate actions listed when ``actions_format`` is set.
 

@@ -89,6 +89,7 @@ ROWS = [
     _row("env.num_envs", 0, "an integer >= 1"),
     _row("env.vector", "thread", "one of ['sync', 'subprocess']"),
     _row("env.corpus_episodes", -1, "an integer >= 0"),
+    _row("env.preflight_episodes", -1, "an integer >= 0"),
     # model and model.lora
     _row("model.name", "", "a model: tiny"),
     _row("model.dtype", "int8", "one of ['auto', 'float32'"),

@@ -27,6 +27,7 @@ from sacglam.pipeline import StepEncoder, check_context, make_act_fn, tokenizer_
 from sacglam.prompting import PromptCodec
 from sacglam.relabel import GoalSpace, OnlineRelabeller, RelabelStats, make_source
 from sacglam.replay.buffer import ReplayBuffer
+from sacglam.run.sizes import check_text_sizes, summary
 
 
 def make_env_fn(cfg: TrainConfig, **overrides: Any) -> Callable[[], Any]:
@@ -124,6 +125,24 @@ def make_evaluator(cfg: TrainConfig, agent: Any, codec: PromptCodec, probe: Any,
             agent.train()
 
     return run_eval
+
+
+
+def check_sizes(cfg: TrainConfig, probe: Any, codec: PromptCodec) -> str:
+    """The start-up check of the buffer's token widths (``sacglam.run.sizes``) on ``probe`` and on every evaluation
+    env that differs from it; returns its one-line report.
+
+    Raises:
+        ValueError: a width is too small for what the envs produce (names each ``buffer.*`` and the value needed).
+    """
+    if cfg.env.preflight_episodes == 0:
+        return "token widths: not checked at start-up (env.preflight_episodes=0)"
+    envs: dict[str, Any] = {"training": probe}
+    for prefix, fn in eval_env_fns(cfg).items():
+        if prefix or cfg.env.eval_kwargs:  # the plain evaluation env is the training env unless eval_kwargs differ
+            envs[f"{prefix.rstrip('/')} evaluation".strip()] = fn  # "evaluation", "heldout evaluation"
+    sizes = check_text_sizes(cfg.env.id, envs, codec, cfg.env.preflight_episodes, seed=cfg.seed + 54321)
+    return f"token widths checked over {cfg.env.preflight_episodes} episodes per env: {summary(sizes, codec)}"
 
 
 

@@ -26,8 +26,8 @@ from sacglam.algos.eto.trainer import ETOTrainer
 from sacglam.checkpoint import agent_state, capture_rng_state, load_agent_state, restore_rng_state
 from sacglam.config import TrainConfig
 from sacglam.pipeline import make_act_fn
-from sacglam.run.builders import build_model, make_agent, make_env_fn, make_evaluator, seed_everything
-from sacglam.run.harness import RunContext
+from sacglam.run.builders import build_model, check_sizes, make_agent, make_env_fn, make_evaluator, seed_everything
+from sacglam.run.harness import RunContext, print_main
 
 
 def task_seeds(cfg: TrainConfig, eto: ETOConfig) -> int:
@@ -208,6 +208,7 @@ def build_eto(ctx: RunContext) -> ETORun:
     env_fn = make_env_fn(cfg)
     probe = env_fn()
     model, _, codec = build_model(cfg, probe, device)
+    print_main(ctx.dist, check_sizes(cfg, probe, codec))  # a too-small token width stops the run here, not minutes in
     agent = make_agent(cfg, model, device)
     assert isinstance(agent, Agent)
     act_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
