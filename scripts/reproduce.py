@@ -170,17 +170,25 @@ def format_table(results: dict[str, dict[str, dict[str, Summary]]], thresholds: 
 
 
 def plot(results: dict[str, dict[str, dict[str, Summary]]], out_png: str | Path,
-         floors: dict[str, float] | None = None) -> Path:
+         floors: dict[str, float] | None = None, series: Sequence[str] | None = None) -> Path:
     """One panel per (env, series), one line per method with its 95% band (clipped to [0, 1]), and the env's random
-    agent as a dashed line where ``floors`` has it; Agg canvas."""
+    agent as a dashed line where ``floors`` has it; Agg canvas. ``series``: only these series get a panel (None:
+    all).
+
+    Raises:
+        SystemExit: a name in ``series`` that no env logged (names the ones there are).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = [
-        (env, name)
-        for env, methods in results.items()
-        for name in series_order({n for m in methods.values() for n in m})
-    ]
+    logged = {env: series_order({n for m in methods.values() for n in m}) for env, methods in results.items()}
+    if series is not None:
+        known = {n for names in logged.values() for n in names}
+        unknown = [n for n in series if n not in known]
+        if unknown:
+            raise SystemExit(f"--plot-series {','.join(unknown)}: not a series of these runs; they have "
+                             f"{', '.join(series_order(known))}")
+    panels = [(env, name) for env, names in logged.items() for name in names if series is None or name in series]
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(4.5 * cols, 3.4 * rows))
@@ -213,12 +221,13 @@ def plot(results: dict[str, dict[str, dict[str, Summary]]], out_png: str | Path,
     return out
 
 
-def write_report(runs_dir: Path, out_dir: Path, name: str, note: str = "",
-                 floors: dict[str, float] | None = None) -> tuple[Path, Path]:
+def write_report(runs_dir: Path, out_dir: Path, name: str, note: str = "", floors: dict[str, float] | None = None,
+                 plot_series: Sequence[str] | None = None) -> tuple[Path, Path]:
     """Aggregate ``runs_dir`` and write ``out_dir/<name>.png`` and ``out_dir/<name>.md``; returns both paths.
-    ``floors``: env -> a uniform random agent's success (``scripts/random_baseline.py``), drawn and listed."""
+    ``floors``: env -> a uniform random agent's success (``scripts/random_baseline.py``), drawn and listed.
+    ``plot_series``: the series the PNG shows (None: all); the table always has every series."""
     results = aggregate(runs_dir)
-    png = plot(results, out_dir / f"{name}.png", floors)
+    png = plot(results, out_dir / f"{name}.png", floors, plot_series)
     if floors:
         listed = ", ".join(f"{env} {value:.3f}" for env, value in sorted(floors.items()))
         note += f"Uniform random agent (`scripts/random_baseline.py`, dashed in the plot): {listed}.\n\n"
@@ -280,12 +289,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--floor", action="append", default=[], metavar="ENV=SUCCESS",
                    help="a uniform random agent's success on ENV (scripts/random_baseline.py), drawn in every panel "
                         "of ENV and listed; repeat for several envs")
+    p.add_argument("--plot-series", default=None, metavar="S1,S2",
+                   help="only these series get a panel in the PNG, e.g. all,sampled/objective (default: every "
+                        "series; the table keeps them all)")
     p.add_argument("overrides", nargs="*", help="extra train.py overrides for every run, e.g. eval.every=10000")
     opts = p.parse_intermixed_args(argv)  # overrides may come before and after the options
     floors = parse_floors(opts.floor)
+    plot_series = [x.strip() for x in opts.plot_series.split(",") if x.strip()] if opts.plot_series else None
     name = opts.name or ("reproduce_quick" if opts.quick else "reproduce")
     if opts.aggregate_only is not None:
-        write_report(opts.aggregate_only, opts.out, name, floors=floors)
+        write_report(opts.aggregate_only, opts.out, name, floors=floors, plot_series=plot_series)
         return 0
     if opts.jobs < 1:
         raise SystemExit(f"--jobs must be >= 1, got {opts.jobs}")
@@ -312,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = [r for r, rc, _ in results if rc != 0]
     note = "**Quick mode: a smoke run of the pipeline; these numbers say nothing about learning.**\n\n"
     note = note if opts.quick else ""
-    write_report(runs_dir, opts.out, name, note, floors)
+    write_report(runs_dir, opts.out, name, note, floors, plot_series)
     if failed:
         print(f"{len(failed)} run(s) failed: " + ", ".join(str(r.run_dir) for r in failed), file=sys.stderr)
         return 1

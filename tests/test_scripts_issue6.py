@@ -174,6 +174,25 @@ def test_aggregate_only_writes_the_table_and_plot(tmp_path: Path) -> None:
     assert "| bitflip | bitflip | SAC + HER |" in md
 
 
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) in pixels from the PNG's IHDR chunk."""
+    data = path.read_bytes()
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_plot_series_keeps_only_those_panels(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    _fake_runs(runs)
+    rep.main(["--aggregate-only", str(runs), "--out", str(tmp_path), "--name", "every"])
+    rep.main(["--aggregate-only", str(runs), "--out", str(tmp_path), "--name", "one", "--plot-series", "all"])
+    # 4.5 x 3.4 inches per panel at 100 dpi: two series (all, bitflip) side by side, then one.
+    assert _png_size(tmp_path / "every.png") == (900, 340) and _png_size(tmp_path / "one.png") == (450, 340)
+    assert "| bitflip | bitflip | SAC + HER |" in (tmp_path / "one.md").read_text()  # the table keeps every series
+    with pytest.raises(SystemExit, match="--plot-series sampled/all: not a series of these runs; they have all, "
+                                         "bitflip"):
+        rep.main(["--aggregate-only", str(runs), "--out", str(tmp_path), "--plot-series", "all,sampled/all"])
+
+
 def test_aggregate_only_names_the_expected_layout(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"<env>/<method>/<seed>/metrics\.jsonl"):
         rep.aggregate(tmp_path)
