@@ -7,6 +7,11 @@ offers n actions ``Flip bit i`` of 3 words each, and its goal list holds the 2^n
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from envs.bitflip_text import BitFlipTextEnv
@@ -14,6 +19,8 @@ from sacglam.prompting import PromptCodec, PromptTemplate
 from sacglam.run.builders import check_sizes
 from sacglam.run.sizes import TextSizes, check_text_sizes, measure, summary
 from sacglam.run.tools import compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def word_codec(**limits: object) -> PromptCodec:
@@ -85,3 +92,18 @@ def test_the_run_checks_its_evaluation_envs_and_can_skip() -> None:
                        word_codec()) == "token widths: not checked at start-up (env.preflight_episodes=0)"
     line = check_sizes(compose_config(["env=bitflip", "env.kwargs.n_bits=4"]), BitFlipTextEnv(n_bits=4), word_codec())
     assert line.startswith("token widths checked over 8 episodes per env: goals <= 7/7 tokens, <= 4/4 actions")
+
+
+@pytest.mark.integration
+def test_train_stops_before_training_when_a_width_is_too_small(tmp_path: Path) -> None:
+    """train.py with BitFlip's 8 actions per state and buffer.max_cands=6: one error at start-up, no env step run."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "experiment=bitflip_her", "buffer.max_cands=6",
+         "env.corpus_episodes=20", "threads=1", "logger.progress=false", f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "buffer.max_cands=6 < 8 (a state of the training env offers 8 actions)" in proc.stderr
+    assert not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text().strip()
