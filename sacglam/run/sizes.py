@@ -126,7 +126,7 @@ def measure(env: Any, codec: PromptCodec, episodes: int, seed: int, sizes: TextS
 def _expert_action(env: Any) -> str | None:
     try:
         return str(env.expert_action())
-    except (NotImplementedError, RuntimeError, ValueError):  # no expert, or none from this state
+    except Exception:  # no expert, or none from this state (a bot may fail its own way): play at random instead
         return None
 
 
