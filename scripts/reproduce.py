@@ -41,6 +41,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -169,6 +170,10 @@ def format_table(results: dict[str, dict[str, dict[str, Summary]]], thresholds: 
     return "\n".join(lines)
 
 
+LEGEND_INCHES = 0.8
+"""Height under the panels for the one legend of the plot (up to 3 rows of 4 entries)."""
+
+
 def plot(results: dict[str, dict[str, dict[str, Summary]]], out_png: str | Path,
          floors: dict[str, float] | None = None, series: Sequence[str] | None = None) -> Path:
     """One panel per (env, series), one line per method with its 95% band (clipped to [0, 1]), and the env's random
@@ -191,10 +196,12 @@ def plot(results: dict[str, dict[str, dict[str, Summary]]], out_png: str | Path,
     panels = [(env, name) for env, names in logged.items() for name in names if series is None or name in series]
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(4.5 * cols, 3.4 * rows))
+    fig = Figure(figsize=(4.5 * cols, 3.4 * rows + LEGEND_INCHES))
     FigureCanvasAgg(fig)
     colors = {"sac": "tab:blue", "sac_her": "tab:red", "ppo": "tab:green", "eto": "tab:purple",
-              "eto_ws32": "tab:orange", "sac_her_alp": "tab:brown"}
+              "eto_ws32": "tab:orange", "sac_her_alp": "tab:brown", "sac_her_oracle": "tab:pink",
+              "ppo_playground": "tab:olive", "sac_head256": "tab:cyan"}
+    legend: dict[str, Any] = {}  # label -> line, over every panel: one legend under the panels
     for i, (env, name) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
         for method in _method_order(results[env]):
@@ -203,18 +210,21 @@ def plot(results: dict[str, dict[str, dict[str, Summary]]], out_png: str | Path,
                 continue
             color = colors.get(method)
             label = f"{METHOD_LABELS.get(method, method)} (n={s.per_seed.shape[0]})"
-            ax.plot(s.grid, s.mean, label=label, color=color, marker="." if s.grid.size < 30 else None)
+            (line,) = ax.plot(s.grid, s.mean, label=label, color=color, marker="." if s.grid.size < 30 else None)
+            legend.setdefault(label, line)
             if not np.isnan(s.lo).all():
                 ax.fill_between(s.grid, np.clip(s.lo, 0, 1), np.clip(s.hi, 0, 1), color=color, alpha=0.2, lw=0)
         if floors and env in floors:
-            ax.axhline(floors[env], color="grey", ls="--", lw=1, label=f"random agent ({floors[env]:.2f})")
+            floor = f"random agent, {env} ({floors[env]:.2f})"
+            legend.setdefault(floor, ax.axhline(floors[env], color="grey", ls="--", lw=1, label=floor))
         ax.set_title(f"{env}: {name}")
         ax.set_xlabel("env steps")
         ax.set_ylabel("sampled success" if name.startswith("sampled/") else "greedy success")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small", loc="best")
-    fig.tight_layout()
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(4, max(1, len(legend))),
+               fontsize="small", frameon=False)
+    fig.tight_layout(rect=(0, LEGEND_INCHES / fig.get_figheight(), 1, 1))
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

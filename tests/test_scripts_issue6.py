@@ -185,8 +185,9 @@ def test_plot_series_keeps_only_those_panels(tmp_path: Path) -> None:
     _fake_runs(runs)
     rep.main(["--aggregate-only", str(runs), "--out", str(tmp_path), "--name", "every"])
     rep.main(["--aggregate-only", str(runs), "--out", str(tmp_path), "--name", "one", "--plot-series", "all"])
-    # 4.5 x 3.4 inches per panel at 100 dpi: two series (all, bitflip) side by side, then one.
-    assert _png_size(tmp_path / "every.png") == (900, 340) and _png_size(tmp_path / "one.png") == (450, 340)
+    # 4.5 x 3.4 inches per panel at 100 dpi and the legend's strip under them: two series (all, bitflip), then one.
+    height = round(100 * (3.4 + rep.LEGEND_INCHES))
+    assert _png_size(tmp_path / "every.png") == (900, height) and _png_size(tmp_path / "one.png") == (450, height)
     assert "| bitflip | bitflip | SAC + HER |" in (tmp_path / "one.md").read_text()  # the table keeps every series
     with pytest.raises(SystemExit, match="--plot-series sampled/all: not a series of these runs; they have all, "
                                          "bitflip"):
