@@ -73,7 +73,7 @@ METHOD_LABELS = {"sac_her": "SAC + HER", "sac": "SAC", "ppo": "PPO-GLAM", "eto":
                  "eto_ws32": "ETO, small warm start",  # these two: variants linked in by hand (results.md)
                  "sac_her_alp": "SAC + HER, ALP curriculum", "sac_head256": "SAC, critic heads 256 x 256",
                  "sac_her_oracle": "SAC + HER, oracle goals",
-                 "ppo_playground": "PPO-GLAM, Playground settings"}
+                 "ppo_playground": "PPO-GLAM, Playground settings", "ppo_no_kl": "PPO-GLAM, no target KL"}
 THRESHOLDS = (0.5, 0.8, 0.9)
 
 
@@ -200,7 +200,7 @@ def plot(results: dict[str, dict[str, dict[str, Summary]]], out_png: str | Path,
     FigureCanvasAgg(fig)
     colors = {"sac": "tab:blue", "sac_her": "tab:red", "ppo": "tab:green", "eto": "tab:purple",
               "eto_ws32": "tab:orange", "sac_her_alp": "tab:brown", "sac_her_oracle": "tab:pink",
-              "ppo_playground": "tab:olive", "sac_head256": "tab:cyan"}
+              "ppo_playground": "tab:olive", "sac_head256": "tab:cyan", "ppo_no_kl": "tab:gray"}
     legend: dict[str, Any] = {}  # label -> line, over every panel: one legend under the panels
     for i, (env, name) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)

@@ -138,10 +138,11 @@ def test_suite_presets_train_and_evaluate_both_splits(preset: str, suite: Path, 
 
 
 def test_the_tuned_ppo_preset_sets_the_swept_keys() -> None:
-    """experiment=textworld_suite_ppo carries the TextWorld sweep's choice (lr x rollout_steps), not algo=ppo's."""
+    """experiment=textworld_suite_ppo carries the TextWorld sweep's choice (lr x rollout_steps) and the target KL
+    that kept its 5 seeds from collapsing, not algo=ppo's."""
     from tests.test_config_validation import _compose
 
     tuned, default = _compose(["experiment=textworld_suite_ppo"]), _compose(["algo=ppo"])
-    assert (tuned.algo.lr, tuned.algo.rollout_steps) == (3e-3, 16)
-    assert (default.algo.lr, default.algo.rollout_steps) == (1e-3, 32)
+    assert (tuned.algo.lr, tuned.algo.rollout_steps, tuned.algo.target_kl) == (3e-3, 16, 0.05)
+    assert (default.algo.lr, default.algo.rollout_steps, default.algo.target_kl) == (1e-3, 32, 0.0)
     assert tuned.algo.minibatch_size == default.algo.minibatch_size  # 16 steps x 8 envs still fill a minibatch
