@@ -179,6 +179,31 @@ def tokenizer_corpus(template: str, env: Any, episodes: int, seed: int) -> list[
     return [template.replace("{goal}", " ").replace("{obs}", " "), *env_corpus(env, episodes, seed)]
 
 
+def listed_goals(env: Any) -> list[str]:
+    """Every goal ``env.goal_space(category, split)`` lists, per goal category and for both splits (``train`` then
+    ``test``); none where the env lists none."""
+    goal_space = getattr(env, "goal_space", None)
+    if not callable(goal_space):
+        return []
+    goals: list[str] = []
+    for category in getattr(env, "goal_categories", []):
+        for split in ("train", "test"):
+            try:
+                goals += goal_space(category, split)
+            except (ValueError, KeyError):  # a category without a list (e.g. TextWorld's objective), a split too
+                continue
+    return goals
+
+
+def reset_to_category(env: Any, seed: int, category: str | None) -> tuple[str, dict[str, Any]]:
+    """``env.reset`` with a goal of ``category`` (None: the env's choice), or of the env's choice where it has no
+    goal of that category (e.g. a TextWorld game without a door to open)."""
+    try:
+        return env.reset(seed=seed, options={"goal_category": category} if category is not None else None)
+    except ValueError:
+        return env.reset(seed=seed)
+
+
 def env_corpus(env: Any, episodes: int, seed: int) -> list[str]:
     """Text an env produces (goals, observations, actions) over ``episodes`` random episodes, for a tokenizer.
 
@@ -186,23 +211,10 @@ def env_corpus(env: Any, episodes: int, seed: int) -> list[str]:
     from ``goal_space(category, split)`` for both splits so that held-out names are in the vocabulary too.
     """
     rng = torch.Generator().manual_seed(seed)
-    texts: list[str] = []
+    texts = listed_goals(env)
     categories = list(getattr(env, "goal_categories", [])) or [None]
-    goal_space = getattr(env, "goal_space", None)
-    if callable(goal_space):
-        for c in categories:
-            for split in ("train", "test"):
-                try:
-                    texts.extend(goal_space(c, split))
-                except (ValueError, KeyError):
-                    continue
     for ep in range(episodes):
-        category = categories[ep % len(categories)]
-        options = {"goal_category": category} if category is not None else None
-        try:
-            obs, info = env.reset(seed=seed + ep, options=options)
-        except ValueError:  # e.g. a TextWorld game without a goal of this category
-            obs, info = env.reset(seed=seed + ep)
+        obs, info = reset_to_category(env, seed + ep, categories[ep % len(categories)])
         texts += [info["goal"], obs, *info["admissible_actions"]]
         for _ in range(64):
             actions = info["admissible_actions"]

@@ -13,8 +13,8 @@ minutes of training. :func:`check_text_sizes` looks before the run starts:
 Every width that is too small is named in one error, with the value that fits what was seen::
 
     ValueError: the prompt's token widths are too small for what sacglam/TextWorldSuite-v0 produces (start-up
-    check over 8 episodes per env, 412 states, 96 goals): buffer.max_cands=32 < 50 (a state of the heldout/ env
-    offers 50 commands) ... Set buffer.max_cands=50 ... (or more: start-up play sees only some states).
+    check over 8 episodes per env, 412 states, 96 goals): buffer.max_cands=32 < 50 (a state of the heldout
+    evaluation env offers 50 actions) ... Set buffer.max_cands=50 ... (or more: start-up play sees only some states).
 
 Observations longer than ``max_obs_tokens`` are cut as ``prompt.obs_truncation`` says, so they are reported, not
 refused (unless it is ``error``).
@@ -23,10 +23,11 @@ refused (unless it is ``error``).
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sacglam.pipeline import listed_goals, reset_to_category
 from sacglam.prompting import PromptCodec
 
 MAX_EPISODE_STEPS = 1000
@@ -40,7 +41,7 @@ class TextSizes:
     goal_tokens: int = 0
     goal: str = ""  # the widest goal
     cands: int = 0  # the most candidate actions of one state
-    cands_where: str = ""  # the env (metric prefix) of that state
+    cands_where: str = ""  # the env of that state, as check_text_sizes names it
     cand_tokens: int = 0
     cand: str = ""  # the widest candidate
     obs_tokens: int = 0
@@ -71,22 +72,6 @@ class TextSizes:
                 self.cand_tokens, self.cand = n, c
 
 
-def listed_goals(env: Any) -> list[str]:
-    """Every goal ``env.goal_space(category, split)`` lists, for each category and both splits (none if it lists
-    none)."""
-    goal_space = getattr(env, "goal_space", None)
-    if not callable(goal_space):
-        return []
-    goals: list[str] = []
-    for category in getattr(env, "goal_categories", []):
-        for split in ("train", "test"):
-            try:
-                goals += goal_space(category, split)
-            except (ValueError, KeyError):  # a category without a list (e.g. TextWorld's objective), a split too
-                continue
-    return goals
-
-
 def measure(env: Any, codec: PromptCodec, episodes: int, seed: int, sizes: TextSizes, where: str = "") -> None:
     """Play ``episodes`` episodes of ``env`` into ``sizes``: odd ones by the env's expert (random where it has none
     or gives up), even ones at random, resetting through the goal categories in turn.
@@ -97,16 +82,12 @@ def measure(env: Any, codec: PromptCodec, episodes: int, seed: int, sizes: TextS
         episodes: how many episodes.
         seed: reset seeds are ``seed + i``; the random actions are drawn from ``random.Random(seed)``.
         sizes: updated in place.
-        where: the env's name in messages (``""`` training, ``heldout/``...).
+        where: the env's name in messages (``training``, ``heldout evaluation``...).
     """
     rng = random.Random(seed)
     categories = list(getattr(env, "goal_categories", [])) or [None]
     for ep in range(episodes):
-        category = categories[(ep // 2) % len(categories)]
-        try:
-            obs, info = env.reset(seed=seed + ep, options={"goal_category": category} if category else None)
-        except ValueError:  # e.g. a TextWorld game without a goal of this category
-            obs, info = env.reset(seed=seed + ep)
+        obs, info = reset_to_category(env, seed + ep, categories[(ep // 2) % len(categories)])
         sizes.add_goal(codec, info["goal"])
         expert = ep % 2 == 1
         for _ in range(MAX_EPISODE_STEPS):
@@ -163,17 +144,15 @@ def summary(sizes: TextSizes, codec: PromptCodec) -> str:
     return line
 
 
-def check_text_sizes(env_id: str, envs: Mapping[str, Any], codec: PromptCodec, episodes: int, seed: int,
-                     extra_goals: Iterable[str] = ()) -> TextSizes:
+def check_text_sizes(env_id: str, envs: Mapping[str, Any], codec: PromptCodec, episodes: int, seed: int) -> TextSizes:
     """Measure every env of ``envs`` (``{name: env, or a factory of one}``) and refuse widths that are too small.
 
     Args:
         env_id: the env's id, for the message.
-        envs: the envs to play, by the name messages give them (``training``, ``heldout/``...).
+        envs: the envs to play, by the name messages give them (``training``, ``heldout evaluation``...).
         codec: the run's prompt codec; its limits are the ones checked.
         episodes: episodes per env (:func:`measure`).
         seed: the seed of those episodes.
-        extra_goals: goals to count besides the listed and the seen ones.
 
     Returns:
         The sizes seen (for :func:`summary`).
@@ -182,8 +161,6 @@ def check_text_sizes(env_id: str, envs: Mapping[str, Any], codec: PromptCodec, e
         ValueError: naming every ``buffer.*`` width that is too small, with the value that fits what was seen.
     """
     sizes = TextSizes()
-    for goal in extra_goals:
-        sizes.add_goal(codec, goal)
     for name, env in envs.items():
         env = env if hasattr(env, "reset") else env()
         for goal in listed_goals(env):
@@ -201,4 +178,4 @@ def check_text_sizes(env_id: str, envs: Mapping[str, Any], codec: PromptCodec, e
     return sizes
 
 
-__all__ = ["TextSizes", "check_text_sizes", "listed_goals", "measure", "problems", "summary"]
+__all__ = ["TextSizes", "check_text_sizes", "measure", "problems", "summary"]
